@@ -1,0 +1,170 @@
+"""Exceptions of relay.
+
+Rules (after python-tuf ``exceptions.py``):
+
+* Every name ends in ``Error`` and derives from :class:`RelayError`.
+* Two roots for the upstream side: :class:`UpstreamContentError` for bad or
+  untrusted data, and :class:`TransportError` for the network. Callers that
+  fail over between upstreams catch both; callers that decide whether to retry
+  the same upstream catch only :class:`TransportError`.
+* Errors carry fields (``path``, ``expected``, ``observed``, ``status_code``)
+  and their message gives observed and expected values.
+* Third-party exceptions are translated at the boundary with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+
+class RelayError(Exception):
+    """Base of every error relay raises on purpose."""
+
+
+# --- configuration --------------------------------------------------------
+
+
+class ConfigError(RelayError):
+    """A configuration value is missing, unknown or malformed.
+
+    Attributes:
+        key: dotted key, e.g. ``limits.egress``.
+        value: the offending value as given (``None`` when missing).
+        source: the file path or environment variable it came from.
+    """
+
+    def __init__(self, key: str, value: object, source: str, reason: str) -> None:
+        self.key = key
+        self.value = value
+        self.source = source
+        self.reason = reason
+        shown = "" if value is None else f" = {value!r}"
+        super().__init__(f"{source}: {key}{shown}: {reason}")
+
+
+# --- publisher ------------------------------------------------------------
+
+
+class PublishError(RelayError):
+    """A publisher command cannot be carried out; the repository is unchanged."""
+
+
+# --- upstream: content ----------------------------------------------------
+
+
+class UpstreamContentError(RelayError):
+    """The upstream sent data that is bad or cannot be trusted."""
+
+
+class MetadataRejectedError(UpstreamContentError):
+    """TUF metadata failed verification (signature, version, expiry, hash, length).
+
+    Attributes:
+        role: the role whose metadata was refused (``timestamp``, ``root``...).
+    """
+
+    def __init__(self, role: str, reason: str) -> None:
+        self.role = role
+        self.reason = reason
+        super().__init__(f"{role} metadata rejected: {reason}")
+
+
+class HashMismatchError(UpstreamContentError):
+    """Downloaded bytes do not hash to the signed digest."""
+
+    def __init__(self, path: str, expected: str, observed: str) -> None:
+        self.path = path
+        self.expected = expected
+        self.observed = observed
+        super().__init__(f"{path}: sha256 {observed} does not match signed {expected}")
+
+
+class LengthMismatchError(UpstreamContentError):
+    """Downloaded bytes are longer (or shorter) than the signed length."""
+
+    def __init__(self, path: str, expected: int, observed: int) -> None:
+        self.path = path
+        self.expected = expected
+        self.observed = observed
+        super().__init__(f"{path}: got {observed} bytes, signed length is {expected}")
+
+
+# --- upstream: transport --------------------------------------------------
+
+
+class TransportError(RelayError):
+    """The network failed: connect, timeout, broken transfer, unexpected status."""
+
+
+class UpstreamHTTPError(TransportError):
+    """The upstream answered with an unexpected HTTP status."""
+
+    def __init__(self, url: str, status_code: int) -> None:
+        self.url = url
+        self.status_code = status_code
+        super().__init__(f"{url}: HTTP {status_code}")
+
+
+class UpstreamUnavailableError(TransportError):
+    """No configured upstream could deliver the resource."""
+
+    def __init__(self, path: str, causes: list[BaseException]) -> None:
+        self.path = path
+        self.causes = causes
+        detail = "; ".join(str(c) for c in causes) or "no upstream configured"
+        super().__init__(f"{path}: every upstream failed: {detail}")
+
+
+# --- store ----------------------------------------------------------------
+
+
+class StoreError(RelayError):
+    """The blob store cannot do what was asked."""
+
+
+class StoreFullError(StoreError):
+    """The quota is reached and nothing can be evicted; new fills are refused."""
+
+    def __init__(self, needed: int, available: int) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(f"store full: need {needed} bytes, {available} can be freed")
+
+
+class NotInMetadataError(StoreError):
+    """The requested path is not in the verified metadata (so it is a 404)."""
+
+
+# --- deltas ---------------------------------------------------------------
+
+
+class DeltaError(RelayError):
+    """A delta could not be computed or applied."""
+
+
+class PatchRejectedError(DeltaError):
+    """A patch failed a check (declared size, format, result hash): use the full target."""
+
+
+# --- policy and admin -----------------------------------------------------
+
+
+class PolicyError(RelayError):
+    """An administrative change is not allowed by the policy rules."""
+
+
+class EulaNotAcceptedError(PolicyError):
+    """An update that names an EULA cannot be approved before it is accepted."""
+
+
+class ReplicaReadOnlyError(PolicyError):
+    """A replica relay takes its policy from its parent; local changes are refused."""
+
+
+# --- agent ----------------------------------------------------------------
+
+
+class AgentError(RelayError):
+    """The agent could not complete an update."""
+
+
+class InstallError(AgentError):
+    """The install command failed or overran its timeout; the previous version stays."""

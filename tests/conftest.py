@@ -1,0 +1,1 @@
+"""Shared fixtures: real servers on 127.0.0.1, no mocked sessions."""
