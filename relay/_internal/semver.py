@@ -39,7 +39,9 @@ class Version:
         if match is None:
             raise ValueError(f"{text!r} is not a SemVer 2.0 version (e.g. 1.4.2 or 2.0.0-rc.1)")
         major, minor, patch, pre, build = match.groups()
-        return cls(int(major), int(minor), int(patch), tuple(pre.split(".")) if pre else (), build or "")
+        return cls(
+            int(major), int(minor), int(patch), tuple(pre.split(".")) if pre else (), build or ""
+        )
 
     def _key(self) -> tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]:
         # A version without pre-release ranks above any pre-release of it;
