@@ -103,6 +103,7 @@ class Fill:
         self.state = FillState.FILLING
         self.error: BaseException | None = None
         self.followers = 0
+        self.started = float(int(time.time()))  # Last-Modified while filling, and after
         self._readers = 0
         self._progress = asyncio.Event()
         self._closed = False
@@ -175,6 +176,7 @@ class Fill:
 
     def _commit_sync(self, final: Path) -> None:
         os.fsync(self._fd)
+        os.utime(self._fd, (self.started, self.started))
         final.parent.mkdir(parents=True, exist_ok=True)
         self.temp_path.replace(final)
         _fsync_dir(final.parent)
@@ -206,6 +208,11 @@ class Fill:
         """Unregister a reader."""
         self._readers -= 1
         self._maybe_close()
+
+    async def wait_change(self, seen: int) -> None:
+        """Return once ``written`` differs from ``seen``, or the fill ended."""
+        while self.state is FillState.FILLING and self.written == seen:
+            await self._progress.wait()
 
     async def wait_beyond(self, offset: int) -> None:
         """Return once more than ``offset`` bytes are written, or the fill ended."""
@@ -270,6 +277,9 @@ class FsBlobStore:
         self.max_bytes = max_bytes
         self._pinned = pinned or (lambda: ())
         self._sizes: OrderedDict[str, int] = OrderedDict()  # LRU order: oldest first
+        self._mtimes: dict[str, float] = {}
+        # Called with a digest whenever a blob leaves the store (open-file caches).
+        self.on_removed: list[Callable[[str], None]] = []
         self._fills: dict[str, Fill] = {}
         self._serving: Counter[str] = Counter()
         self._used = 0
@@ -303,8 +313,9 @@ class FsBlobStore:
         entries.sort(key=lambda e: e[2])  # least recently modified first
         self._sizes.clear()
         self._used = 0
-        for sha, size, _ in entries:
+        for sha, size, mtime in entries:
             self._sizes[sha] = size
+            self._mtimes[sha] = float(int(mtime))
             self._used += size
 
     def _open_sync(self) -> list[tuple[str, int, float]]:
@@ -350,6 +361,10 @@ class FsBlobStore:
         """The running fill of ``sha256``, if any (single-flight lookup)."""
         return self._fills.get(sha256)
 
+    def mtime(self, sha256: str) -> float:
+        """The blob's Last-Modified time (stable while it is stored)."""
+        return self._mtimes.get(sha256, 0.0)
+
     def touch(self, sha256: str) -> None:
         """Mark a blob as just used (LRU)."""
         if sha256 in self._sizes:
@@ -394,6 +409,7 @@ class FsBlobStore:
             self.stats.fills_committed += 1
             if fill.sha256 not in self._sizes:
                 self._sizes[fill.sha256] = fill.length
+                self._mtimes[fill.sha256] = fill.started
                 self._used += fill.length
         else:
             self.stats.fills_failed += 1
@@ -422,7 +438,12 @@ class FsBlobStore:
         for sha, size in victims:
             del self._sizes[sha]
             self._used -= size
+            self._removed(sha)
         return victims
+
+    def _removed(self, sha256: str) -> None:
+        for callback in self.on_removed:
+            callback(sha256)
 
     async def _evict(self, victims: list[tuple[str, int]]) -> None:
         for sha, size in victims:
@@ -437,6 +458,7 @@ class FsBlobStore:
         size = self._sizes.pop(sha256, None)
         if size is not None:
             self._used -= size
+        self._removed(sha256)
         with contextlib.suppress(FileNotFoundError):
             await _run(os.unlink, self.path(sha256))
 
@@ -457,6 +479,7 @@ class FsBlobStore:
         size = self._sizes.pop(sha256, None)
         if size is not None:
             self._used -= size
+        self._removed(sha256)
         dest = self.quarantine_dir / f"{sha256}.{int(time.time())}"
         with contextlib.suppress(FileNotFoundError):
             await _run(os.replace, path, dest)

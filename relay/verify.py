@@ -117,16 +117,20 @@ class TrustSession:
     Args:
         trusted_root: bytes of the newest root already trusted (the pinned root, or
             a newer one this relay verified earlier).
+        reference_time: the time expiry is judged at (UTC); ``None`` for now. Only
+            used to reload, at start-up, metadata verified at an earlier time.
 
     Raises:
         MetadataRejectedError: ``trusted_root`` is not a valid root.
     """
 
-    def __init__(self, trusted_root: bytes) -> None:
+    def __init__(self, trusted_root: bytes, reference_time: dt.datetime | None = None) -> None:
         try:
             self._set = TrustedMetadataSet(trusted_root, EnvelopeType.METADATA)
         except (tuf_exceptions.RepositoryError, ValueError, TypeError) as e:
             raise _reject("root", e) from e
+        if reference_time is not None:
+            self._set.reference_time = reference_time
         self._files: dict[str, bytes] = {}
         self._loaded_roles: list[str] = []
         self._roots: dict[int, bytes] = {self._set.root.version: trusted_root}

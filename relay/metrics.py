@@ -1,0 +1,145 @@
+"""Prometheus metrics: one registry per application, one metric per operator question.
+
+Rules:
+
+* No global registry: :class:`RelayMetrics` owns a ``CollectorRegistry``, created
+  and stored by the application (tests run many relays in one process).
+* Values that already live elsewhere (store size, seconds since the last sync) are
+  read at scrape time through callbacks, not copied on every change.
+* Label values are bounded sets (route names, not paths; reasons are exception
+  class names or fixed words), so cardinality stays small.
+
+Questions and their metrics:
+
+* Is the cache working? ``relay_bytes_served_total{source}``, ``relay_cache_*``.
+* How much WAN does the relay use and save? ``relay_upstream_bytes_total``,
+  ``relay_coalesced_bytes_total``, ``relay_delta_*``.
+* Is the relay current? ``relay_sync_*``, ``relay_seconds_since_last_sync``,
+  ``relay_timestamp_expiry_seconds``.
+* Is it overloaded? ``relay_active_transfers``, ``relay_rejected_total{reason}``,
+  ``relay_throttled_seconds_total{limiter}``.
+* Which agents fail and why? ``relay_agent_events_total{event,reason}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "RelayMetrics"]
+
+
+class RelayMetrics:
+    """Every metric of one relay, in its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "relay_http_requests", "HTTP requests by route and status.", ["route", "status"],
+            registry=r,
+        )
+        self.bytes_served = Counter(
+            "relay_bytes_served",
+            "Body bytes sent to clients, by source: cache (a stored blob), upstream (a blob "
+            "still being filled), metadata, delta.",
+            ["source"],
+            registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "relay_upstream_bytes", "Body bytes received from upstreams.", ["upstream"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "relay_cache_bytes", "Bytes in the blob store (with fills reserved).", registry=r
+        )
+        self.cache_objects = Gauge("relay_cache_objects", "Blobs in the store.", registry=r)
+        self.evictions = Counter("relay_evictions", "Blobs evicted for space.", registry=r)
+        self.fills = Counter(
+            "relay_fills", "Upstream blob fills by result (ok or an error name).", ["result"],
+            registry=r,
+        )
+        self.fill_waiters = Histogram(
+            "relay_fill_waiters",
+            "Clients served by one upstream fill (single-flight fan-out).",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+            registry=r,
+        )
+        self.coalesced_bytes = Counter(
+            "relay_coalesced_bytes",
+            "Upstream bytes saved because waiters shared one fill.",
+            registry=r,
+        )
+        self.sync_runs = Counter(
+            "relay_sync_runs", "Metadata sync runs by result (new, unchanged, failed).",
+            ["result"], registry=r,
+        )
+        self.sync_failures = Counter(
+            "relay_sync_failures", "Failed sync runs by reason.", ["reason"], registry=r
+        )
+        self.last_sync_age = Gauge(
+            "relay_seconds_since_last_sync", "Seconds since the last successful sync.",
+            registry=r,
+        )
+        self.timestamp_expiry = Gauge(
+            "relay_timestamp_expiry_seconds",
+            "Seconds until the served metadata expires (negative: already expired).",
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "relay_upstream_up", "1 if the upstream's last request succeeded.", ["upstream"],
+            registry=r,
+        )
+        self.scrub = Counter(
+            "relay_scrub_blobs", "Blobs re-hashed by the scrub, by outcome.", ["outcome"],
+            registry=r,
+        )
+        self.active_transfers = Gauge(
+            "relay_active_transfers", "Blob and delta responses in progress.", registry=r
+        )
+        self.rejected = Counter(
+            "relay_rejected", "Requests answered 503, by reason.", ["reason"], registry=r
+        )
+        self.throttled_seconds = Counter(
+            "relay_throttled_seconds", "Seconds spent waiting for a bandwidth limiter.",
+            ["limiter"], registry=r,
+        )
+        self.delta_patches = Counter(
+            "relay_delta_patches", "Delta computations by outcome and format.",
+            ["outcome", "format"], registry=r,
+        )
+        self.delta_seconds = Counter(
+            "relay_delta_compute_seconds", "Seconds spent computing deltas.", ["format"],
+            registry=r,
+        )
+        self.delta_bytes_served = Counter(
+            "relay_delta_bytes_served", "Patch bytes served.", ["format"], registry=r
+        )
+        self.delta_full_bytes = Counter(
+            "relay_delta_full_bytes_replaced",
+            "Full target bytes that served patches replaced.", ["format"], registry=r,
+        )
+        self.delta_wan_saved = Counter(
+            "relay_delta_wan_bytes_saved",
+            "Upstream bytes saved by rebuilding targets from a parent relay's patch.",
+            registry=r,
+        )
+        self.delta_rejected = Counter(
+            "relay_delta_rejected", "Patches refused on apply, by reason.", ["reason"],
+            registry=r,
+        )
+        self.agent_events = Counter(
+            "relay_agent_events", "Agent outcome reports by event and reason.",
+            ["event", "reason"], registry=r,
+        )
+        self.agents = Gauge("relay_agents", "Agents known to the registry.", registry=r)
+        self.checkins = Counter("relay_checkins", "Agent check-ins.", registry=r)
+
+    def bind(self, gauge: Gauge, func: Callable[[], float]) -> None:
+        """Have ``gauge`` report ``func()`` at scrape time."""
+        gauge.set_function(func)
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)

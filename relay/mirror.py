@@ -1,0 +1,575 @@
+"""The verifying mirror: sync, single-flight fills, prefetch and scrub.
+
+Rules:
+
+* The relay trusts only the pinned root. At start it reloads the metadata it
+  verified before (re-verifying signatures as of the time it was verified), so an
+  upstream cannot roll it back even across restarts.
+* A sync run walks roots, then timestamp, snapshot, targets and delegated targets
+  through :class:`relay.verify.TrustSession`. Only a complete, verified generation
+  replaces the served one; a failed or hostile sync leaves the previous good state
+  serving. New files are written versioned first and ``timestamp.json`` last, each
+  through a temp file, fsync and ``os.replace``.
+* One upstream fill per blob (single-flight): :meth:`Mirror.open_blob` returns
+  either the stored file or the running :class:`relay.store.Fill`. A fill runs as
+  a task of its own; a requester that disconnects does not cancel it.
+* A target is served only if the verified metadata names its path and sha256.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from relay.errors import (
+    MetadataRejectedError,
+    RelayError,
+    StoreError,
+    StoreFullError,
+    TransportError,
+    UpstreamContentError,
+    UpstreamHTTPError,
+)
+from relay.metrics import RelayMetrics
+from relay.model import Target
+from relay.store import Fill, FsBlobStore, ScrubOutcome
+from relay.upstream import Upstream
+from relay.verify import (
+    MAX_ROOT_ROTATIONS,
+    ROOT_MAX_LENGTH,
+    TIMESTAMP_MAX_LENGTH,
+    TimestampOutcome,
+    TrustSession,
+    VerifiedMetadata,
+)
+
+logger = logging.getLogger(__name__)
+
+_STATE_FILE = "state.json"
+_KEEP_GENERATIONS = 3
+
+
+class SyncResult(Enum):
+    """Outcome of one sync run."""
+
+    NEW = "new"
+    UNCHANGED = "unchanged"
+    FAILED = "failed"
+
+
+class Prefetch(Enum):
+    """Which blobs are fetched ahead of requests."""
+
+    ALL = "all"
+    NONE = "none"
+    POLICY = "policy"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    """A complete blob on disk."""
+
+    path: Path
+    length: int
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MetadataDir:
+    """The relay's verified metadata on disk (``<data_dir>/metadata``), byte-exact."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> tuple[dict[str, bytes], dict[str, object]]:
+        """Read every metadata file and the state record (blocking)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        files: dict[str, bytes] = {}
+        state: dict[str, object] = {}
+        for entry in self.path.iterdir():
+            if entry.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    entry.unlink()  # a temp left by a crash
+                continue
+            if entry.name == _STATE_FILE:
+                with contextlib.suppress(ValueError, OSError):
+                    state = json.loads(entry.read_bytes())
+                continue
+            if entry.name.endswith(".json"):
+                files[entry.name] = entry.read_bytes()
+        return files, state
+
+    def save(self, new_files: dict[str, bytes], state: dict[str, object]) -> None:
+        """Write ``new_files`` (timestamp last) and the state record (blocking)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        ordered = sorted(new_files, key=lambda n: n == "timestamp.json")
+        for name in ordered:
+            _write_atomic(self.path / name, new_files[name])
+        _write_atomic(self.path / _STATE_FILE, json.dumps(state).encode())
+        _fsync_dir(self.path)
+
+    def prune(self, keep: set[str]) -> None:
+        """Delete versioned snapshot/targets files not in ``keep`` (roots are kept)."""
+        for entry in self.path.iterdir():
+            name = entry.name
+            if name.endswith(".root.json") or name in keep or name == _STATE_FILE:
+                continue
+            if name.endswith(".json") and name[0].isdigit():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+
+
+def _version_of(name: str) -> int:
+    head = name.split(".", 1)[0]
+    return int(head) if head.isdigit() else -1
+
+
+class Mirror:
+    """Mirror of one upstream TUF repository with a verified blob cache.
+
+    Args:
+        trusted_root: the pinned root's bytes.
+        upstream: the upstreams, with failover.
+        store: the blob store.
+        metadata_dir: where verified metadata is kept.
+        metrics: the application's metrics.
+        prefetch: which blobs to fetch ahead of requests.
+        keep_versions: newest versions of each product pinned in the store.
+        extra_pins: more digests to pin (approved or offered versions, delta bases).
+    """
+
+    def __init__(
+        self,
+        *,
+        trusted_root: bytes,
+        upstream: Upstream,
+        store: FsBlobStore,
+        metadata_dir: Path,
+        metrics: RelayMetrics,
+        prefetch: Prefetch = Prefetch.ALL,
+        keep_versions: int = 3,
+        extra_pins: Callable[[], Iterable[str]] | None = None,
+        should_prefetch: Callable[[Target], bool] | None = None,
+    ) -> None:
+        self._pinned_root = trusted_root
+        self.upstream = upstream
+        self.store = store
+        self.metrics = metrics
+        self.prefetch = prefetch
+        self.keep_versions = keep_versions
+        self._extra_pins = extra_pins or (lambda: ())
+        self._should_prefetch = should_prefetch or (lambda _t: True)
+        self._metadata = MetadataDir(metadata_dir)
+        self.current: VerifiedMetadata | None = None
+        self._served: dict[str, bytes] = {}
+        self._generations: list[set[str]] = []
+        self._starting: dict[str, asyncio.Future[Fill]] = {}
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._sync_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self.last_sync_ok: float | None = None
+        self.last_sync_error: str = ""
+        self.last_sync_failed_at: float | None = None
+        self.listeners: list[Callable[[VerifiedMetadata], Awaitable[None]]] = []
+        metrics.bind(metrics.last_sync_age, self._sync_age)
+        metrics.bind(metrics.timestamp_expiry, self.seconds_until_expiry)
+        metrics.bind(metrics.cache_bytes, lambda: float(store.used_bytes))
+        metrics.bind(metrics.cache_objects, lambda: float(store.object_count))
+
+    # -- state --------------------------------------------------------------
+
+    def _sync_age(self) -> float:
+        if self.last_sync_ok is None:
+            return float("nan")
+        return time.time() - self.last_sync_ok
+
+    def seconds_until_expiry(self) -> float:
+        """Seconds until the served metadata expires (NaN with none)."""
+        if self.current is None:
+            return float("nan")
+        return (self.current.expires - dt.datetime.now(dt.UTC)).total_seconds()
+
+    def metadata_file(self, name: str) -> bytes | None:
+        """The exact bytes of a served metadata file, or ``None``."""
+        return self._served.get(name)
+
+    def pinned(self) -> set[str]:
+        """Digests the store must not evict."""
+        pins = set(self._extra_pins())
+        if self.current is not None:
+            for versions in self.current.products().values():
+                if self.keep_versions:
+                    pins.update(t.sha256 for t in versions[-self.keep_versions :])
+        return pins
+
+    # -- start-up -----------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load the store index and the metadata verified before (if any)."""
+        await self.store.open()
+        files, state = await asyncio.to_thread(self._metadata.load)
+        if not files:
+            return
+        verified_at = state.get("verified_at")
+        reference = (
+            dt.datetime.fromtimestamp(float(verified_at), dt.UTC)
+            if isinstance(verified_at, int | float)
+            else None
+        )
+        try:
+            self.current = self._reverify(files, reference)
+        except (MetadataRejectedError, ValueError) as e:
+            logger.warning("stored metadata cannot be reloaded: %s", e)
+            # Keep the verified roots: they still protect against rollback of root.
+            self.current = None
+        if self.current is not None:
+            self._publish(self.current)
+            if isinstance(verified_at, int | float):
+                self.last_sync_ok = float(verified_at)
+        else:
+            self._served.update({n: b for n, b in files.items() if n.endswith(".root.json")})
+
+    def _newest_root_session(
+        self, files: dict[str, bytes], reference: dt.datetime | None = None
+    ) -> TrustSession:
+        session = TrustSession(self._pinned_root, reference)
+        while True:
+            data = files.get(f"{session.next_root_version}.root.json")
+            if data is None:
+                return session
+            try:
+                session.update_root(data)
+            except MetadataRejectedError as e:
+                logger.warning("stored root %d rejected: %s", session.next_root_version, e)
+                return session
+
+    def _reverify(
+        self, files: dict[str, bytes], reference: dt.datetime | None
+    ) -> VerifiedMetadata | None:
+        session = self._newest_root_session(files, reference)
+        timestamp = files.get("timestamp.json")
+        if timestamp is None:
+            return None
+        session.update_timestamp(timestamp)
+        snap_name = f"{session.snapshot_version}.snapshot.json"
+        snapshot = files.get(snap_name)
+        if snapshot is None:
+            return None
+        session.update_snapshot(snapshot)
+        for role, delegator, version, _ in session.roles_to_load():
+            data = files.get(f"{version}.{role}.json")
+            if data is None:
+                return None
+            session.update_targets(role, delegator, data)
+        result = session.result()
+        # Serve every stored root (older than the pinned one too: clients walk them).
+        extra = {n: b for n, b in files.items() if n.endswith(".root.json")}
+        return VerifiedMetadata(
+            files={**extra, **result.files},
+            root_version=result.root_version,
+            timestamp_version=result.timestamp_version,
+            expires=result.expires,
+            targets=result.targets,
+            invalid_targets=result.invalid_targets,
+            by_sha256=result.by_sha256,
+        )
+
+    def _publish(self, verified: VerifiedMetadata) -> None:
+        self.current = verified
+        names = set(verified.files)
+        self._generations.append(names)
+        del self._generations[:-_KEEP_GENERATIONS]
+        keep = set().union(*self._generations)
+        served = {n: b for n, b in self._served.items() if n in keep or "root" in n}
+        served.update(verified.files)
+        self._served = served
+
+    # -- sync ---------------------------------------------------------------
+
+    async def sync_once(self) -> SyncResult:
+        """Run one sync; never raises for upstream trouble (it is counted and logged)."""
+        async with self._sync_lock:
+            try:
+                result = await self._sync()
+            except (UpstreamContentError, TransportError, StoreError) as e:
+                reason = type(e).__name__
+                if isinstance(e, MetadataRejectedError):
+                    reason = f"{reason}:{e.role}"
+                self.last_sync_error = str(e)
+                self.last_sync_failed_at = time.time()
+                self.metrics.sync_runs.labels("failed").inc()
+                self.metrics.sync_failures.labels(reason).inc()
+                logger.warning("sync failed: %s", e)
+                return SyncResult.FAILED
+            self.last_sync_ok = time.time()
+            self.last_sync_error = ""
+            self.last_sync_failed_at = None
+            self.metrics.sync_runs.labels(result.value).inc()
+            logger.info(
+                "sync %s: timestamp v%s", result.value,
+                self.current.timestamp_version if self.current else "?",
+            )
+        if result is SyncResult.NEW and self.current is not None:
+            for listener in list(self.listeners):
+                try:
+                    await listener(self.current)
+                except Exception:
+                    logger.exception("listener failed after sync")
+        return result
+
+    async def _sync(self) -> SyncResult:
+        previous = self.current
+        known = dict(self._served)
+        session = self._newest_root_session(known)
+        new_roots: dict[str, bytes] = {}
+        for _ in range(MAX_ROOT_ROTATIONS):
+            name = f"{session.next_root_version}.root.json"
+            try:
+                data = await self.upstream.get_metadata(name, ROOT_MAX_LENGTH)
+            except UpstreamHTTPError as e:
+                if e.status_code == 404:
+                    break
+                raise
+            session.update_root(data)
+            new_roots[name] = data
+        if new_roots:
+            # Roots are verified one by one and kept even if the rest fails.
+            await asyncio.to_thread(self._save_roots, new_roots)
+            self._served.update(new_roots)
+        if previous is not None:
+            session.load_trusted_timestamp(previous.files["timestamp.json"])
+        ts_bytes = await self.upstream.get_metadata("timestamp.json", TIMESTAMP_MAX_LENGTH)
+        outcome = session.update_timestamp(ts_bytes)
+        if outcome is TimestampOutcome.UNCHANGED and previous is not None and not new_roots:
+            return SyncResult.UNCHANGED
+        snap_name = f"{session.snapshot_version}.snapshot.json"
+        stored_snapshot = known.get(snap_name)
+        if not (stored_snapshot is not None and session.load_trusted_snapshot(stored_snapshot)):
+            if previous is not None:
+                prev_snap = next(
+                    (b for n, b in previous.files.items() if n.endswith(".snapshot.json")), None
+                )
+                if prev_snap is not None:
+                    session.load_trusted_snapshot(prev_snap)
+            data = await self.upstream.get_metadata(snap_name, session.snapshot_max_length())
+            session.update_snapshot(data)
+        for role, delegator, version, max_length in session.roles_to_load():
+            name = f"{version}.{role}.json"
+            data_or_none = known.get(name)
+            if data_or_none is not None:
+                try:
+                    session.update_targets(role, delegator, data_or_none)
+                    continue
+                except MetadataRejectedError:
+                    pass
+            data = await self.upstream.get_metadata(name, max_length)
+            session.update_targets(role, delegator, data)
+        verified = session.result(previous)
+        verified = VerifiedMetadata(
+            files={**{n: b for n, b in known.items() if n.endswith(".root.json")},
+                   **verified.files},
+            root_version=verified.root_version,
+            timestamp_version=verified.timestamp_version,
+            expires=verified.expires,
+            targets=verified.targets,
+            invalid_targets=verified.invalid_targets,
+            by_sha256=verified.by_sha256,
+        )
+        new_files = {
+            n: b for n, b in verified.files.items() if known.get(n) != b or n == "timestamp.json"
+        }
+        state = {"verified_at": time.time(), "files": sorted(verified.files)}
+        await asyncio.to_thread(self._save_generation, new_files, state)
+        self._publish(verified)
+        return SyncResult.NEW
+
+    def _save_roots(self, roots: dict[str, bytes]) -> None:
+        for name, data in sorted(roots.items(), key=lambda kv: _version_of(kv[0])):
+            self._metadata.path.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self._metadata.path / name, data)
+        _fsync_dir(self._metadata.path)
+
+    def _save_generation(self, new_files: dict[str, bytes], state: dict[str, object]) -> None:
+        self._metadata.save(new_files, state)
+        keep = set().union(*self._generations, set(new_files))
+        self._metadata.prune(keep)
+
+    async def run_sync_loop(self, interval: float, jitter: float) -> None:
+        """Sync now, then every ``interval`` (+ jitter) seconds or when triggered."""
+        while True:
+            await self.sync_once()
+            self._wake.clear()
+            delay = interval + random.uniform(0, jitter)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=delay)
+
+    def trigger_sync(self) -> None:
+        """Ask the sync loop to run now."""
+        self._wake.set()
+
+    # -- blobs --------------------------------------------------------------
+
+    def resolve(self, url_path: str) -> Target | None:
+        """The verified target served at ``targets/<url_path>``, or ``None``."""
+        if self.current is None:
+            return None
+        return self.current.target_for_url(url_path)
+
+    async def open_blob(self, target: Target) -> StoredBlob | Fill:
+        """Return the stored blob, or the fill that is (or now starts) fetching it.
+
+        Raises:
+            StoreFullError: no room for a new fill (answer 503, keep serving hits).
+            StoreError: the store cannot create the fill.
+        """
+        sha = target.sha256
+        if self.store.contains(sha):
+            self.store.touch(sha)
+            return StoredBlob(self.store.path(sha), target.length)
+        fill = self.store.fill_in_progress(sha)
+        if fill is not None:
+            return fill
+        starting = self._starting.get(sha)
+        if starting is not None:
+            return await asyncio.shield(starting)
+        future: asyncio.Future[Fill] = asyncio.get_running_loop().create_future()
+        self._starting[sha] = future
+        try:
+            fill = await self.store.begin_fill(sha, target.length)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._starting[sha]
+        future.set_result(fill)
+        self._spawn(self._run_fill(fill, target))
+        return fill
+
+    def _spawn(self, coro: Awaitable[object]) -> None:
+        task: asyncio.Task[object] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_fill(self, fill: Fill, target: Target) -> None:
+        base = ""
+        try:
+            base = await self.upstream.fetch_blob(target.url_path, target.length, fill)
+            await fill.commit()
+        except UpstreamContentError as e:
+            if base:
+                self.upstream.mark_content_error(base, e)
+            await fill.fail(e)
+            self.metrics.fills.labels(type(e).__name__).inc()
+            logger.error("fill of %s refused: %s", target.path, e)
+            return
+        except (RelayError, OSError) as e:
+            await fill.fail(e)
+            self.metrics.fills.labels(type(e).__name__).inc()
+            logger.warning("fill of %s failed: %s", target.path, e)
+            return
+        except asyncio.CancelledError:
+            await fill.fail(StoreError("cancelled"))
+            raise
+        self.metrics.fills.labels("ok").inc()
+        self.metrics.fill_waiters.observe(fill.followers)
+        if fill.followers > 1:
+            self.metrics.coalesced_bytes.inc((fill.followers - 1) * target.length)
+
+    async def ensure(self, target: Target) -> None:
+        """Fetch ``target`` into the store if it is not there; wait until done.
+
+        Raises:
+            StoreError: the fill failed or there is no room.
+        """
+        source = await self.open_blob(target)
+        if isinstance(source, Fill):
+            source.attach()
+            try:
+                await source.wait_beyond(target.length)
+            finally:
+                source.detach()
+            if source.error is not None:
+                raise StoreError(f"fill of {target.path} failed: {source.error}")
+
+    async def prefetch_now(self, concurrency: int = 2) -> int:
+        """Fetch the blobs the prefetch mode asks for; return how many were fetched."""
+        if self.prefetch is Prefetch.NONE or self.current is None:
+            return 0
+        wanted = [
+            t for t in self.current.targets.values()
+            if not self.store.contains(t.sha256)
+            and (self.prefetch is Prefetch.ALL or self._should_prefetch(t))
+        ]
+        gate = asyncio.Semaphore(concurrency)
+        fetched = 0
+
+        async def one(target: Target) -> None:
+            nonlocal fetched
+            async with gate:
+                try:
+                    await self.ensure(target)
+                    fetched += 1
+                except StoreFullError as e:
+                    logger.warning("prefetch of %s skipped: %s", target.path, e)
+                except StoreError as e:
+                    logger.warning("prefetch of %s failed: %s", target.path, e)
+
+        await asyncio.gather(*(one(t) for t in wanted))
+        return fetched
+
+    async def scrub_once(self) -> dict[ScrubOutcome, int]:
+        """Re-hash every blob; re-fetch quarantined ones still in the metadata."""
+        counts = await self.store.scrub()
+        for outcome, n in counts.items():
+            self.metrics.scrub.labels(outcome.value).inc(n)
+        if counts.get(ScrubOutcome.QUARANTINED) and self.current is not None:
+            for target in self.current.targets.values():
+                if not self.store.contains(target.sha256) and target.sha256 in self.pinned():
+                    with contextlib.suppress(StoreError):
+                        await self.ensure(target)
+            await self.prefetch_now()
+        return counts
+
+    async def run_scrub_loop(self, interval: float) -> None:
+        """Scrub every ``interval`` seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.scrub_once()
+            except Exception:
+                logger.exception("scrub failed")
+
+    async def close(self) -> None:
+        """Cancel fills and background work."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+        await self.store.close()

@@ -1,0 +1,228 @@
+"""Agent-facing API: ``POST /v1/checkin`` and ``POST /v1/reports`` (DESIGN §7).
+
+Rules:
+
+* Bodies are JSON objects; a bad body is ``400`` with ``{"error": ...}`` naming the
+  field. A body larger than :data:`MAX_BODY` is refused (``413``) from its
+  ``Content-Length``, before it is read.
+* Validation is pure (:func:`parse_checkin`, :func:`parse_reports`); the handler
+  then asks the policy for offers and records the check-in in the registry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from relay.model import is_sha256
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY = 256 * 1024
+MAX_INSTALLED = 1000
+MAX_EVENTS = 1000
+_AGENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+DELTA_FORMATS = ("bsdiff4", "zstd")
+EVENTS = ("checked", "downloaded", "installed", "failed")
+VIA = ("delta", "full")
+
+
+class BodyError(ValueError):
+    """A request body is malformed; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledEntry:
+    """One installed product as an agent reports it."""
+
+    product: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckinRequest:
+    """A validated check-in body."""
+
+    agent_id: str
+    group: str
+    installed: tuple[InstalledEntry, ...]
+    accept_delta: tuple[str, ...]
+    defer_days: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReportEvent:
+    """One validated outcome event."""
+
+    product: str
+    from_version: str
+    to_version: str
+    event: str
+    via: str
+    bytes: int
+    reason: str
+    message: str
+    at: str
+
+
+def _str(obj: dict[str, Any], key: str, where: str, *, default: str | None = None,
+         max_len: int = 256) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise BodyError(f"{where}{key}: expected a string")
+    if len(value) > max_len:
+        raise BodyError(f"{where}{key}: longer than {max_len} characters")
+    return value
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object.
+
+    Raises:
+        BodyError: not UTF-8 JSON, or not an object.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BodyError(f"body: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise BodyError("body: expected a JSON object")
+    return data
+
+
+def parse_checkin(data: dict[str, Any]) -> CheckinRequest:
+    """Validate a check-in body.
+
+    Raises:
+        BodyError: a field is missing or malformed (the message names it).
+    """
+    agent_id = _str(data, "agent_id", "")
+    if not _AGENT_ID.match(agent_id):
+        raise BodyError("agent_id: 1-128 characters of letters, digits and ._:@-")
+    group = _str(data, "group", "", default="default")
+    if not _GROUP.match(group):
+        raise BodyError("group: 1-64 characters of letters, digits and ._-")
+    installed_raw = data.get("installed", [])
+    if not isinstance(installed_raw, list):
+        raise BodyError("installed: expected a list")
+    if len(installed_raw) > MAX_INSTALLED:
+        raise BodyError(f"installed: more than {MAX_INSTALLED} entries")
+    installed = []
+    for i, item in enumerate(installed_raw):
+        where = f"installed[{i}]."
+        if not isinstance(item, dict):
+            raise BodyError(f"installed[{i}]: expected an object")
+        sha = _str(item, "sha256", where)
+        if not is_sha256(sha):
+            raise BodyError(f"{where}sha256: expected 64 lowercase hex digits")
+        installed.append(
+            InstalledEntry(_str(item, "product", where), _str(item, "version", where), sha)
+        )
+    accept_raw = data.get("accept_delta", [])
+    if not isinstance(accept_raw, list) or not all(isinstance(f, str) for f in accept_raw):
+        raise BodyError("accept_delta: expected a list of format names")
+    # Unknown formats are ignored: a newer agent may know formats this relay does not.
+    accept = tuple(f for f in accept_raw if f in DELTA_FORMATS)
+    defer = data.get("defer_days", 0)
+    if isinstance(defer, bool) or not isinstance(defer, int) or defer not in (0, 1, 3, 7):
+        raise BodyError("defer_days: expected 0, 1, 3 or 7")
+    return CheckinRequest(agent_id, group, tuple(installed), accept, defer)
+
+
+def parse_reports(data: dict[str, Any]) -> tuple[str, list[ReportEvent]]:
+    """Validate a reports body.
+
+    Raises:
+        BodyError: a field is missing or malformed (the message names it).
+    """
+    agent_id = _str(data, "agent_id", "")
+    if not _AGENT_ID.match(agent_id):
+        raise BodyError("agent_id: 1-128 characters of letters, digits and ._:@-")
+    events_raw = data.get("events")
+    if not isinstance(events_raw, list):
+        raise BodyError("events: expected a list")
+    if len(events_raw) > MAX_EVENTS:
+        raise BodyError(f"events: more than {MAX_EVENTS} entries")
+    events = []
+    for i, item in enumerate(events_raw):
+        where = f"events[{i}]."
+        if not isinstance(item, dict):
+            raise BodyError(f"events[{i}]: expected an object")
+        event = _str(item, "event", where)
+        if event not in EVENTS:
+            raise BodyError(f"{where}event: expected one of {', '.join(EVENTS)}")
+        via = _str(item, "via", where, default="full")
+        if via not in VIA:
+            raise BodyError(f"{where}via: expected delta or full")
+        nbytes = item.get("bytes", 0)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise BodyError(f"{where}bytes: expected a non-negative integer")
+        at = _str(item, "at", where, default="")
+        if at:
+            try:
+                dt.datetime.fromisoformat(at)
+            except ValueError:
+                raise BodyError(f"{where}at: expected an RFC 3339 time") from None
+        events.append(
+            ReportEvent(
+                product=_str(item, "product", where),
+                from_version=_str(item, "from_version", where, default=""),
+                to_version=_str(item, "to_version", where, default=""),
+                event=event,
+                via=via,
+                bytes=nbytes,
+                reason=_str(item, "reason", where, default="", max_len=64),
+                message=_str(item, "message", where, default="", max_len=2000),
+                at=at,
+            )
+        )
+    return agent_id, events
+
+
+def bad_request(message: str) -> web.Response:
+    """``400`` with a JSON error."""
+    return web.json_response({"error": message}, status=400)
+
+
+async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """Read a bounded JSON object body, or return the error response."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return web.json_response(
+            {"error": f"body: larger than {MAX_BODY} bytes"}, status=413
+        )
+    ctype = request.content_type
+    if ctype not in ("application/json", "application/octet-stream", ""):
+        return web.json_response({"error": "body: expected application/json"}, status=415)
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            return web.json_response(
+                {"error": f"body: larger than {MAX_BODY} bytes"}, status=413
+            )
+    try:
+        return parse_json_object(bytes(raw))
+    except BodyError as e:
+        return bad_request(str(e))
+
+
+def rfc3339(ts: float | dt.datetime | None) -> str | None:
+    """Format a time as RFC 3339 UTC (``None`` stays ``None``)."""
+    if ts is None:
+        return None
+    when = ts if isinstance(ts, dt.datetime) else dt.datetime.fromtimestamp(ts, dt.UTC)
+    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+def now_utc() -> dt.datetime:
+    """The current time (UTC)."""
+    return dt.datetime.fromtimestamp(time.time(), dt.UTC)

@@ -1,0 +1,198 @@
+"""The relay's aiohttp application: components, background tasks and routes.
+
+Rules:
+
+* Everything with a lifetime (client session, blob store, mirror, delta engine,
+  background tasks) is created and torn down by ``app.cleanup_ctx`` and stored
+  under a typed ``AppKey``; nothing lives in module globals.
+* Configuration is passed in as a :class:`relay.config.Config`; nothing is read
+  from the environment here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from relay.config import Config
+from relay.errors import ConfigError
+from relay.metrics import RelayMetrics
+from relay.mirror import Mirror, Prefetch
+from relay.server.blobs import OpenFileCache, Pace
+from relay.store import FsBlobStore
+from relay.upstream import AiohttpFetcher, Upstream
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TransferGate:
+    """Counts transfers in progress, in total and per agent (no I/O).
+
+    ``0`` means unlimited.
+    """
+
+    max_total: int
+    max_per_agent: int
+    active: int = 0
+    per_agent: dict[str, int] = field(default_factory=dict)
+
+    def try_enter(self, agent: str) -> str | None:
+        """Take a slot; return ``None``, or the reason it was refused."""
+        if self.max_total and self.active >= self.max_total:
+            return "max_transfers"
+        current = self.per_agent.get(agent, 0)
+        if self.max_per_agent and current >= self.max_per_agent:
+            return "max_transfers_per_agent"
+        self.active += 1
+        self.per_agent[agent] = current + 1
+        return None
+
+    def leave(self, agent: str) -> None:
+        """Give a slot back."""
+        self.active -= 1
+        left = self.per_agent.get(agent, 1) - 1
+        if left <= 0:
+            self.per_agent.pop(agent, None)
+        else:
+            self.per_agent[agent] = left
+
+
+@dataclass(slots=True)
+class RelayState:
+    """The components of one running relay (stored under :data:`STATE`)."""
+
+    config: Config
+    metrics: RelayMetrics
+    mirror: Mirror
+    files: OpenFileCache
+    gate: TransferGate
+    pacer: Callable[[str], Pace] | None = None
+    started: float = field(default_factory=time.time)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", RelayMetrics)
+STATE = web.AppKey("state", RelayState)
+
+
+def read_trusted_root(config: Config) -> bytes:
+    """Read the pinned root named by ``upstream.trusted_root``.
+
+    Raises:
+        ConfigError: the key is empty or the file cannot be read.
+    """
+    path = config.upstream.trusted_root
+    if not str(path):
+        raise ConfigError("upstream.trusted_root", None, config.source, "is required")
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            "upstream.trusted_root", str(path), config.source, f"cannot be read: {e.strerror}"
+        ) from e
+
+
+async def _components(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    if not config.upstream.urls:
+        raise ConfigError("upstream.urls", None, config.source, "at least one URL is required")
+    root = await asyncio.to_thread(read_trusted_root, config)
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+        auto_decompress=False,
+        headers={"User-Agent": "relay"},
+    )
+    fetcher = AiohttpFetcher(
+        session,
+        connect_timeout=config.upstream.connect_timeout,
+        read_timeout=config.upstream.read_timeout,
+    )
+    upstream = Upstream(
+        fetcher,
+        list(config.upstream.urls),
+        retries=config.upstream.retries,
+        backoff=config.upstream.retry_backoff,
+    )
+    upstream.on_bytes(lambda base, n: metrics.upstream_bytes.labels(base).inc(n))
+    store = FsBlobStore(config.relay.blobs_dir, max_bytes=config.store.max_bytes)
+    mirror = Mirror(
+        trusted_root=root,
+        upstream=upstream,
+        store=store,
+        metadata_dir=config.relay.metadata_dir,
+        metrics=metrics,
+        prefetch=Prefetch(config.sync.prefetch),
+        keep_versions=config.store.keep_versions,
+    )
+    store._pinned = mirror.pinned  # noqa: SLF001 - wiring the pin rule once, here
+    for base in upstream.base_urls:
+        health = upstream.health[base]
+        metrics.upstream_up.labels(base).set_function(
+            lambda h=health: 0.0 if h.failing_since is not None else 1.0
+        )
+    await mirror.open()
+    state = RelayState(
+        config=config,
+        metrics=metrics,
+        mirror=mirror,
+        files=OpenFileCache(),
+        gate=TransferGate(config.limits.max_transfers, config.limits.max_transfers_per_agent),
+    )
+    app[STATE] = state
+    store.on_removed.append(state.files.forget)
+
+    async def after_sync(_verified: object) -> None:
+        if mirror.prefetch is not Prefetch.NONE:
+            task = asyncio.ensure_future(mirror.prefetch_now())
+            state.tasks.append(task)  # type: ignore[arg-type]
+            task.add_done_callback(lambda t: state.tasks.remove(t) if t in state.tasks else None)  # type: ignore[arg-type]
+
+    mirror.listeners.append(after_sync)
+    state.tasks.append(
+        asyncio.create_task(
+            mirror.run_sync_loop(config.sync.interval, config.sync.jitter), name="sync"
+        )
+    )
+    if config.store.scrub_interval:
+        state.tasks.append(
+            asyncio.create_task(mirror.run_scrub_loop(config.store.scrub_interval), name="scrub")
+        )
+    try:
+        yield
+    finally:
+        for task in state.tasks:
+            task.cancel()
+        for task in state.tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await mirror.close()
+        state.files.close()
+        await session.close()
+
+
+def make_app(config: Config, *, metrics: RelayMetrics | None = None) -> web.Application:
+    """Build the relay application for ``config``.
+
+    Raises:
+        ConfigError: at start-up (in the cleanup context) for a missing trusted
+            root or upstream.
+    """
+    from relay.server import handlers  # noqa: PLC0415 - handlers import this module
+
+    app = web.Application(client_max_size=1024 * 1024)
+    app[CONFIG] = config
+    app[METRICS] = metrics or RelayMetrics()
+    app.cleanup_ctx.append(_components)
+    handlers.add_routes(app)
+    return app

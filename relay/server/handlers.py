@@ -1,0 +1,272 @@
+"""HTTP handlers: metadata, targets, health, readiness and metrics.
+
+Rules:
+
+* A path that is not in the verified metadata is 404; nothing is proxied blindly.
+* Domain errors become HTTP statuses here, in one place: ``StoreFullError`` and
+  transfer limits give 503 with ``Retry-After``; a client's mistake is a 4xx,
+  never a 500.
+* Metadata is served from memory, byte-for-byte; versioned files are immutable,
+  ``timestamp.json`` has a short ``max-age``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from relay.errors import StoreError, StoreFullError
+from relay.metrics import CONTENT_TYPE_LATEST
+from relay.model import is_sha256
+from relay.server.app import STATE, RelayState
+from relay.server.blobs import (
+    AbortedTransferError,
+    Outcome,
+    bodiless,
+    blob_headers,
+    decide_for,
+    send_file_range,
+    send_from_fill,
+)
+from relay.store import Fill
+
+logger = logging.getLogger(__name__)
+
+_METADATA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.json$")
+_TIMESTAMP_MAX_AGE = "public, max-age=10"
+AGENT_HEADER = "Relay-Agent-Id"
+_AGENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def agent_key(request: web.Request) -> str:
+    """The agent a request counts against: its ``Relay-Agent-Id``, else its address."""
+    header = request.headers.get(AGENT_HEADER)
+    if header is not None and _AGENT_ID.match(header):
+        return header
+    return request.remote or "unknown"
+
+
+def _state(request: web.Request) -> RelayState:
+    return request.app[STATE]
+
+
+def _unavailable(reason: str, retry_after: float, state: RelayState) -> web.Response:
+    state.metrics.rejected.labels(reason).inc()
+    return web.json_response(
+        {"error": f"unavailable: {reason}"},
+        status=503,
+        headers={"Retry-After": str(max(1, int(retry_after)))},
+    )
+
+
+# -- metadata ------------------------------------------------------------------
+
+
+class _MetadataCache:
+    """ETags of metadata files, computed once per distinct content."""
+
+    def __init__(self) -> None:
+        self._etags: dict[int, tuple[bytes, str]] = {}
+
+    def etag(self, data: bytes) -> str:
+        key = id(data)
+        hit = self._etags.get(key)
+        if hit is not None and hit[0] is data:
+            return hit[1]
+        etag = hashlib.sha256(data).hexdigest()
+        if len(self._etags) > 4096:
+            self._etags.clear()
+        self._etags[key] = (data, etag)
+        return etag
+
+
+_ETAGS = web.AppKey("metadata_etags", _MetadataCache)
+
+
+async def metadata(request: web.Request) -> web.StreamResponse:
+    """``GET/HEAD /metadata/{name}``: verified metadata, byte-exact."""
+    state = _state(request)
+    name = request.match_info["name"]
+    if not _METADATA_NAME.match(name):
+        raise web.HTTPNotFound(text="not a metadata file name\n")
+    data = state.mirror.metadata_file(name)
+    if data is None:
+        if state.mirror.current is None and name == "timestamp.json":
+            return _unavailable("no_verified_metadata", 5, state)
+        raise web.HTTPNotFound(text=f"{name} is not in the verified metadata\n")
+    etag = request.app[_ETAGS].etag(data)
+    last_modified = state.started
+    outcome, status, start, end, extra = decide_for(
+        request, length=len(data), etag=f'"{etag}"', last_modified=last_modified
+    )
+    headers = {
+        "ETag": f'"{etag}"',
+        "Content-Type": "application/json",
+        "Cache-Control": _TIMESTAMP_MAX_AGE if name == "timestamp.json" else _immutable(name),
+        "Accept-Ranges": "bytes",
+    }
+    headers.update(extra)
+    if outcome in {Outcome.NOT_MODIFIED, Outcome.UNSATISFIABLE, Outcome.PRECONDITION_FAILED}:
+        return bodiless(status, headers)
+    body = data[start:end]
+    resp = web.Response(status=status, body=body, headers=headers)
+    if request.method == "GET":
+        state.metrics.bytes_served.labels("metadata").inc(len(body))
+    return resp
+
+
+def _immutable(name: str) -> str:
+    # Versioned metadata never changes under its name (consistent snapshots).
+    return "public, max-age=31536000, immutable" if name[0].isdigit() else "no-cache"
+
+
+# -- targets -------------------------------------------------------------------
+
+
+async def target(request: web.Request) -> web.StreamResponse:
+    """``GET/HEAD /targets/{dir}/{sha256}.{name}``: a verified blob, fetched on a miss."""
+    state = _state(request)
+    tail = request.match_info["tail"]
+    leaf = tail.rpartition("/")[2]
+    if not is_sha256(leaf.partition(".")[0]):
+        raise web.HTTPNotFound(text="target paths are <dir>/<sha256>.<name>\n")
+    mirror = state.mirror
+    tgt = mirror.resolve(tail)
+    if tgt is None:
+        if mirror.current is None:
+            return _unavailable("no_verified_metadata", 5, state)
+        raise web.HTTPNotFound(text="not in the verified metadata\n")
+    try:
+        source = await mirror.open_blob(tgt)
+    except StoreFullError:
+        return _unavailable("store_full", state.config.store.retry_after, state)
+    except StoreError as e:
+        logger.error("cannot serve %s: %s", tgt.path, e)
+        return _unavailable("store_error", state.config.store.retry_after, state)
+    last_modified = (
+        mirror.store.mtime(tgt.sha256) if not isinstance(source, Fill) else source.started
+    )
+    outcome, status, start, end, extra = decide_for(
+        request, length=tgt.length, etag=f'"{tgt.sha256}"', last_modified=last_modified
+    )
+    headers = blob_headers(tgt.sha256, last_modified)
+    headers["Content-Type"] = "application/octet-stream"
+    headers.update(extra)
+    if outcome in {Outcome.NOT_MODIFIED, Outcome.UNSATISFIABLE, Outcome.PRECONDITION_FAILED}:
+        return bodiless(status, headers)
+    if request.method == "HEAD":
+        resp = web.Response(status=status, headers=headers)
+        resp.content_length = end - start
+        return resp
+    agent = agent_key(request)
+    refused = state.gate.try_enter(agent)
+    if refused is not None:
+        return _unavailable(refused, state.config.limits.retry_after, state)
+    metrics = state.metrics
+    metrics.active_transfers.inc()
+    try:
+        resp = web.StreamResponse(status=status, headers=headers)
+        resp.content_length = end - start
+        pace = state.pacer(agent) if state.pacer is not None else None
+        if isinstance(source, Fill):
+            source.attach()
+            counter = metrics.bytes_served.labels("upstream")
+            try:
+                await resp.prepare(request)
+                await send_from_fill(request, resp, source, start, end, pace, counter.inc)
+            finally:
+                source.detach()
+        else:
+            counter = metrics.bytes_served.labels("cache")
+            with mirror.store.serving(tgt.sha256):
+                entry = await state.files.acquire(tgt.sha256, source.path)
+                try:
+                    await resp.prepare(request)
+                    await send_file_range(request, resp, entry, start, end, pace, counter.inc)
+                finally:
+                    state.files.release(entry)
+        await resp.write_eof()
+    except AbortedTransferError as e:
+        logger.warning("aborted %s for %s: %s", tgt.path, agent, e)
+        raise web.HTTPBadGateway from None  # the transport is already aborted
+    finally:
+        metrics.active_transfers.dec()
+        state.gate.leave(agent)
+    return resp
+
+
+# -- operations ----------------------------------------------------------------
+
+
+async def healthz(_request: web.Request) -> web.Response:
+    """Liveness: the process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: verified metadata exists; the body says how current it is."""
+    state = _state(request)
+    mirror = state.mirror
+    current = mirror.current
+    upstreams = [h.to_dict() for h in mirror.upstream.health.values()]
+    body: dict[str, object] = {
+        "ready": current is not None,
+        "timestamp_version": current.timestamp_version if current else None,
+        "expires_in_seconds": round(mirror.seconds_until_expiry(), 1) if current else None,
+        "last_sync_ok": mirror.last_sync_ok,
+        "seconds_since_last_sync": (
+            round(time.time() - mirror.last_sync_ok, 1) if mirror.last_sync_ok else None
+        ),
+        "last_sync_error": mirror.last_sync_error or None,
+        "sync_failing_since": mirror.last_sync_failed_at,
+        "upstreams": upstreams,
+        "targets": len(current.targets) if current else 0,
+    }
+    failing = [u for u in upstreams if not u["ok"]]
+    if failing:
+        body["degraded"] = "upstream unreachable: " + ", ".join(
+            f"{u['url']} ({u['last_error']})" for u in failing
+        )
+    return web.json_response(body, status=200 if current is not None else 503)
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    state = _state(request)
+    body = state.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count requests by route and status; turn stray errors into clean answers."""
+    route = request.match_info.route
+    name = route.name or "other"
+    metrics = request.app[STATE].metrics if STATE in request.app else None
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        if metrics is not None:
+            metrics.requests.labels(name, str(e.status)).inc()
+        raise
+    if metrics is not None:
+        metrics.requests.labels(name, str(resp.status)).inc()
+    return resp
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every route of the relay."""
+    app[_ETAGS] = _MetadataCache()
+    app.middlewares.append(count_requests)
+    app.router.add_get("/metadata/{name}", metadata, name="metadata")
+    app.router.add_get("/targets/{tail:.+}", target, name="targets")
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics_handler, name="metrics")

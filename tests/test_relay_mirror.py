@@ -1,0 +1,177 @@
+"""A verifying mirror: stock TUF clients through one relay and a chain of two."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+from relay.publish import Repository
+from tests.support import (
+    Origin,
+    TufClient,
+    relay_config,
+    relay_state,
+    settle,
+    start_relay,
+    write_root,
+)
+
+BLOB_A = os.urandom(300_000)
+BLOB_B = os.urandom(70_000)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    repo = Repository.init(tmp_path / "repo")
+    repo.add_bytes(BLOB_A, "agent.bin", product="agent", version="1.0.0")
+    repo.add_bytes(
+        BLOB_B, "sigs.db", product="sigs", version="2024.1.0", kind="content",
+        severity="critical", actions=["scan-now"],
+    )
+    return repo
+
+
+@pytest.fixture
+async def origin(repo, aiohttp_server):
+    origin = Origin(repo.public_dir)
+    origin.server = await aiohttp_server(origin.app())
+    return origin
+
+
+@pytest.fixture
+def root_file(tmp_path, repo):
+    return write_root(tmp_path, repo.root_bytes(1), "pinned-root.json")
+
+
+async def test_tuf_client_through_relay_each_blob_fetched_once(
+    tmp_path, repo, origin, root_file, aiohttp_server
+):
+    relay = await start_relay(
+        aiohttp_server, relay_config(tmp_path, [str(origin.server.make_url("/"))], root_file)
+    )
+    await settle(relay)
+    base = str(relay.make_url("/"))
+    for n in range(2):
+        client = TufClient(tmp_path / f"client{n}", base, repo.root_bytes(1))
+        got = await client.arefresh_and_download()
+        assert got["agent/1.0.0/agent.bin"][0] == BLOB_A
+        assert got["sigs/2024.1.0/sigs.db"][0] == BLOB_B
+        custom = got["sigs/2024.1.0/sigs.db"][1]
+        assert custom["kind"] == "content"
+        assert custom["actions"] == ["scan-now"]
+    for target in repo.targets():
+        assert origin.hits[f"targets/{target.url_path}"] == 1, target.path
+
+
+async def test_cold_relay_fetches_on_first_request(tmp_path, repo, origin, root_file, aiohttp_server):
+    cfg = relay_config(
+        tmp_path, [str(origin.server.make_url("/"))], root_file, **{"sync.prefetch": "none"}
+    )
+    relay = await start_relay(aiohttp_server, cfg)
+    await settle(relay)
+    assert origin.target_hits() == 0
+    client = TufClient(tmp_path / "client", str(relay.make_url("/")), repo.root_bytes(1))
+    got = await client.arefresh_and_download()
+    assert got["agent/1.0.0/agent.bin"][0] == BLOB_A
+    assert origin.target_hits() == 2
+    state = relay_state(relay)
+    assert state.mirror.store.contains(hashlib.sha256(BLOB_A).hexdigest())
+
+
+async def test_chain_of_two_relays(tmp_path, repo, origin, root_file, aiohttp_server):
+    parent = await start_relay(
+        aiohttp_server,
+        relay_config(tmp_path, [str(origin.server.make_url("/"))], root_file, name="parent",
+                     **{"sync.prefetch": "none"}),
+    )
+    await settle(parent)
+    child = await start_relay(
+        aiohttp_server,
+        relay_config(tmp_path, [str(parent.make_url("/"))], root_file, name="child",
+                     **{"sync.prefetch": "none"}),
+    )
+    await settle(child)
+    for n in range(3):
+        client = TufClient(tmp_path / f"c{n}", str(child.make_url("/")), repo.root_bytes(1))
+        got = await client.arefresh_and_download()
+        assert got["agent/1.0.0/agent.bin"][0] == BLOB_A
+    for target in repo.targets():
+        assert origin.hits[f"targets/{target.url_path}"] == 1
+
+
+async def test_new_version_and_root_rotation_followed(
+    tmp_path, repo, origin, root_file, aiohttp_server
+):
+    relay = await start_relay(
+        aiohttp_server, relay_config(tmp_path, [str(origin.server.make_url("/"))], root_file)
+    )
+    await settle(relay)
+    client = TufClient(tmp_path / "client", str(relay.make_url("/")), repo.root_bytes(1))
+    await client.arefresh_and_download()
+
+    repo.rotate("root")
+    repo.rotate("timestamp")
+    new_blob = os.urandom(50_000)
+    repo.add_bytes(new_blob, "agent.bin", product="agent", version="1.1.0")
+    await settle(relay)
+    state = relay_state(relay)
+    assert state.mirror.current.root_version == 2
+    # The relay serves every root it walked, byte-for-byte.
+    for version in (1, 2):
+        resp = await relay_client_get(relay, f"/metadata/{version}.root.json")
+        assert resp == repo.root_bytes(version)
+    got = await client.arefresh_and_download()
+    assert got["agent/1.1.0/agent.bin"][0] == new_blob
+    # A fresh client that ships only the first root walks forward through the relay.
+    fresh = TufClient(tmp_path / "fresh", str(relay.make_url("/")), repo.root_bytes(1))
+    got = await fresh.arefresh_and_download()
+    assert got["agent/1.1.0/agent.bin"][0] == new_blob
+
+
+async def relay_client_get(server, path: str) -> bytes:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(server.make_url(path)) as resp:
+        assert resp.status == 200, (path, resp.status)
+        return await resp.read()
+
+
+async def test_failover_and_outage(tmp_path, repo, origin, root_file, aiohttp_server):
+    down = Origin(repo.public_dir, down=True)
+    down.server = await aiohttp_server(down.app())
+    cfg = relay_config(
+        tmp_path,
+        [str(down.server.make_url("/")), str(origin.server.make_url("/"))],
+        root_file,
+    )
+    relay = await start_relay(aiohttp_server, cfg)
+    await settle(relay)
+    assert down.hits  # tried first
+    client = TufClient(tmp_path / "client", str(relay.make_url("/")), repo.root_bytes(1))
+    got = await client.arefresh_and_download()
+    assert got["agent/1.0.0/agent.bin"][0] == BLOB_A
+
+    # Every upstream down: cached targets are still served, /readyz says why.
+    origin.down = True
+    state = relay_state(relay)
+    await state.mirror.sync_once()
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        async with session.get(relay.make_url("/readyz")) as resp:
+            body = await resp.json()
+            assert resp.status == 200
+            assert body["ready"] is True
+            assert body["last_sync_error"]
+            assert "upstream unreachable" in body["degraded"]
+            assert body["expires_in_seconds"] > 0
+            assert all(not u["ok"] for u in body["upstreams"])
+        async with session.get(relay.make_url("/metrics")) as resp:
+            text = await resp.text()
+            assert 'relay_sync_runs_total{result="failed"}' in text
+            assert "relay_timestamp_expiry_seconds" in text
+    again = TufClient(tmp_path / "again", str(relay.make_url("/")), repo.root_bytes(1))
+    got = await again.arefresh_and_download()
+    assert got["sigs/2024.1.0/sigs.db"][0] == BLOB_B
