@@ -7,12 +7,19 @@ and :func:`main` mapping domain errors to exit codes in one place.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from relay import __version__
+from relay._internal.units import parse_duration
+from relay.config import load_config
 from relay.errors import ConfigError, PublishError, RelayError
+from relay.publish import Repository, format_table
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -43,8 +50,164 @@ def make_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    del subparsers  # commands are added by their _<cmd>_parser functions
+    _publish_parser(subparsers)
+    _serve_parser(subparsers)
     return parser
+
+
+# -- publish ---------------------------------------------------------------------
+
+
+def _expires_arg(text: str) -> tuple[str, float]:
+    role, sep, duration = text.partition("=")
+    if not sep:
+        msg = f"expected ROLE=DURATION (e.g. timestamp=1d), got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    try:
+        return role, parse_duration(duration)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e}") from None
+
+
+def _publish_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "publish", help="create and sign a TUF repository (the vendor side)",
+        description="Create and sign the TUF repository that relays mirror.",
+    )
+    sub = p.add_subparsers(dest="publish_command", metavar="ACTION", required=True)
+
+    init = sub.add_parser("init", help="create a repository with fresh keys")
+    init.add_argument("repo", type=Path, help="repository directory (must be new or empty)")
+    init.add_argument("--root-keys", type=int, default=1, metavar="N", help="root keys (1)")
+    init.add_argument(
+        "--root-threshold", type=int, default=1, metavar="M", help="root signatures needed (1)"
+    )
+    init.add_argument(
+        "--expires", type=_expires_arg, action="append", default=[], metavar="ROLE=DURATION",
+        help="expiry period of a role, e.g. timestamp=1d (root 365d, targets 90d, "
+        "snapshot 30d, timestamp 1d)",
+    )
+    init.set_defaults(func=_cmd_publish_init)
+
+    add = sub.add_parser("add", help="add a target and re-sign")
+    add.add_argument("repo", type=Path)
+    add.add_argument("file", type=Path)
+    add.add_argument("--product", required=True)
+    add.add_argument("--version", required=True, help="SemVer 2.0, e.g. 1.4.2")
+    add.add_argument("--kind", default="software", help="software | content | config")
+    add.add_argument("--severity", default="normal", help="critical | normal")
+    add.add_argument("--channel", default="stable", help="stable | beta")
+    add.add_argument("--eula", metavar="TARGETPATH", help="target path of the licence text")
+    add.add_argument(
+        "--action", action="append", default=[], metavar="NAME",
+        help="post-install action for agents (repeatable)",
+    )
+    add.set_defaults(func=_cmd_publish_add)
+
+    lst = sub.add_parser("list", help="list targets")
+    lst.add_argument("repo", type=Path)
+    lst.set_defaults(func=_cmd_publish_list)
+
+    rm = sub.add_parser("remove", help="remove a target and re-sign")
+    rm.add_argument("repo", type=Path)
+    rm.add_argument("target_path", metavar="TARGETPATH")
+    rm.set_defaults(func=_cmd_publish_remove)
+
+    ref = sub.add_parser("refresh", help="re-sign the timestamp (for a cron job)")
+    ref.add_argument("repo", type=Path)
+    ref.set_defaults(func=_cmd_publish_refresh)
+
+    rot = sub.add_parser("rotate", help="replace the keys of a role")
+    rot.add_argument("repo", type=Path)
+    rot.add_argument("--role", required=True, choices=["root", "targets", "snapshot", "timestamp"])
+    rot.set_defaults(func=_cmd_publish_rotate)
+
+
+def _cmd_publish_init(args: argparse.Namespace) -> int:
+    repo = Repository.init(
+        args.repo, root_keys=args.root_keys, root_threshold=args.root_threshold,
+        expires=dict(args.expires),
+    )
+    print(f"created {repo.path}: serve {repo.public_dir}; keys in {repo.keys_dir}")
+    return EXIT_OK
+
+
+def _cmd_publish_add(args: argparse.Namespace) -> int:
+    repo = Repository.open(args.repo)
+    target = repo.add(
+        args.file, product=args.product, version=args.version, kind=args.kind,
+        severity=args.severity, channel=args.channel, eula=args.eula, actions=args.action,
+    )
+    print(f"added {target.path} ({target.length} bytes, sha256 {target.sha256})")
+    return EXIT_OK
+
+
+def _cmd_publish_list(args: argparse.Namespace) -> int:
+    print(format_table(Repository.open(args.repo).targets()))
+    return EXIT_OK
+
+
+def _cmd_publish_remove(args: argparse.Namespace) -> int:
+    Repository.open(args.repo).remove(args.target_path)
+    print(f"removed {args.target_path}")
+    return EXIT_OK
+
+
+def _cmd_publish_refresh(args: argparse.Namespace) -> int:
+    Repository.open(args.repo).refresh()
+    return EXIT_OK
+
+
+def _cmd_publish_rotate(args: argparse.Namespace) -> int:
+    Repository.open(args.repo).rotate(args.role)
+    print(f"rotated {args.role} keys")
+    return EXIT_OK
+
+
+# -- serve -----------------------------------------------------------------------
+
+
+def _serve_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run a relay",
+        description="Run a relay that mirrors and verifies an upstream TUF repository. "
+        "Flags override --config, which overrides built-in defaults; "
+        "RELAY_<SECTION>__<KEY> variables sit between the file and the flags.",
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration file")
+    p.add_argument(
+        "--upstream", action="append", metavar="URL",
+        help="upstream base URL (repeat for failover, in order)",
+    )
+    p.add_argument("--trusted-root", type=Path, metavar="FILE", help="the pinned root.json")
+    p.add_argument("--data-dir", type=Path, metavar="DIR")
+    p.add_argument("--listen", metavar="HOST:PORT")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.set_defaults(func=_cmd_serve)
+
+
+def _serve_overrides(args: argparse.Namespace) -> dict[str, object]:
+    overrides: dict[str, object] = {}
+    if args.upstream:
+        overrides["upstream.urls"] = list(args.upstream)
+    if args.trusted_root is not None:
+        overrides["upstream.trusted_root"] = str(args.trusted_root)
+    if args.data_dir is not None:
+        overrides["relay.data_dir"] = str(args.data_dir)
+    if args.listen is not None:
+        overrides["relay.listen"] = args.listen
+    if args.log_format is not None:
+        overrides["relay.log_format"] = args.log_format
+    return overrides
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from relay.server.run import serve, setup_logging  # noqa: PLC0415 - heavy imports
+
+    config = load_config(args.config, os.environ, _serve_overrides(args))
+    setup_logging(config.relay.log_format, logging.INFO - 10 * min(args.verbose, 1))
+    asyncio.run(serve(config))
+    return EXIT_OK
 
 
 def _setup_logging(verbosity: int) -> None:

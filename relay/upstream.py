@@ -277,8 +277,9 @@ class Upstream:
         """Return the bytes of ``metadata/<name>`` from the first upstream that has it.
 
         Raises:
-            UpstreamHTTPError: every upstream answered 403 or 404 (``status_code``
-                404): the file does not exist (for ``N.root.json``: no newer root).
+            UpstreamHTTPError: no upstream delivered it and at least one answered 403
+                or 404 (``status_code`` 404): the file does not exist (for
+                ``N.root.json``: no newer root).
             LengthMismatchError: an upstream sent more than ``max_length`` bytes and no
                 other upstream could deliver it.
             UpstreamUnavailableError: no upstream could deliver it.
@@ -311,9 +312,8 @@ class Upstream:
                     return b"".join(parts)
                 if attempt < self._retries:
                     await self._sleep_backoff(attempt)
-        if not_found and not_found == len(self.base_urls):
-            raise UpstreamHTTPError(f"metadata/{name}", 404)
-        if not_found and not causes:
+        if not_found:
+            # A reachable upstream said the file does not exist; the others failed.
             raise UpstreamHTTPError(f"metadata/{name}", 404)
         raise UpstreamUnavailableError(f"metadata/{name}", causes)
 

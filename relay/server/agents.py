@@ -226,3 +226,23 @@ def rfc3339(ts: float | dt.datetime | None) -> str | None:
 def now_utc() -> dt.datetime:
     """The current time (UTC)."""
     return dt.datetime.fromtimestamp(time.time(), dt.UTC)
+
+
+# -- handlers --------------------------------------------------------------------
+
+
+def _offer_json(
+    offer: Any, installed_sha: str | None, delta: dict[str, Any] | None
+) -> dict[str, Any]:
+    target = offer.target
+    return {
+        "product": offer.product,
+        "action": str(offer.action),
+        "target": target.path if target is not None else None,
+        "version": target.version if target is not None else None,
+        "sha256": target.sha256 if target is not None else None,
+        "length": target.length if target is not None else None,
+        "delta": delta if target is not None and installed_sha != target.sha256 else None,
+        "mode": str(offer.mode),
+        "deadline": rfc3339(offer.deadline),
+    }

@@ -145,10 +145,7 @@ def decide_for(
 
 def bodiless(status: int, headers: dict[str, str]) -> web.Response:
     """A response without a body (304, 412, 416) with ``headers``."""
-    resp = web.Response(status=status, headers=headers)
-    if status != 304:
-        resp.content_length = 0
-    return resp
+    return web.Response(status=status, headers=headers)
 
 
 class AbortedTransferError(Exception):

@@ -162,9 +162,10 @@ async def target(request: web.Request) -> web.StreamResponse:
     if outcome in {Outcome.NOT_MODIFIED, Outcome.UNSATISFIABLE, Outcome.PRECONDITION_FAILED}:
         return bodiless(status, headers)
     if request.method == "HEAD":
-        resp = web.Response(status=status, headers=headers)
-        resp.content_length = end - start
-        return resp
+        head = web.StreamResponse(status=status, headers=headers)
+        head.content_length = end - start
+        await head.prepare(request)
+        return head
     agent = agent_key(request)
     refused = state.gate.try_enter(agent)
     if refused is not None:
