@@ -13,13 +13,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from relay import __version__
 from relay._internal.units import parse_duration
 from relay.config import load_config
 from relay.errors import ConfigError, PublishError, RelayError
 from relay.publish import Repository, format_table
+
+if TYPE_CHECKING:
+    _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]  # noqa: SLF001
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -69,9 +72,10 @@ def _expires_arg(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"{text}: {e}") from None
 
 
-def _publish_parser(subparsers: Any) -> None:
+def _publish_parser(subparsers: _SubParsers) -> None:
     p = subparsers.add_parser(
-        "publish", help="create and sign a TUF repository (the vendor side)",
+        "publish",
+        help="create and sign a TUF repository (the vendor side)",
         description="Create and sign the TUF repository that relays mirror.",
     )
     sub = p.add_subparsers(dest="publish_command", metavar="ACTION", required=True)
@@ -83,7 +87,11 @@ def _publish_parser(subparsers: Any) -> None:
         "--root-threshold", type=int, default=1, metavar="M", help="root signatures needed (1)"
     )
     init.add_argument(
-        "--expires", type=_expires_arg, action="append", default=[], metavar="ROLE=DURATION",
+        "--expires",
+        type=_expires_arg,
+        action="append",
+        default=[],
+        metavar="ROLE=DURATION",
         help="expiry period of a role, e.g. timestamp=1d (root 365d, targets 90d, "
         "snapshot 30d, timestamp 1d)",
     )
@@ -99,7 +107,10 @@ def _publish_parser(subparsers: Any) -> None:
     add.add_argument("--channel", default="stable", help="stable | beta")
     add.add_argument("--eula", metavar="TARGETPATH", help="target path of the licence text")
     add.add_argument(
-        "--action", action="append", default=[], metavar="NAME",
+        "--action",
+        action="append",
+        default=[],
+        metavar="NAME",
         help="post-install action for agents (repeatable)",
     )
     add.set_defaults(func=_cmd_publish_add)
@@ -125,7 +136,9 @@ def _publish_parser(subparsers: Any) -> None:
 
 def _cmd_publish_init(args: argparse.Namespace) -> int:
     repo = Repository.init(
-        args.repo, root_keys=args.root_keys, root_threshold=args.root_threshold,
+        args.repo,
+        root_keys=args.root_keys,
+        root_threshold=args.root_threshold,
         expires=dict(args.expires),
     )
     print(f"created {repo.path}: serve {repo.public_dir}; keys in {repo.keys_dir}")
@@ -135,8 +148,14 @@ def _cmd_publish_init(args: argparse.Namespace) -> int:
 def _cmd_publish_add(args: argparse.Namespace) -> int:
     repo = Repository.open(args.repo)
     target = repo.add(
-        args.file, product=args.product, version=args.version, kind=args.kind,
-        severity=args.severity, channel=args.channel, eula=args.eula, actions=args.action,
+        args.file,
+        product=args.product,
+        version=args.version,
+        kind=args.kind,
+        severity=args.severity,
+        channel=args.channel,
+        eula=args.eula,
+        actions=args.action,
     )
     print(f"added {target.path} ({target.length} bytes, sha256 {target.sha256})")
     return EXIT_OK
@@ -167,16 +186,19 @@ def _cmd_publish_rotate(args: argparse.Namespace) -> int:
 # -- serve -----------------------------------------------------------------------
 
 
-def _serve_parser(subparsers: Any) -> None:
+def _serve_parser(subparsers: _SubParsers) -> None:
     p = subparsers.add_parser(
-        "serve", help="run a relay",
+        "serve",
+        help="run a relay",
         description="Run a relay that mirrors and verifies an upstream TUF repository. "
         "Flags override --config, which overrides built-in defaults; "
         "RELAY_<SECTION>__<KEY> variables sit between the file and the flags.",
     )
     p.add_argument("--config", type=Path, help="TOML configuration file")
     p.add_argument(
-        "--upstream", action="append", metavar="URL",
+        "--upstream",
+        action="append",
+        metavar="URL",
         help="upstream base URL (repeat for failover, in order)",
     )
     p.add_argument("--trusted-root", type=Path, metavar="FILE", help="the pinned root.json")

@@ -37,7 +37,9 @@ class RelayMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
-            "relay_http_requests", "HTTP requests by route and status.", ["route", "status"],
+            "relay_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
             registry=r,
         )
         self.bytes_served = Counter(
@@ -48,7 +50,9 @@ class RelayMetrics:
             registry=r,
         )
         self.upstream_bytes = Counter(
-            "relay_upstream_bytes", "Body bytes received from upstreams.", ["upstream"],
+            "relay_upstream_bytes",
+            "Body bytes received from upstreams.",
+            ["upstream"],
             registry=r,
         )
         self.cache_bytes = Gauge(
@@ -57,7 +61,9 @@ class RelayMetrics:
         self.cache_objects = Gauge("relay_cache_objects", "Blobs in the store.", registry=r)
         self.evictions = Counter("relay_evictions", "Blobs evicted for space.", registry=r)
         self.fills = Counter(
-            "relay_fills", "Upstream blob fills by result (ok or an error name).", ["result"],
+            "relay_fills",
+            "Upstream blob fills by result (ok or an error name).",
+            ["result"],
             registry=r,
         )
         self.fill_waiters = Histogram(
@@ -72,14 +78,17 @@ class RelayMetrics:
             registry=r,
         )
         self.sync_runs = Counter(
-            "relay_sync_runs", "Metadata sync runs by result (new, unchanged, failed).",
-            ["result"], registry=r,
+            "relay_sync_runs",
+            "Metadata sync runs by result (new, unchanged, failed).",
+            ["result"],
+            registry=r,
         )
         self.sync_failures = Counter(
             "relay_sync_failures", "Failed sync runs by reason.", ["reason"], registry=r
         )
         self.last_sync_age = Gauge(
-            "relay_seconds_since_last_sync", "Seconds since the last successful sync.",
+            "relay_seconds_since_last_sync",
+            "Seconds since the last successful sync.",
             registry=r,
         )
         self.timestamp_expiry = Gauge(
@@ -88,11 +97,15 @@ class RelayMetrics:
             registry=r,
         )
         self.upstream_up = Gauge(
-            "relay_upstream_up", "1 if the upstream's last request succeeded.", ["upstream"],
+            "relay_upstream_up",
+            "1 if the upstream's last request succeeded.",
+            ["upstream"],
             registry=r,
         )
         self.scrub = Counter(
-            "relay_scrub_blobs", "Blobs re-hashed by the scrub, by outcome.", ["outcome"],
+            "relay_scrub_blobs",
+            "Blobs re-hashed by the scrub, by outcome.",
+            ["outcome"],
             registry=r,
         )
         self.active_transfers = Gauge(
@@ -102,15 +115,21 @@ class RelayMetrics:
             "relay_rejected", "Requests answered 503, by reason.", ["reason"], registry=r
         )
         self.throttled_seconds = Counter(
-            "relay_throttled_seconds", "Seconds spent waiting for a bandwidth limiter.",
-            ["limiter"], registry=r,
+            "relay_throttled_seconds",
+            "Seconds spent waiting for a bandwidth limiter.",
+            ["limiter"],
+            registry=r,
         )
         self.delta_patches = Counter(
-            "relay_delta_patches", "Delta computations by outcome and format.",
-            ["outcome", "format"], registry=r,
+            "relay_delta_patches",
+            "Delta computations by outcome and format.",
+            ["outcome", "format"],
+            registry=r,
         )
         self.delta_seconds = Counter(
-            "relay_delta_compute_seconds", "Seconds spent computing deltas.", ["format"],
+            "relay_delta_compute_seconds",
+            "Seconds spent computing deltas.",
+            ["format"],
             registry=r,
         )
         self.delta_bytes_served = Counter(
@@ -118,7 +137,9 @@ class RelayMetrics:
         )
         self.delta_full_bytes = Counter(
             "relay_delta_full_bytes_replaced",
-            "Full target bytes that served patches replaced.", ["format"], registry=r,
+            "Full target bytes that served patches replaced.",
+            ["format"],
+            registry=r,
         )
         self.delta_wan_saved = Counter(
             "relay_delta_wan_bytes_saved",
@@ -126,12 +147,16 @@ class RelayMetrics:
             registry=r,
         )
         self.delta_rejected = Counter(
-            "relay_delta_rejected", "Patches refused on apply, by reason.", ["reason"],
+            "relay_delta_rejected",
+            "Patches refused on apply, by reason.",
+            ["reason"],
             registry=r,
         )
         self.agent_events = Counter(
-            "relay_agent_events", "Agent outcome reports by event and reason.",
-            ["event", "reason"], registry=r,
+            "relay_agent_events",
+            "Agent outcome reports by event and reason.",
+            ["event", "reason"],
+            registry=r,
         )
         self.agents = Gauge("relay_agents", "Agents known to the registry.", registry=r)
         self.checkins = Counter("relay_checkins", "Agent check-ins.", registry=r)

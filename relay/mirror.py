@@ -331,7 +331,8 @@ class Mirror:
             self.last_sync_failed_at = None
             self.metrics.sync_runs.labels(result.value).inc()
             logger.info(
-                "sync %s: timestamp v%s", result.value,
+                "sync %s: timestamp v%s",
+                result.value,
                 self.current.timestamp_version if self.current else "?",
             )
         if result is SyncResult.NEW and self.current is not None:
@@ -391,8 +392,10 @@ class Mirror:
             session.update_targets(role, delegator, data)
         verified = session.result(previous)
         verified = VerifiedMetadata(
-            files={**{n: b for n, b in known.items() if n.endswith(".root.json")},
-                   **verified.files},
+            files={
+                **{n: b for n, b in known.items() if n.endswith(".root.json")},
+                **verified.files,
+            },
             root_version=verified.root_version,
             timestamp_version=verified.timestamp_version,
             expires=verified.expires,
@@ -486,7 +489,7 @@ class Mirror:
                 self.upstream.mark_content_error(base, e)
             await fill.fail(e)
             self.metrics.fills.labels(type(e).__name__).inc()
-            logger.error("fill of %s refused: %s", target.path, e)
+            logger.error("fill of %s refused: %s", target.path, e)  # noqa: TRY400 - expected
             return
         except (RelayError, OSError) as e:
             await fill.fail(e)
@@ -522,7 +525,8 @@ class Mirror:
         if self.prefetch is Prefetch.NONE or self.current is None:
             return 0
         wanted = [
-            t for t in self.current.targets.values()
+            t
+            for t in self.current.targets.values()
             if not self.store.contains(t.sha256)
             and (self.prefetch is Prefetch.ALL or self._should_prefetch(t))
         ]

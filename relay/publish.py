@@ -40,8 +40,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
-    MetaFile,
     Metadata,
+    MetaFile,
     Root,
     Snapshot,
     TargetFile,
@@ -193,8 +193,8 @@ class Repository:
                 signers[role].append(signer)
         root.signed.roles["root"].threshold = threshold
         self._signers = signers
-        for signer in signers["root"]:
-            root.sign(signer, append=True)
+        for root_signer in signers["root"]:
+            root.sign(root_signer, append=True)
         targets = Metadata(Targets(expires=now + self._period("targets")))
         snapshot = Metadata(Snapshot(expires=now + self._period("snapshot")))
         timestamp = Metadata(Timestamp(expires=now + self._period("timestamp")))
@@ -365,8 +365,15 @@ class Repository:
         except OSError as e:
             raise PublishError(f"{file}: cannot be read: {e.strerror}") from None
         return self.add_bytes(
-            data, name or file.name, product=product, version=version, kind=kind,
-            severity=severity, channel=channel, eula=eula, actions=actions,
+            data,
+            name or file.name,
+            product=product,
+            version=version,
+            kind=kind,
+            severity=severity,
+            channel=channel,
+            eula=eula,
+            actions=actions,
         )
 
     def add_bytes(
@@ -389,8 +396,13 @@ class Repository:
         """
         try:
             info = UpdateInfo(
-                product=product, version=version, kind=kind, severity=severity,
-                channel=channel, eula=eula, actions=tuple(actions),
+                product=product,
+                version=version,
+                kind=kind,
+                severity=severity,
+                channel=channel,
+                eula=eula,
+                actions=tuple(actions),
             )
         except ValueError as e:
             raise PublishError(str(e)) from None
@@ -403,9 +415,8 @@ class Repository:
         existing = current.targets.signed.targets
         for other_path, other in existing.items():
             other_custom = other.custom if isinstance(other.custom, dict) else {}
-            same_release = (
-                other_custom.get("product") == product
-                and _same_version(other_custom.get("version"), version)
+            same_release = other_custom.get("product") == product and _same_version(
+                other_custom.get("version"), version
             )
             if other_path == path or same_release:
                 if other_path == path and other.hashes == tf.hashes and other.custom == tf.custom:
@@ -481,11 +492,11 @@ class Repository:
         root.signed.expires = _now() + self._period("root")
         root.signatures.clear()
         signers_for_root = [*old_root_signers, *(fresh if role == "root" else [])]
-        for signer in signers_for_root:
-            root.sign(signer, append=True)
+        for root_signer in signers_for_root:
+            root.sign(root_signer, append=True)
         # Write the new keys before anything refers to them; retire the old ones.
-        for signer in fresh:
-            self._save_key(role, signer)
+        for new_signer in fresh:
+            self._save_key(role, new_signer)
         self._signers[role] = list(fresh)
         if role == "root":
             self._signers["root"] = list(fresh)
@@ -577,14 +588,21 @@ def format_table(targets: Sequence[Target]) -> str:
     header = ("PATH", "VERSION", "KIND", "SEVERITY", "CHANNEL", "LENGTH", "SHA256")
     rows = [
         (
-            t.path, t.version, str(t.info.kind), str(t.info.severity), str(t.info.channel),
-            str(t.length), t.sha256[:12],
+            t.path,
+            t.version,
+            str(t.info.kind),
+            str(t.info.severity),
+            str(t.info.channel),
+            str(t.length),
+            t.sha256[:12],
         )
         for t in targets
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in [header, *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
     return "\n".join(lines)
 
 

@@ -98,7 +98,11 @@ class Origin:
         chunk = 16 * 1024
         while offset < len(data):
             piece = data[offset : offset + chunk]
-            if fault.break_at is not None and fault.break_times > 0 and offset < fault.break_at <= offset + len(piece):
+            if (
+                fault.break_at is not None
+                and fault.break_times > 0
+                and offset < fault.break_at <= offset + len(piece)
+            ):
                 await resp.write(piece[: fault.break_at - offset])
                 fault.break_times -= 1
                 await asyncio.sleep(0.05)

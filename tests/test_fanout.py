@@ -156,10 +156,15 @@ async def test_a_waiter_that_disconnects_does_not_cancel_the_fill(
     assert relay_state(relay).mirror.store.contains(SHA)
 
 
-async def test_past_the_concurrency_limit_503_with_retry_after(tmp_path, repo, origin, aiohttp_server):
+async def test_past_the_concurrency_limit_503_with_retry_after(
+    tmp_path, repo, origin, aiohttp_server
+):
     fault = Fault(pause_at=SIZE // 2, paused=asyncio.Event(), resume=asyncio.Event())
     relay = await _relay(
-        tmp_path, repo, origin, aiohttp_server,
+        tmp_path,
+        repo,
+        origin,
+        aiohttp_server,
         **{"limits.max_transfers": 2, "limits.retry_after": 7},
     )
     origin.faults[relay.blob_path.removeprefix("/")] = fault

@@ -14,7 +14,16 @@ from tuf.api.serialization.json import JSONSerializer
 
 from relay.publish import Repository
 from relay.server import make_app
-from tests.support import Fault, Origin, TufClient, relay_config, relay_state, settle, start_relay, write_root
+from tests.support import (
+    Fault,
+    Origin,
+    TufClient,
+    relay_config,
+    relay_state,
+    settle,
+    start_relay,
+    write_root,
+)
 
 BLOB_A = os.urandom(200_000)
 
@@ -63,8 +72,12 @@ async def _new_version(repo) -> bytes:
     return blob
 
 
-@pytest.mark.parametrize("fault", [Fault(corrupt=True), Fault(extra=b"x" * 100)], ids=["bad-bytes", "extra-bytes"])
-async def test_bad_target_bytes_are_refused_and_not_cached(cfg, repo, origin, aiohttp_server, tmp_path, fault):
+@pytest.mark.parametrize(
+    "fault", [Fault(corrupt=True), Fault(extra=b"x" * 100)], ids=["bad-bytes", "extra-bytes"]
+)
+async def test_bad_target_bytes_are_refused_and_not_cached(
+    cfg, repo, origin, aiohttp_server, tmp_path, fault
+):
     target = repo.targets()[0]
     origin.faults[f"targets/{target.url_path}"] = fault
     relay = await start_relay(aiohttp_server, cfg)
@@ -146,7 +159,9 @@ async def test_expired_timestamp_refused(cfg, repo, origin, aiohttp_server):
     signer = repo.signer("timestamp")
     md = Metadata.from_bytes(_ts(repo))
     expired = _resign(
-        _ts(repo), signer, version=md.signed.version + 1,
+        _ts(repo),
+        signer,
+        version=md.signed.version + 1,
         expires=dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1),
     )
     origin.faults["metadata/timestamp.json"] = Fault(body=expired)
@@ -154,7 +169,9 @@ async def test_expired_timestamp_refused(cfg, repo, origin, aiohttp_server):
     assert "Expired" in state.mirror.last_sync_error
     assert state.mirror.metadata_file("timestamp.json") == good_bytes
     # Clients of the relay still verify what it serves.
-    client = TufClient(state.config.relay.data_dir.parent / "client", str(relay.make_url("/")), repo.root_bytes(1))
+    client = TufClient(
+        state.config.relay.data_dir.parent / "client", str(relay.make_url("/")), repo.root_bytes(1)
+    )
     got = await client.arefresh_and_download()
     assert got["agent/1.0.0/agent.bin"][0] == BLOB_A
 

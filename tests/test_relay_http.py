@@ -98,7 +98,9 @@ async def test_blob_ranges_and_conditionals(relay, headers, status, body, conten
 async def test_if_range_date_form_and_if_modified_since(relay):
     _, headers, _ = await raw(relay, req(relay.url_path))
     last_modified = headers["last-modified"]
-    status, h, body = await raw(relay, req(relay.url_path, Range="bytes=100-", If_Range=last_modified))
+    status, h, body = await raw(
+        relay, req(relay.url_path, Range="bytes=100-", If_Range=last_modified)
+    )
     assert status == 206 and body == BLOB[100:]
     status, _, body = await raw(
         relay, req(relay.url_path, Range="bytes=100-", If_Range="Mon, 01 Jan 2001 00:00:00 GMT")
@@ -151,9 +153,12 @@ async def test_unknown_or_malformed_paths_are_404(relay, request_bytes):
     [
         b"POST /metadata/timestamp.json HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         b"DELETE /targets/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        b"GET /metadata/timestamp.json HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\nConnection: close\r\n\r\n",
+        b"GET /metadata/timestamp.json HTTP/1.1\r\nHost: x\r\nX-Big: "
+        + b"a" * 70000
+        + b"\r\nConnection: close\r\n\r\n",
         b"GARBAGE\r\n\r\n",
-        b"GET /metadata/timestamp.json HTTP/1.1\r\nHost: x\r\nRange: " + b"bytes=" + b"1" * 5000 + b"-\r\nConnection: close\r\n\r\n",
+        b"GET /metadata/timestamp.json HTTP/1.1\r\nHost: x\r\nRange: "
+        b"bytes=" + b"1" * 5000 + b"-\r\nConnection: close\r\n\r\n",
     ],
     ids=["post", "delete", "huge-header", "garbage", "absurd-range"],
 )
@@ -167,16 +172,33 @@ async def test_curl_resume(relay, tmp_path):
     out.write_bytes(BLOB[:4000])
     url = str(relay.make_url(relay.url_path))
     proc = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "-f", "-C", "-", "-o", str(out), url,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        "curl",
+        "-sS",
+        "-f",
+        "-C",
+        "-",
+        "-o",
+        str(out),
+        url,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     _, err = await proc.communicate()
     assert proc.returncode == 0, err
     assert out.read_bytes() == BLOB
     # Resuming a complete file: 416 with an empty body; curl treats it as done.
     proc = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "-C", "-", "-o", str(out), "-w", "%{http_code}", url,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        "curl",
+        "-sS",
+        "-C",
+        "-",
+        "-o",
+        str(out),
+        "-w",
+        "%{http_code}",
+        url,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     stdout, _ = await proc.communicate()
     assert stdout == b"416"

@@ -27,8 +27,13 @@ def repo(tmp_path):
     repo = Repository.init(tmp_path / "repo")
     repo.add_bytes(BLOB_A, "agent.bin", product="agent", version="1.0.0")
     repo.add_bytes(
-        BLOB_B, "sigs.db", product="sigs", version="2024.1.0", kind="content",
-        severity="critical", actions=["scan-now"],
+        BLOB_B,
+        "sigs.db",
+        product="sigs",
+        version="2024.1.0",
+        kind="content",
+        severity="critical",
+        actions=["scan-now"],
     )
     return repo
 
@@ -65,7 +70,9 @@ async def test_tuf_client_through_relay_each_blob_fetched_once(
         assert origin.hits[f"targets/{target.url_path}"] == 1, target.path
 
 
-async def test_cold_relay_fetches_on_first_request(tmp_path, repo, origin, root_file, aiohttp_server):
+async def test_cold_relay_fetches_on_first_request(
+    tmp_path, repo, origin, root_file, aiohttp_server
+):
     cfg = relay_config(
         tmp_path, [str(origin.server.make_url("/"))], root_file, **{"sync.prefetch": "none"}
     )
@@ -83,14 +90,24 @@ async def test_cold_relay_fetches_on_first_request(tmp_path, repo, origin, root_
 async def test_chain_of_two_relays(tmp_path, repo, origin, root_file, aiohttp_server):
     parent = await start_relay(
         aiohttp_server,
-        relay_config(tmp_path, [str(origin.server.make_url("/"))], root_file, name="parent",
-                     **{"sync.prefetch": "none"}),
+        relay_config(
+            tmp_path,
+            [str(origin.server.make_url("/"))],
+            root_file,
+            name="parent",
+            **{"sync.prefetch": "none"},
+        ),
     )
     await settle(parent)
     child = await start_relay(
         aiohttp_server,
-        relay_config(tmp_path, [str(parent.make_url("/"))], root_file, name="child",
-                     **{"sync.prefetch": "none"}),
+        relay_config(
+            tmp_path,
+            [str(parent.make_url("/"))],
+            root_file,
+            name="child",
+            **{"sync.prefetch": "none"},
+        ),
     )
     await settle(child)
     for n in range(3):

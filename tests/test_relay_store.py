@@ -33,16 +33,27 @@ async def _start(tmp_path, repo, aiohttp_server, **overrides):
 
 
 async def _get(relay, target):
-    async with aiohttp.ClientSession() as s, s.get(relay.make_url(f"/targets/{target.url_path}")) as r:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(relay.make_url(f"/targets/{target.url_path}")) as r,
+    ):
         return r.status, await r.read(), r.headers
 
 
 async def test_quota_evicts_lru_and_never_pinned(tmp_path, repo, aiohttp_server):
     # Product "app": 4 versions, keep_versions=2 pins the two newest.
-    app = [repo.add_bytes(os.urandom(SIZE), "app.bin", product="app", version=f"1.0.{i}") for i in range(4)]
-    other = [repo.add_bytes(os.urandom(SIZE), f"tool{i}.bin", product=f"tool{i}", version="1.0.0") for i in range(3)]
+    app = [
+        repo.add_bytes(os.urandom(SIZE), "app.bin", product="app", version=f"1.0.{i}")
+        for i in range(4)
+    ]
+    other = [
+        repo.add_bytes(os.urandom(SIZE), f"tool{i}.bin", product=f"tool{i}", version="1.0.0")
+        for i in range(3)
+    ]
     origin, relay = await _start(
-        tmp_path, repo, aiohttp_server,
+        tmp_path,
+        repo,
+        aiohttp_server,
         **{"sync.prefetch": "none", "store.max_bytes": 5 * SIZE, "store.keep_versions": 2},
     )
     store = relay_state(relay).mirror.store
@@ -61,7 +72,9 @@ async def test_full_store_refuses_new_fills_but_serves_hits(tmp_path, repo, aioh
     a = repo.add_bytes(os.urandom(SIZE), "a.bin", product="a", version="1.0.0")
     b = repo.add_bytes(os.urandom(SIZE), "b.bin", product="b", version="1.0.0")
     origin, relay = await _start(
-        tmp_path, repo, aiohttp_server,
+        tmp_path,
+        repo,
+        aiohttp_server,
         **{"sync.prefetch": "none", "store.max_bytes": SIZE + 10, "store.retry_after": 42},
     )
     status, _, _ = await _get(relay, a)

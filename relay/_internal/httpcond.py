@@ -96,8 +96,12 @@ def _matches(header: str, etag: str, *, weak_ok: bool) -> bool:
 
 
 def _parse_range(header: str, length: int) -> tuple[int, int] | str | None:
-    """``(start, end)`` of a satisfiable single range, ``"unsatisfiable"``, or
-    ``None`` when the header must be ignored."""
+    """Parse a Range header.
+
+    Returns:
+        ``(start, end)`` of a satisfiable single range, ``"unsatisfiable"``, or
+        ``None`` when the header must be ignored.
+    """
     if len(header) > MAX_HEADER:
         return None
     match = _RANGE.match(header)
@@ -142,8 +146,12 @@ def decide(
         length: the representation's length in bytes.
         etag: its strong entity-tag, quoted (``"<sha256>"``).
         last_modified: its modification time (POSIX seconds).
-        range_header, if_range, if_none_match, if_modified_since, if_match,
-        if_unmodified_since: the request's header values, or ``None``.
+        range_header: the request's ``Range``, or ``None`` (and so on for the rest).
+        if_range: ``If-Range``.
+        if_none_match: ``If-None-Match``.
+        if_modified_since: ``If-Modified-Since``.
+        if_match: ``If-Match``.
+        if_unmodified_since: ``If-Unmodified-Since``.
 
     Returns:
         The :class:`Decision`.
@@ -184,12 +192,13 @@ def decide(
             if when is None or int(when) != lm:
                 return full
     if parsed == "unsatisfiable":
-        return Decision(
-            Outcome.UNSATISFIABLE, 416, 0, 0, (("Content-Range", f"bytes */{length}"),)
-        )
+        return Decision(Outcome.UNSATISFIABLE, 416, 0, 0, (("Content-Range", f"bytes */{length}"),))
     assert isinstance(parsed, tuple)
     start, end = parsed
     return Decision(
-        Outcome.PARTIAL, 206, start, end,
+        Outcome.PARTIAL,
+        206,
+        start,
+        end,
         (("Content-Range", f"bytes {start}-{end - 1}/{length}"),),
     )

@@ -74,8 +74,9 @@ class ReportEvent:
     at: str
 
 
-def _str(obj: dict[str, Any], key: str, where: str, *, default: str | None = None,
-         max_len: int = 256) -> str:
+def _str(
+    obj: dict[str, Any], key: str, where: str, *, default: str | None = None, max_len: int = 256
+) -> str:
     value = obj.get(key, default)
     if not isinstance(value, str):
         raise BodyError(f"{where}{key}: expected a string")
@@ -196,9 +197,7 @@ def bad_request(message: str) -> web.Response:
 async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
     """Read a bounded JSON object body, or return the error response."""
     if request.content_length is not None and request.content_length > MAX_BODY:
-        return web.json_response(
-            {"error": f"body: larger than {MAX_BODY} bytes"}, status=413
-        )
+        return web.json_response({"error": f"body: larger than {MAX_BODY} bytes"}, status=413)
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream", ""):
         return web.json_response({"error": "body: expected application/json"}, status=415)
@@ -206,9 +205,7 @@ async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
     async for chunk in request.content.iter_chunked(64 * 1024):
         raw += chunk
         if len(raw) > MAX_BODY:
-            return web.json_response(
-                {"error": f"body: larger than {MAX_BODY} bytes"}, status=413
-            )
+            return web.json_response({"error": f"body: larger than {MAX_BODY} bytes"}, status=413)
     try:
         return parse_json_object(bytes(raw))
     except BodyError as e:
@@ -226,23 +223,3 @@ def rfc3339(ts: float | dt.datetime | None) -> str | None:
 def now_utc() -> dt.datetime:
     """The current time (UTC)."""
     return dt.datetime.fromtimestamp(time.time(), dt.UTC)
-
-
-# -- handlers --------------------------------------------------------------------
-
-
-def _offer_json(
-    offer: Any, installed_sha: str | None, delta: dict[str, Any] | None
-) -> dict[str, Any]:
-    target = offer.target
-    return {
-        "product": offer.product,
-        "action": str(offer.action),
-        "target": target.path if target is not None else None,
-        "version": target.version if target is not None else None,
-        "sha256": target.sha256 if target is not None else None,
-        "length": target.length if target is not None else None,
-        "delta": delta if target is not None and installed_sha != target.sha256 else None,
-        "mode": str(offer.mode),
-        "deadline": rfc3339(offer.deadline),
-    }

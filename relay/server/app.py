@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from relay.metrics import RelayMetrics
 from relay.mirror import Mirror, Prefetch
 from relay.server.blobs import OpenFileCache, Pace
 from relay.store import FsBlobStore
-from relay.upstream import AiohttpFetcher, Upstream
+from relay.upstream import AiohttpFetcher, Upstream, UpstreamHealth
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,13 @@ class RelayState:
     gate: TransferGate
     pacer: Callable[[str], Pace] | None = None
     started: float = field(default_factory=time.time)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    tasks: set[asyncio.Task[object]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[object, object, object], name: str) -> None:
+        """Run ``coro`` as a background task owned by the application."""
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 CONFIG = web.AppKey("config", Config)
@@ -100,6 +106,10 @@ def read_trusted_root(config: Config) -> bytes:
         raise ConfigError(
             "upstream.trusted_root", str(path), config.source, f"cannot be read: {e.strerror}"
         ) from e
+
+
+def _up(health: UpstreamHealth) -> Callable[[], float]:
+    return lambda: 0.0 if health.failing_since is not None else 1.0
 
 
 async def _components(app: web.Application) -> AsyncIterator[None]:
@@ -138,9 +148,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     store._pinned = mirror.pinned  # noqa: SLF001 - wiring the pin rule once, here
     for base in upstream.base_urls:
         health = upstream.health[base]
-        metrics.upstream_up.labels(base).set_function(
-            lambda h=health: 0.0 if h.failing_since is not None else 1.0
-        )
+        metrics.upstream_up.labels(base).set_function(_up(health))
     await mirror.open()
     state = RelayState(
         config=config,
@@ -154,26 +162,19 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
 
     async def after_sync(_verified: object) -> None:
         if mirror.prefetch is not Prefetch.NONE:
-            task = asyncio.ensure_future(mirror.prefetch_now())
-            state.tasks.append(task)  # type: ignore[arg-type]
-            task.add_done_callback(lambda t: state.tasks.remove(t) if t in state.tasks else None)  # type: ignore[arg-type]
+            state.spawn(mirror.prefetch_now(), "prefetch")
 
     mirror.listeners.append(after_sync)
-    state.tasks.append(
-        asyncio.create_task(
-            mirror.run_sync_loop(config.sync.interval, config.sync.jitter), name="sync"
-        )
-    )
+    state.spawn(mirror.run_sync_loop(config.sync.interval, config.sync.jitter), "sync")
     if config.store.scrub_interval:
-        state.tasks.append(
-            asyncio.create_task(mirror.run_scrub_loop(config.store.scrub_interval), name="scrub")
-        )
+        state.spawn(mirror.run_scrub_loop(config.store.scrub_interval), "scrub")
     try:
         yield
     finally:
-        for task in state.tasks:
+        tasks = list(state.tasks)
+        for task in tasks:
             task.cancel()
-        for task in state.tasks:
+        for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
         await mirror.close()

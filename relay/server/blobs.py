@@ -41,7 +41,7 @@ Pace = Callable[[int], Awaitable[None]]
 
 
 class _OpenFile:
-    __slots__ = ("file", "users", "evicted")
+    __slots__ = ("evicted", "file", "users")
 
     def __init__(self, file: IO[bytes]) -> None:
         self.file = file
@@ -110,7 +110,8 @@ class OpenFileCache:
 
 def _close_later(file: IO[bytes]) -> None:
     with contextlib.suppress(RuntimeError):
-        asyncio.get_running_loop().run_in_executor(None, file.close)
+        # Fire and forget: closing a read-only regular file needs no result.
+        _ = asyncio.get_running_loop().run_in_executor(None, file.close)
 
 
 def blob_headers(sha256: str, last_modified: float) -> dict[str, str]:

@@ -20,15 +20,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from relay._internal.httpcond import Outcome
 from relay.errors import StoreError, StoreFullError
 from relay.metrics import CONTENT_TYPE_LATEST
 from relay.model import is_sha256
 from relay.server.app import STATE, RelayState
 from relay.server.blobs import (
     AbortedTransferError,
-    Outcome,
-    bodiless,
     blob_headers,
+    bodiless,
     decide_for,
     send_file_range,
     send_from_fill,
@@ -148,7 +148,7 @@ async def target(request: web.Request) -> web.StreamResponse:
     except StoreFullError:
         return _unavailable("store_full", state.config.store.retry_after, state)
     except StoreError as e:
-        logger.error("cannot serve %s: %s", tgt.path, e)
+        logger.error("cannot serve %s: %s", tgt.path, e)  # noqa: TRY400 - no traceback needed
         return _unavailable("store_error", state.config.store.retry_after, state)
     last_modified = (
         mirror.store.mtime(tgt.sha256) if not isinstance(source, Fill) else source.started

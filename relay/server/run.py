@@ -51,9 +51,7 @@ def setup_logging(log_format: str, level: int) -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-        )
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -62,7 +60,7 @@ def setup_logging(log_format: str, level: int) -> None:
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path, status, bytes, seconds, agent."""
 
-    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:  # noqa: A002
+    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Write the access line (aiohttp passes the request's duration as ``time``)."""
         fields = {
             "remote": request.remote,
@@ -75,8 +73,13 @@ class AccessLogger(AbstractAccessLogger):
         }
         self.logger.info(
             '%s "%s %s" %s %s %.6f %s',
-            fields["remote"], fields["method"], fields["path"], fields["status"],
-            fields["bytes"], time, fields["agent"],
+            fields["remote"],
+            fields["method"],
+            fields["path"],
+            fields["status"],
+            fields["bytes"],
+            time,
+            fields["agent"],
             extra={"fields": fields},
         )
 
