@@ -280,6 +280,8 @@ class FsBlobStore:
         self._mtimes: dict[str, float] = {}
         # Called with a digest whenever a blob leaves the store (open-file caches).
         self.on_removed: list[Callable[[str], None]] = []
+        # Called with (digest, size) for each blob evicted for space (metrics).
+        self.on_evicted: list[Callable[[str, int], None]] = []
         self._fills: dict[str, Fill] = {}
         self._serving: Counter[str] = Counter()
         self._used = 0
@@ -452,6 +454,8 @@ class FsBlobStore:
                 await _run(os.unlink, self.path(sha))
             self.stats.evictions += 1
             self.stats.evicted_bytes += size
+            for callback in self.on_evicted:
+                callback(sha, size)
 
     async def remove(self, sha256: str) -> None:
         """Delete a complete blob (no-op if absent)."""

@@ -65,6 +65,7 @@ async def test_quota_evicts_lru_and_never_pinned(tmp_path, repo, aiohttp_server)
     pinned = {app[2].sha256, app[3].sha256} | {t.sha256 for t in other}
     assert pinned <= set(store.digests())
     assert store.stats.evictions == 2
+    assert "relay_evictions_total 2.0" in relay_state(relay).metrics.render().decode()
     assert not store.contains(app[0].sha256) and not store.contains(app[1].sha256)
 
 

@@ -159,6 +159,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     )
     app[STATE] = state
     store.on_removed.append(state.files.forget)
+    store.on_evicted.append(lambda _sha, _size: metrics.evictions.inc())
 
     async def after_sync(_verified: object) -> None:
         if mirror.prefetch is not Prefetch.NONE:
