@@ -181,3 +181,38 @@ async def test_past_the_concurrency_limit_503_with_retry_after(
         fault.resume.set()
         await asyncio.gather(*tasks)
     assert all(hashlib.sha256(d.received).hexdigest() == SHA for d in downloads)
+
+
+async def test_per_agent_limit_through_the_relay(tmp_path, repo, origin, aiohttp_server):
+    rate = 512 * 1024
+    relay = await _relay(tmp_path, repo, origin, aiohttp_server, **{"limits.per_agent": rate})
+    await relay_state(relay).mirror.prefetch_now()
+    loop = asyncio.get_running_loop()
+    arrivals = []
+    async with _session() as session:
+
+        async def one(agent):
+            async with session.get(
+                relay.make_url(relay.blob_path), headers={"Relay-Agent-Id": agent}
+            ) as r:
+                async for chunk in r.content.iter_any():
+                    arrivals.append((loop.time(), agent, len(chunk)))
+
+        # Two agents at once: each is held to its own rate, not half of it.
+        await asyncio.gather(one("a"), one("b"))
+    for agent in ("a", "b"):
+        mine = [(t, n) for t, a, n in arrivals if a == agent]
+        assert sum(n for _, n in mine) == SIZE
+        t0 = mine[0][0]
+        window = [(t, n) for t, n in mine if t - t0 >= 0.5]
+        measured = sum(n for _, n in window[1:]) / (window[-1][0] - window[0][0])
+        assert measured == pytest.approx(rate, rel=0.2)
+        gaps = [b[0] - a[0] for a, b in zip(mine, mine[1:])]
+        assert max(gaps) < 1.0
+    assert (
+        relay_state(relay)
+        .metrics.render()
+        .decode()
+        .count('relay_throttled_seconds_total{limiter="egress"}')
+        == 1
+    )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -26,7 +27,8 @@ from relay.config import Config
 from relay.errors import ConfigError
 from relay.metrics import RelayMetrics
 from relay.mirror import Mirror, Prefetch
-from relay.server.blobs import OpenFileCache, Pace
+from relay.ratelimit import BandwidthLimiter, RateSchedule, schedule_from_config
+from relay.server.blobs import OpenFileCache
 from relay.store import FsBlobStore
 from relay.upstream import AiohttpFetcher, Upstream, UpstreamHealth
 
@@ -75,7 +77,8 @@ class RelayState:
     mirror: Mirror
     files: OpenFileCache
     gate: TransferGate
-    pacer: Callable[[str], Pace] | None = None
+    limiter: BandwidthLimiter = field(default_factory=BandwidthLimiter)
+    upstream_limiter: BandwidthLimiter = field(default_factory=BandwidthLimiter)
     started: float = field(default_factory=time.time)
     tasks: set[asyncio.Task[object]] = field(default_factory=set)
 
@@ -108,6 +111,17 @@ def read_trusted_root(config: Config) -> bytes:
         ) from e
 
 
+async def _apply_schedule(
+    schedule: RateSchedule, limiter: BandwidthLimiter, upstream: BandwidthLimiter
+) -> None:
+    """Re-evaluate time-of-day rates every 30 seconds."""
+    while True:
+        rates = schedule.rates_at(dt.datetime.now().astimezone())
+        limiter.set_rates(rates.egress, rates.per_agent)
+        upstream.set_rates(rates.upstream, 0)
+        await asyncio.sleep(30)
+
+
 def _up(health: UpstreamHealth) -> Callable[[], float]:
     return lambda: 0.0 if health.failing_since is not None else 1.0
 
@@ -128,11 +142,23 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         connect_timeout=config.upstream.connect_timeout,
         read_timeout=config.upstream.read_timeout,
     )
+    limits = config.limits
+    schedule = schedule_from_config(
+        limits.upstream, limits.egress, limits.per_agent, limits.schedule
+    )
+    rates = schedule.rates_at(dt.datetime.now().astimezone())
+    limiter = BandwidthLimiter(rates.egress, rates.per_agent)
+    upstream_limiter = BandwidthLimiter(rates.upstream)
+
+    async def upstream_throttle(n: int) -> None:
+        await upstream_limiter.acquire(None, n)
+
     upstream = Upstream(
         fetcher,
         list(config.upstream.urls),
         retries=config.upstream.retries,
         backoff=config.upstream.retry_backoff,
+        throttle=upstream_throttle if schedule.windows or rates.upstream else None,
     )
     upstream.on_bytes(lambda base, n: metrics.upstream_bytes.labels(base).inc(n))
     store = FsBlobStore(config.relay.blobs_dir, max_bytes=config.store.max_bytes)
@@ -156,7 +182,12 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         mirror=mirror,
         files=OpenFileCache(),
         gate=TransferGate(config.limits.max_transfers, config.limits.max_transfers_per_agent),
+        limiter=limiter,
+        upstream_limiter=upstream_limiter,
     )
+    limiter.on_throttle = metrics.throttled_seconds.labels("egress").inc
+    upstream_limiter.on_throttle = metrics.throttled_seconds.labels("upstream").inc
+    metrics.bind(metrics.active_transfers, lambda: float(state.gate.active))
     app[STATE] = state
     store.on_removed.append(state.files.forget)
     store.on_evicted.append(lambda _sha, _size: metrics.evictions.inc())
@@ -169,6 +200,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     state.spawn(mirror.run_sync_loop(config.sync.interval, config.sync.jitter), "sync")
     if config.store.scrub_interval:
         state.spawn(mirror.run_scrub_loop(config.store.scrub_interval), "scrub")
+    if schedule.windows:
+        state.spawn(_apply_schedule(schedule, limiter, upstream_limiter), "rate-schedule")
     try:
         yield
     finally:

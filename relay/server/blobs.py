@@ -22,7 +22,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -30,14 +30,13 @@ from aiohttp import web
 
 from relay._internal.httpcond import Outcome, decide, format_http_date
 from relay.errors import StoreError
+from relay.ratelimit import Pacer
 from relay.store import Fill, FillState
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
-
-Pace = Callable[[int], Awaitable[None]]
 
 
 class _OpenFile:
@@ -159,7 +158,7 @@ async def send_file_range(
     entry: _OpenFile,
     start: int,
     end: int,
-    pace: Pace | None,
+    pace: Pacer | None,
     on_bytes: Callable[[int], None],
 ) -> None:
     """Send ``[start, end)`` of an open stored file after ``resp`` is prepared."""
@@ -185,16 +184,15 @@ async def _stream_file(
     fd: int,
     start: int,
     end: int,
-    pace: Pace | None,
+    pace: Pacer | None,
     on_bytes: Callable[[int], None],
-    chunk: int = CHUNK,
 ) -> None:
     loop = asyncio.get_running_loop()
     offset = start
     while offset < end:
-        size = min(chunk, end - offset)
+        size = min(pace.chunk() if pace is not None else CHUNK, end - offset)
         if pace is not None:
-            await pace(size)
+            await pace.wait(size)
         data = await loop.run_in_executor(None, os.pread, fd, size, offset)
         if not data:
             raise AbortedTransferError("blob shorter than its signed length")
@@ -209,9 +207,8 @@ async def send_from_fill(
     fill: Fill,
     start: int,
     end: int,
-    pace: Pace | None,
+    pace: Pacer | None,
     on_bytes: Callable[[int], None],
-    chunk: int = CHUNK,
 ) -> None:
     """Stream ``[start, end)`` of a growing fill as its bytes arrive.
 
@@ -234,9 +231,9 @@ async def send_from_fill(
         if offset >= limit:
             await fill.wait_change(fill.written)
             continue
-        size = min(chunk, limit - offset)
+        size = min(pace.chunk() if pace is not None else CHUNK, limit - offset)
         if pace is not None:
-            await pace(size)
+            await pace.wait(size)
         try:
             data = await fill.read(offset, size)
         except StoreError as e:

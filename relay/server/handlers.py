@@ -24,6 +24,7 @@ from relay._internal.httpcond import Outcome
 from relay.errors import StoreError, StoreFullError
 from relay.metrics import CONTENT_TYPE_LATEST
 from relay.model import is_sha256
+from relay.ratelimit import Pacer
 from relay.server.app import STATE, RelayState
 from relay.server.blobs import (
     AbortedTransferError,
@@ -171,11 +172,14 @@ async def target(request: web.Request) -> web.StreamResponse:
     if refused is not None:
         return _unavailable(refused, state.config.limits.retry_after, state)
     metrics = state.metrics
-    metrics.active_transfers.inc()
+    pace: Pacer | None = None
     try:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = end - start
-        pace = state.pacer(agent) if state.pacer is not None else None
+        limiter = state.limiter
+        pace = Pacer(limiter, agent) if limiter.limited else None
+        if pace is not None:
+            pace.__enter__()
         if isinstance(source, Fill):
             source.attach()
             counter = metrics.bytes_served.labels("upstream")
@@ -198,7 +202,8 @@ async def target(request: web.Request) -> web.StreamResponse:
         logger.warning("aborted %s for %s: %s", tgt.path, agent, e)
         raise web.HTTPBadGateway from None  # the transport is already aborted
     finally:
-        metrics.active_transfers.dec()
+        if pace is not None:
+            pace.__exit__(None, None, None)
         state.gate.leave(agent)
     return resp
 
