@@ -1,0 +1,208 @@
+"""Shared helpers for the benchmarks: a repository, nginx, a relay process, wrk, CPU time."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).parent
+WORK = HERE / "_work"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def machine() -> str:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    return (
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, "
+        f"Python {platform.python_version()}, {nginx}"
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) / CLK_TCK
+
+
+def nginx_workers_cpu(master: int) -> float:
+    total = cpu_seconds(master)
+    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
+        total += cpu_seconds(int(child))
+    return total
+
+
+@contextmanager
+def nginx(
+    root: Path,
+    port: int,
+    workers: int = 1,
+    proxy_to: str | None = None,
+    proxy_rate: int | None = None,
+    cache_dir: Path | None = None,
+):
+    """Run nginx serving ``root`` (or proxying with a cache and proxy_cache_lock)."""
+    conf_dir = Path(tempfile.mkdtemp(prefix="nginx-", dir=WORK))
+    if proxy_to:
+        assert cache_dir is not None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        location = f"""
+        proxy_cache_path {cache_dir} levels=1:2 keys_zone=relay:10m max_size=10g inactive=1h use_temp_path=off;
+        server {{
+            listen 127.0.0.1:{port} reuseport backlog=4096;
+            location / {{
+                proxy_pass {proxy_to};
+                proxy_cache relay;
+                proxy_cache_valid 200 1h;
+                proxy_cache_lock on;
+                proxy_http_version 1.1;
+                proxy_set_header Connection "";
+            }}
+        }}"""
+    else:
+        location = f"""
+        server {{
+            listen 127.0.0.1:{port} reuseport backlog=4096;
+            root {root};
+            location / {{ }}
+        }}"""
+    conf = conf_dir / "nginx.conf"
+    conf.write_text(f"""
+worker_processes {workers};
+pid {conf_dir}/nginx.pid;
+error_log {conf_dir}/error.log warn;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path {conf_dir}/body;
+    proxy_temp_path {conf_dir}/proxy;
+    fastcgi_temp_path {conf_dir}/fastcgi;
+    uwsgi_temp_path {conf_dir}/uwsgi;
+    scgi_temp_path {conf_dir}/scgi;
+    default_type application/octet-stream;
+    {location}
+}}
+""")
+    proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(conf_dir)])
+    wait_http(f"http://127.0.0.1:{port}/", ok=(200, 403, 404, 502))
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGQUIT)
+        proc.wait(10)
+        shutil.rmtree(conf_dir, ignore_errors=True)
+
+
+def wait_http(url: str, ok=(200,), timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status in ok:
+                    return
+        except urllib.error.HTTPError as e:
+            if e.code in ok:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer")
+
+
+@contextmanager
+def relay_process(upstream: str, root_file: Path, data_dir: Path, port: int, env=None):
+    """A relay in its own process (one process, access log off)."""
+    # wrk's 64 connections come from one address without Relay-Agent-Id: as one agent.
+    environ = {
+        **os.environ,
+        "RELAY_RELAY__ACCESS_LOG": "false",
+        "RELAY_LIMITS__MAX_TRANSFERS_PER_AGENT": "0",
+        **(env or {}),
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay.cli",
+            "serve",
+            "--upstream",
+            upstream,
+            "--trusted-root",
+            str(root_file),
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+_UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}
+
+
+def wrk(url: str, connections: int = 64, seconds: int = 10, threads: int = 2) -> dict:
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s", "--latency", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    m = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", out)
+    bps = float(m.group(1)) * _UNITS[m.group(2)]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    return {
+        "rps": rps,
+        "bytes_per_s": bps,
+        "non_2xx": int(errors.group(1)) if errors else 0,
+        "p99": f"{p99.group(1)}{p99.group(2)}" if p99 else "?",
+        "raw": out,
+    }
+
+
+def save(name: str, data: dict) -> None:
+    WORK.mkdir(exist_ok=True)
+    (WORK / f"{name}.json").write_text(json.dumps(data, indent=2))
