@@ -66,7 +66,9 @@ async def clients(url: str, n: int, sha256: str, timeout: float, agent_prefix: s
     """``n`` clients GET ``url`` at once; report per-client bytes, times and hash checks."""
     conn = aiohttp.TCPConnector(limit=0, force_close=True)
     results = []
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as s:
         gate = asyncio.Event()
 
         async def one(i: int) -> None:
@@ -146,7 +148,11 @@ def main() -> None:
     if args.cmd == "origin":
         origin(args.public, args.port, args.rate)
     elif args.cmd == "clients":
-        print(json.dumps(asyncio.run(clients(args.url, args.n, args.sha256, args.timeout, args.agent_prefix))))
+        print(
+            json.dumps(
+                asyncio.run(clients(args.url, args.n, args.sha256, args.timeout, args.agent_prefix))
+            )
+        )
     else:
         print(json.dumps(asyncio.run(stream_for(args.url, args.agents, args.seconds))))
 

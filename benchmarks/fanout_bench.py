@@ -17,7 +17,6 @@ Run:  python benchmarks/fanout_bench.py
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -61,8 +60,12 @@ def stats(base: str) -> dict:
 
 
 def run_clients(url: str, n: int, sha: str, timeout: float = 60) -> dict:
-    out = subprocess.run([*LOAD, "clients", url, str(n), sha, "--timeout", str(timeout)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [*LOAD, "clients", url, str(n), sha, "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 
@@ -112,16 +115,38 @@ def fairness(repo: Repository, root: Path) -> dict:
         env = {"RELAY_LIMITS__EGRESS": str(FAIR_CAP)}
         with relay_process(up + "/", root, data, port, env=env):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/{path}").read()  # cache it
-            res = json.loads(subprocess.run(
-                [*LOAD, "stream", f"http://127.0.0.1:{port}/{path}", str(FAIR_AGENTS), str(FAIR_SECONDS)],
-                capture_output=True, text=True, check=True).stdout)
+            res = json.loads(
+                subprocess.run(
+                    [
+                        *LOAD,
+                        "stream",
+                        f"http://127.0.0.1:{port}/{path}",
+                        str(FAIR_AGENTS),
+                        str(FAIR_SECONDS),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
         out["relay"] = res
     nport = free_port()
     conf_root = repo.public_dir
     with nginx_limited(conf_root, nport, FAIR_CAP // FAIR_AGENTS):
-        res = json.loads(subprocess.run(
-            [*LOAD, "stream", f"http://127.0.0.1:{nport}/{path}", str(FAIR_AGENTS), str(FAIR_SECONDS)],
-            capture_output=True, text=True, check=True).stdout)
+        res = json.loads(
+            subprocess.run(
+                [
+                    *LOAD,
+                    "stream",
+                    f"http://127.0.0.1:{nport}/{path}",
+                    str(FAIR_AGENTS),
+                    str(FAIR_SECONDS),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         out["nginx_limit_rate"] = res
     for r in out.values():
         total = sum(r["per_agent"])
@@ -172,16 +197,22 @@ def main() -> None:
     save("fanout", results)
     print(f"machine: {results['machine']}")
     for case in results.get("cold", []):
-        print(f"c. {case['clients']} clients, {case['size'] // MIB} MiB, upstream needs {UPSTREAM_SECONDS:.0f} s:")
+        print(
+            f"c. {case['clients']} clients, {case['size'] // MIB} MiB, upstream needs {UPSTREAM_SECONDS:.0f} s:"
+        )
         for who in ("relay", "nginx"):
             r = case[who]
             last = f"{r['last_done_s']:.2f} s" if r["last_done_s"] else "none"
-            print(f"   {who:<6} upstream/size {r['upstream_ratio']:.2f}  ok {r['ok']}/{r['clients']}"
-                  f"  last client {last} ({(r['last_done_s'] or 0) / UPSTREAM_SECONDS:.2f}x of 4 s)")
+            print(
+                f"   {who:<6} upstream/size {r['upstream_ratio']:.2f}  ok {r['ok']}/{r['clients']}"
+                f"  last client {last} ({(r['last_done_s'] or 0) / UPSTREAM_SECONDS:.2f}x of 4 s)"
+            )
     if "fair" in results:
         print(f"d. {FAIR_AGENTS} agents, cap {FAIR_CAP // MIB} MiB/s, {FAIR_SECONDS:.0f} s:")
         for who, r in results["fair"].items():
-            print(f"   {who:<17} rate {r['rate'] / MIB:.2f} MiB/s ({r['rate_vs_cap']:.3f} of cap)  Jain {r['jain']:.3f}")
+            print(
+                f"   {who:<17} rate {r['rate'] / MIB:.2f} MiB/s ({r['rate_vs_cap']:.3f} of cap)  Jain {r['jain']:.3f}"
+            )
 
 
 if __name__ == "__main__":

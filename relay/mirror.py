@@ -196,6 +196,8 @@ class Mirror:
         self.last_sync_error: str = ""
         self.last_sync_failed_at: float | None = None
         self.listeners: list[Callable[[VerifiedMetadata], Awaitable[None]]] = []
+        # Tried before the upstream's full target (a parent relay's patch).
+        self.delta_fill: Callable[[Target, Fill], Awaitable[bool]] | None = None
         metrics.bind(metrics.last_sync_age, self._sync_age)
         metrics.bind(metrics.timestamp_expiry, self.seconds_until_expiry)
         metrics.bind(metrics.cache_bytes, lambda: float(store.used_bytes))
@@ -482,7 +484,17 @@ class Mirror:
     async def _run_fill(self, fill: Fill, target: Target) -> None:
         base = ""
         try:
-            base = await self.upstream.fetch_blob(target.url_path, target.length, fill)
+            rebuilt = False
+            if self.delta_fill is not None:
+                try:
+                    rebuilt = await self.delta_fill(target, fill)
+                except (RelayError, OSError) as e:
+                    logger.info("delta fill of %s failed, fetching it whole: %s", target.path, e)
+                    await fill.restart()
+            if not rebuilt:
+                if fill.written:
+                    await fill.restart()
+                base = await self.upstream.fetch_blob(target.url_path, target.length, fill)
             await fill.commit()
         except UpstreamContentError as e:
             if base:

@@ -24,13 +24,17 @@ import aiohttp
 from aiohttp import web
 
 from relay.config import Config
+from relay.deltas import DeltaService
+from relay.diff import DeltaBudget, DeltaEngine, DeltaFormat
 from relay.errors import ConfigError
 from relay.metrics import RelayMetrics
 from relay.mirror import Mirror, Prefetch
+from relay.model import Target
 from relay.ratelimit import BandwidthLimiter, RateSchedule, schedule_from_config
 from relay.server.blobs import OpenFileCache
-from relay.store import FsBlobStore
+from relay.store import Fill, FsBlobStore
 from relay.upstream import AiohttpFetcher, Upstream, UpstreamHealth
+from relay.verify import VerifiedMetadata
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +81,7 @@ class RelayState:
     mirror: Mirror
     files: OpenFileCache
     gate: TransferGate
+    deltas: DeltaService | None = None
     limiter: BandwidthLimiter = field(default_factory=BandwidthLimiter)
     upstream_limiter: BandwidthLimiter = field(default_factory=BandwidthLimiter)
     started: float = field(default_factory=time.time)
@@ -162,6 +167,18 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     )
     upstream.on_bytes(lambda base, n: metrics.upstream_bytes.labels(base).inc(n))
     store = FsBlobStore(config.relay.blobs_dir, max_bytes=config.store.max_bytes)
+    dcfg = config.delta
+    deltas = DeltaService(
+        directory=config.relay.deltas_dir,
+        engine=DeltaEngine(
+            workers=dcfg.workers,
+            budget=DeltaBudget(dcfg.max_memory, dcfg.max_seconds, dcfg.max_ratio, dcfg.zstd_level),
+        ),
+        store=store,
+        metrics=metrics,
+        formats=[DeltaFormat(f) for f in dcfg.formats],
+        bases=dcfg.bases,
+    )
     mirror = Mirror(
         trusted_root=root,
         upstream=upstream,
@@ -170,12 +187,24 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         prefetch=Prefetch(config.sync.prefetch),
         keep_versions=config.store.keep_versions,
+        extra_pins=deltas.bases_pinned,
     )
+
+    async def delta_fill(target: Target, fill: Fill) -> bool:
+        if not dcfg.enabled:
+            return False
+        return await deltas.fill_from_parent(
+            target, fill, session, upstream.base_urls, mirror.current
+        )
+
+    mirror.delta_fill = delta_fill
     store._pinned = mirror.pinned  # noqa: SLF001 - wiring the pin rule once, here
     for base in upstream.base_urls:
         health = upstream.health[base]
         metrics.upstream_up.labels(base).set_function(_up(health))
     await mirror.open()
+    await deltas.open()
+    deltas.current = mirror.current
     state = RelayState(
         config=config,
         metrics=metrics,
@@ -184,6 +213,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         gate=TransferGate(config.limits.max_transfers, config.limits.max_transfers_per_agent),
         limiter=limiter,
         upstream_limiter=upstream_limiter,
+        deltas=deltas,
     )
     limiter.on_throttle = metrics.throttled_seconds.labels("egress").inc
     upstream_limiter.on_throttle = metrics.throttled_seconds.labels("upstream").inc
@@ -192,9 +222,15 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     store.on_removed.append(state.files.forget)
     store.on_evicted.append(lambda _sha, _size: metrics.evictions.inc())
 
-    async def after_sync(_verified: object) -> None:
+    async def prefetch_then_diff(verified: VerifiedMetadata) -> None:
         if mirror.prefetch is not Prefetch.NONE:
-            state.spawn(mirror.prefetch_now(), "prefetch")
+            await mirror.prefetch_now()
+        if dcfg.enabled:
+            await deltas.compute_all(verified)
+
+    async def after_sync(verified: VerifiedMetadata) -> None:
+        deltas.current = verified
+        state.spawn(prefetch_then_diff(verified), "prefetch")
 
     mirror.listeners.append(after_sync)
     state.spawn(mirror.run_sync_loop(config.sync.interval, config.sync.jitter), "sync")
@@ -211,6 +247,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        await deltas.close()
         await mirror.close()
         state.files.close()
         await session.close()

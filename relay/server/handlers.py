@@ -21,12 +21,15 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from relay._internal.httpcond import Outcome
+from relay.deltas import formats_from_accept
+from relay.diff import MEDIA_TYPES
 from relay.errors import StoreError, StoreFullError
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from relay.model import is_sha256
 from relay.ratelimit import Pacer
 from relay.server.app import METRICS, STATE, RelayState
 from relay.server.blobs import (
+    IMMUTABLE,
     AbortedTransferError,
     blob_headers,
     bodiless,
@@ -213,6 +216,80 @@ async def target(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+# -- deltas --------------------------------------------------------------------
+
+
+async def delta(request: web.Request) -> web.StreamResponse:
+    """``GET/HEAD /deltas/{from}/{to}``: a relay-made patch; 404 means "use the full target"."""
+    state = _state(request)
+    src, dst = request.match_info["src"], request.match_info["dst"]
+    deltas = state.deltas
+    if not (is_sha256(src) and is_sha256(dst)) or deltas is None:
+        raise web.HTTPNotFound(text="delta paths are /deltas/<from sha256>/<to sha256>\n")
+    current = state.mirror.current
+    tgt = current.by_sha256.get(dst) if current is not None else None
+    if tgt is None:
+        raise web.HTTPNotFound(text="the target is not in the verified metadata\n")
+    accept = formats_from_accept(request.headers.get("Accept"))
+    patch = deltas.lookup(src, dst, accept)
+    if patch is None:
+        if state.config.delta.enabled:
+            deltas.request(src, dst)  # compute it for next time; never wait for it here
+        raise web.HTTPNotFound(text="no delta for this pair: fetch the full target\n")
+    etag = f'"delta-{src[:16]}-{dst[:16]}-{patch.format}"'
+    outcome, status, start, end, extra = decide_for(
+        request, length=patch.length, etag=etag, last_modified=state.started
+    )
+    headers = {
+        "Relay-Delta-Format": str(patch.format),
+        "Relay-Target-Sha256": tgt.sha256,
+        "Relay-Target-Length": str(tgt.length),
+        "Content-Type": MEDIA_TYPES[patch.format],
+        "ETag": etag,
+        "Cache-Control": IMMUTABLE,
+        "Vary": "Accept",
+        "Accept-Ranges": "bytes",
+    }
+    headers.update(extra)
+    if outcome in {Outcome.NOT_MODIFIED, Outcome.UNSATISFIABLE, Outcome.PRECONDITION_FAILED}:
+        return bodiless(status, headers)
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = end - start
+    if request.method == "HEAD":
+        await resp.prepare(request)
+        return resp
+    agent = agent_key(request)
+    refused = state.gate.try_enter(agent)
+    if refused is not None:
+        return _unavailable(refused, state.config.limits.retry_after, state)
+    pace: Pacer | None = None
+    try:
+        limiter = state.limiter
+        pace = Pacer(limiter, agent) if limiter.limited else None
+        if pace is not None:
+            pace.__enter__()
+        key = f"delta:{src}:{dst}:{patch.format}"
+        try:
+            entry = await state.files.acquire(key, patch.path)
+        except FileNotFoundError:
+            raise web.HTTPNotFound(text="delta vanished: fetch the full target\n") from None
+        try:
+            await resp.prepare(request)
+            counter = _bytes_counter(state.metrics, "delta")
+            await send_file_range(request, resp, entry, start, end, pace, counter)
+        finally:
+            state.files.release(entry)
+        await resp.write_eof()
+    finally:
+        if pace is not None:
+            pace.__exit__(None, None, None)
+        state.gate.leave(agent)
+    if status == 200:
+        state.metrics.delta_bytes_served.labels(str(patch.format)).inc(patch.length)
+        state.metrics.delta_full_bytes.labels(str(patch.format)).inc(tgt.length)
+    return resp
+
+
 # -- operations ----------------------------------------------------------------
 
 
@@ -296,6 +373,7 @@ def add_routes(app: web.Application) -> None:
     for path, handler, name in (
         ("/metadata/{name}", metadata, "metadata"),
         ("/targets/{tail:.+}", target, "targets"),
+        ("/deltas/{src}/{dst}", delta, "deltas"),
         ("/healthz", healthz, "healthz"),
         ("/readyz", readyz, "readyz"),
         ("/metrics", metrics_handler, "metrics"),
