@@ -55,6 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _publish_parser(subparsers)
     _serve_parser(subparsers)
+    _agent_parser(subparsers)
     return parser
 
 
@@ -221,6 +222,104 @@ def _serve_overrides(args: argparse.Namespace) -> dict[str, object]:
     if args.log_format is not None:
         overrides["relay.log_format"] = args.log_format
     return overrides
+
+
+# -- agent -----------------------------------------------------------------------
+
+
+def _agent_parser(subparsers: _SubParsers) -> None:
+    p = subparsers.add_parser(
+        "agent",
+        help="run the reference update agent",
+        description="Check in with a relay, update what it offers (delta or full, verified "
+        "with TUF), install, and report. Flags override --config ([agent] section).",
+    )
+    p.add_argument("--config", type=Path, help="TOML configuration file ([agent] section)")
+    p.add_argument("--relay", action="append", metavar="URL", help="relay URL (repeat, in order)")
+    p.add_argument("--origin", metavar="URL", help="origin URL, used only without relays-only")
+    p.add_argument(
+        "--relays-only", action="store_true", default=None, help="never fall back to the origin"
+    )
+    p.add_argument("--trusted-root", type=Path, metavar="FILE")
+    p.add_argument("--state-dir", type=Path, metavar="DIR")
+    p.add_argument("--install-dir", type=Path, metavar="DIR")
+    p.add_argument("--id", dest="agent_id", metavar="ID")
+    p.add_argument("--group", metavar="G")
+    p.add_argument(
+        "--defer",
+        type=int,
+        choices=[1, 3, 7],
+        metavar="1|3|7",
+        help="defer on-demand updates by this many days",
+    )
+    p.add_argument("--install-command", metavar="CMD")
+    p.add_argument("--once", action="store_true", help="run once and exit (else poll)")
+    p.set_defaults(func=_cmd_agent)
+
+
+def _agent_overrides(args: argparse.Namespace) -> dict[str, object]:
+    pairs = {
+        "agent.relays": args.relay,
+        "agent.origin": args.origin,
+        "agent.relays_only": args.relays_only,
+        "agent.trusted_root": str(args.trusted_root) if args.trusted_root else None,
+        "agent.state_dir": str(args.state_dir) if args.state_dir else None,
+        "agent.install_dir": str(args.install_dir) if args.install_dir else None,
+        "agent.id": args.agent_id,
+        "agent.group": args.group,
+        "agent.defer_days": args.defer,
+        "agent.install_command": args.install_command,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from relay.agent import Agent, AgentConfig, default_agent_id  # noqa: PLC0415
+
+    config = load_config(args.config, os.environ, _agent_overrides(args))
+    a = config.agent
+    if not str(a.trusted_root) or str(a.trusted_root) == ".":
+        raise ConfigError("agent.trusted_root", None, config.source, "is required (--trusted-root)")
+    if not a.relays and not a.origin:
+        raise ConfigError("agent.relays", None, config.source, "give --relay (or --origin)")
+    agent = Agent(
+        AgentConfig(
+            agent_id=a.id or default_agent_id(),
+            trusted_root=a.trusted_root,
+            state_dir=a.state_dir,
+            install_dir=a.install_dir,
+            relays=a.relays,
+            origin=a.origin,
+            group=a.group,
+            relays_only=a.relays_only,
+            install_command=a.install_command,
+            install_timeout=a.install_timeout,
+            defer_days=a.defer_days,
+            accept_delta=a.accept_delta,
+            actions=a.actions,
+            request_timeout=a.request_timeout,
+        )
+    )
+    setup = logging.getLogger("relay")
+    setup.setLevel(logging.INFO)
+    while True:
+        summary = agent.run_once()
+        for line in summary.installed:
+            print(f"installed {line}")
+        for line in summary.failed:
+            print(f"failed {line}", file=sys.stderr)
+        if summary.error:
+            print(f"relay agent: {summary.error}", file=sys.stderr)
+        if args.once:
+            return EXIT_OK if not summary.error and not summary.failed else EXIT_FAILURE
+        poll = 3600.0
+        answer = agent.state.get("relay_answer") or {}
+        if isinstance(answer, dict) and isinstance(answer.get("poll_seconds"), int):
+            poll = float(answer["poll_seconds"])
+        import random  # noqa: PLC0415
+        import time  # noqa: PLC0415
+
+        time.sleep(poll + random.uniform(0, a.poll_jitter))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

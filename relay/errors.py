@@ -167,4 +167,13 @@ class AgentError(RelayError):
 
 
 class InstallError(AgentError):
-    """The install command failed or overran its timeout; the previous version stays."""
+    """The install command failed or overran its timeout; the previous version stays.
+
+    Attributes:
+        reason: a short machine-readable reason for reports (``install_failed``,
+            ``install_timeout``...).
+    """
+
+    def __init__(self, message: str, *, reason: str = "install_failed") -> None:
+        self.reason = reason
+        super().__init__(message)

@@ -175,6 +175,7 @@ class Mirror:
         keep_versions: int = 3,
         extra_pins: Callable[[], Iterable[str]] | None = None,
         should_prefetch: Callable[[Target], bool] | None = None,
+        is_declined: Callable[[Target], bool] | None = None,
     ) -> None:
         self._pinned_root = trusted_root
         self.upstream = upstream
@@ -184,6 +185,7 @@ class Mirror:
         self.keep_versions = keep_versions
         self._extra_pins = extra_pins or (lambda: ())
         self._should_prefetch = should_prefetch or (lambda _t: True)
+        self._is_declined = is_declined or (lambda _t: False)
         self._metadata = MetadataDir(metadata_dir)
         self.current: VerifiedMetadata | None = None
         self._served: dict[str, bytes] = {}
@@ -225,8 +227,9 @@ class Mirror:
         pins = set(self._extra_pins())
         if self.current is not None:
             for versions in self.current.products().values():
+                kept = [t for t in versions if not self._is_declined(t)]
                 if self.keep_versions:
-                    pins.update(t.sha256 for t in versions[-self.keep_versions :])
+                    pins.update(t.sha256 for t in kept[-self.keep_versions :])
         return pins
 
     # -- start-up -----------------------------------------------------------

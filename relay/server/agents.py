@@ -21,7 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.diff import DeltaFormat
 from relay.model import is_sha256
+from relay.policy import Action, AgentView, InstalledItem
+from relay.policy import offers as policy_offers
 
 logger = logging.getLogger(__name__)
 
@@ -223,3 +226,154 @@ def rfc3339(ts: float | dt.datetime | None) -> str | None:
 def now_utc() -> dt.datetime:
     """The current time (UTC)."""
     return dt.datetime.fromtimestamp(time.time(), dt.UTC)
+
+
+# -- handlers --------------------------------------------------------------------
+
+
+def _product_version(key: str) -> tuple[str, str]:
+    product, _, version = key.partition("@")
+    return product, version
+
+
+def _base_url(request: web.Request, public_url: str) -> str:
+    if public_url:
+        return public_url.rstrip("/")
+    return str(request.url.origin())
+
+
+async def checkin(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/checkin``: inventory in, per-product offers out."""
+    from relay.server.app import STATE  # noqa: PLC0415 - app imports this module's users
+
+    state = request.app[STATE]
+    body = await read_json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        req = parse_checkin(body)
+    except BodyError as e:
+        return bad_request(str(e))
+    current = state.mirror.current
+    if current is None:
+        return web.json_response(
+            {"error": "no verified metadata yet"}, status=503, headers={"Retry-After": "5"}
+        )
+    record = state.registry.checkin(
+        req.agent_id,
+        group=req.group,
+        address=request.remote or "",
+        installed=[
+            {"product": i.product, "version": i.version, "sha256": i.sha256} for i in req.installed
+        ],
+        defer_days=req.defer_days,
+    )
+    now = now_utc()
+    view = AgentView(
+        agent_id=req.agent_id,
+        group=req.group,
+        installed=tuple(InstalledItem(i.product, i.version, i.sha256) for i in req.installed),
+        first_offered={
+            _product_version(k): dt.datetime.fromtimestamp(v, dt.UTC)
+            for k, v in record.first_offered.items()
+            if "@" in k
+        },
+        defer_days=req.defer_days,
+    )
+    policy = state.policy
+    offers = policy_offers(current.targets.values(), policy.state, policy.settings, view, now)
+    base = _base_url(request, state.config.relay.public_url)
+    installed_sha = {i.product: i.sha256 for i in req.installed}
+    out = []
+    for offer in offers:
+        target = offer.target
+        delta = None
+        if target is not None and offer.action is not Action.NONE:
+            record.first_offered.setdefault(f"{offer.product}@{target.version}", now.timestamp())
+            src = installed_sha.get(offer.product)
+            if src is not None and src != target.sha256 and state.deltas is not None:
+                accept = [DeltaFormat(f) for f in req.accept_delta]
+                patch = state.deltas.lookup(src, target.sha256, accept) if accept else None
+                if patch is not None:
+                    delta = {
+                        "url": f"{base}/deltas/{src}/{target.sha256}",
+                        "format": str(patch.format),
+                        "length": patch.length,
+                    }
+                elif accept and state.config.delta.enabled:
+                    state.deltas.request(src, target.sha256)
+        out.append(
+            {
+                "product": offer.product,
+                "action": str(offer.action),
+                "target": target.path if target is not None else None,
+                "version": target.version if target is not None else None,
+                "sha256": target.sha256 if target is not None else None,
+                "length": target.length if target is not None else None,
+                "delta": delta,
+                "mode": str(offer.mode),
+                "deadline": rfc3339(offer.deadline),
+            }
+        )
+    await state.registry.save(record)
+    state.metrics.checkins.inc()
+    cfg = state.config
+    relays_only = policy.settings.relays_only
+    origin = None
+    if not relays_only:
+        origin = cfg.policy.origin_url or (cfg.upstream.urls[0] if cfg.upstream.urls else None)
+    return web.json_response(
+        {
+            "offers": out,
+            "relays": [f"{base}/", *cfg.policy.relays],
+            "origin": origin,
+            "relays_only": relays_only,
+            "poll_seconds": cfg.policy.poll_seconds,
+        }
+    )
+
+
+async def reports(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/reports``: agents' outcome events."""
+    from relay.registry import AgentRecord  # noqa: PLC0415
+    from relay.server.app import STATE  # noqa: PLC0415
+
+    state = request.app[STATE]
+    body = await read_json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        agent_id, events = parse_reports(body)
+    except BodyError as e:
+        return bad_request(str(e))
+    record = state.registry.get(agent_id) or AgentRecord(
+        agent_id=agent_id, first_seen=time.time(), address=request.remote or ""
+    )
+    for event in events:
+        state.metrics.agent_events.labels(event.event, event.reason or "").inc()
+        if event.event == "failed":
+            record.failures += 1
+        record.last_outcome = {
+            "product": event.product,
+            "from_version": event.from_version,
+            "to_version": event.to_version,
+            "event": event.event,
+            "via": event.via,
+            "bytes": event.bytes,
+            "reason": event.reason,
+            "message": event.message,
+            "at": event.at or rfc3339(time.time()),
+        }
+        if event.event == "failed":
+            logger.warning(
+                "agent %s: %s %s -> %s failed (%s): %s",
+                agent_id,
+                event.product,
+                event.from_version,
+                event.to_version,
+                event.reason,
+                event.message,
+            )
+    record.last_seen = time.time()
+    await state.registry.save(record)
+    return web.json_response({"accepted": len(events)}, status=202)

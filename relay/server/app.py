@@ -23,6 +23,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from relay._internal.kv import KV
+from relay.approvals import PolicyStore, settings_from_config
 from relay.config import Config
 from relay.deltas import DeltaService
 from relay.diff import DeltaBudget, DeltaEngine, DeltaFormat
@@ -30,7 +32,16 @@ from relay.errors import ConfigError
 from relay.metrics import RelayMetrics
 from relay.mirror import Mirror, Prefetch
 from relay.model import Target
+from relay.policy import (
+    PolicyState,
+    Settings,
+    declined_everywhere,
+    offerable,
+    should_prefetch,
+)
 from relay.ratelimit import BandwidthLimiter, RateSchedule, schedule_from_config
+from relay.registry import Registry
+from relay.server.admin import ADMIN_TOKEN
 from relay.server.blobs import OpenFileCache
 from relay.store import Fill, FsBlobStore
 from relay.upstream import AiohttpFetcher, Upstream, UpstreamHealth
@@ -81,11 +92,18 @@ class RelayState:
     mirror: Mirror
     files: OpenFileCache
     gate: TransferGate
+    registry: Registry
+    policy: PolicyStore
     deltas: DeltaService | None = None
     limiter: BandwidthLimiter = field(default_factory=BandwidthLimiter)
     upstream_limiter: BandwidthLimiter = field(default_factory=BandwidthLimiter)
     started: float = field(default_factory=time.time)
     tasks: set[asyncio.Task[object]] = field(default_factory=set)
+
+    def on_policy_change(self) -> None:
+        """Fetch what the new policy wants prefetched (in the background)."""
+        if self.mirror.prefetch is not Prefetch.NONE:
+            self.spawn(self.mirror.prefetch_now(), "prefetch")
 
     def spawn(self, coro: Coroutine[object, object, object], name: str) -> None:
         """Run ``coro`` as a background task owned by the application."""
@@ -114,6 +132,49 @@ def read_trusted_root(config: Config) -> bytes:
         raise ConfigError(
             "upstream.trusted_root", str(path), config.source, f"cannot be read: {e.strerror}"
         ) from e
+
+
+async def pull_parent_policy(
+    config: Config, session: aiohttp.ClientSession, policy: PolicyStore
+) -> bool:
+    """Copy the parent's approvals and settings (replica mode); True if they changed."""
+    token = ""
+    if str(config.policy.parent_token_file) not in ("", "."):
+        token = (await asyncio.to_thread(config.policy.parent_token_file.read_text)).strip()
+    url = config.policy.parent_url.rstrip("/") + "/v1/admin/policy"
+    try:
+        async with session.get(
+            url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=30),
+        ) as resp:
+            if resp.status != 200:
+                logger.warning("parent policy: HTTP %d from %s", resp.status, url)
+                return False
+            data = await resp.json()
+        new_state = PolicyState.from_dict(data["state"])
+        new_settings = Settings.from_dict(data["settings"], base=policy.defaults)
+    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
+        logger.warning("parent policy from %s unusable: %s", url, e)
+        return False
+    if new_state == policy.state and new_settings == policy.settings:
+        return False
+    await policy.update(
+        state=new_state,
+        settings=new_settings,
+        local=False,
+        audit={"action": "replica-update", "from": config.policy.parent_url},
+    )
+    return True
+
+
+async def _follow_parent(
+    config: Config, session: aiohttp.ClientSession, policy: PolicyStore, state: RelayState
+) -> None:
+    while True:
+        if await pull_parent_policy(config, session, policy):
+            state.on_policy_change()
+        await asyncio.sleep(max(5.0, min(config.sync.interval, 60.0)))
 
 
 async def _apply_schedule(
@@ -179,6 +240,34 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         formats=[DeltaFormat(f) for f in dcfg.formats],
         bases=dcfg.bases,
     )
+    kv = KV(config.relay.state_dir)
+    registry = Registry(kv)
+    await registry.load()
+    policy = PolicyStore(
+        kv, settings_from_config(config.policy), replica=config.policy.mode == "replica"
+    )
+    await policy.load()
+
+    def groups() -> list[str]:
+        known = {"default"} | {r.group for r in registry.all()}
+        known |= {g for (_p, _v, g) in policy.state.approvals if g is not None}
+        return sorted(known)
+
+    def wanted(target: Target) -> bool:
+        return should_prefetch(policy.state, policy.settings, target, groups())
+
+    def declined(target: Target) -> bool:
+        return declined_everywhere(policy.state, policy.settings, target, groups())
+
+    def policy_pins() -> set[str]:
+        current = mirror.current
+        pins = set(deltas.bases_pinned())
+        if current is not None:
+            for target in current.targets.values():
+                if any(offerable(policy.state, policy.settings, target, g) for g in groups()):
+                    pins.add(target.sha256)
+        return pins
+
     mirror = Mirror(
         trusted_root=root,
         upstream=upstream,
@@ -187,7 +276,9 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         prefetch=Prefetch(config.sync.prefetch),
         keep_versions=config.store.keep_versions,
-        extra_pins=deltas.bases_pinned,
+        extra_pins=policy_pins,
+        should_prefetch=wanted,
+        is_declined=declined,
     )
 
     async def delta_fill(target: Target, fill: Fill) -> bool:
@@ -214,7 +305,10 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         limiter=limiter,
         upstream_limiter=upstream_limiter,
         deltas=deltas,
+        registry=registry,
+        policy=policy,
     )
+    app[ADMIN_TOKEN] = config.admin_token()
     limiter.on_throttle = metrics.throttled_seconds.labels("egress").inc
     upstream_limiter.on_throttle = metrics.throttled_seconds.labels("upstream").inc
     metrics.bind(metrics.active_transfers, lambda: float(state.gate.active))
@@ -236,6 +330,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     state.spawn(mirror.run_sync_loop(config.sync.interval, config.sync.jitter), "sync")
     if config.store.scrub_interval:
         state.spawn(mirror.run_scrub_loop(config.store.scrub_interval), "scrub")
+    if policy.replica:
+        state.spawn(_follow_parent(config, session, policy, state), "replica-policy")
     if schedule.windows:
         state.spawn(_apply_schedule(schedule, limiter, upstream_limiter), "rate-schedule")
     try:
@@ -251,6 +347,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         await mirror.close()
         state.files.close()
         await session.close()
+        kv.close()
 
 
 def make_app(config: Config, *, metrics: RelayMetrics | None = None) -> web.Application:

@@ -27,6 +27,8 @@ from relay.errors import StoreError, StoreFullError
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from relay.model import is_sha256
 from relay.ratelimit import Pacer
+from relay.server.admin import add_admin_routes
+from relay.server.agents import checkin, reports
 from relay.server.app import METRICS, STATE, RelayState
 from relay.server.blobs import (
     IMMUTABLE,
@@ -379,4 +381,7 @@ def add_routes(app: web.Application) -> None:
         ("/metrics", metrics_handler, "metrics"),
     ):
         app.router.add_get(path, counted(name, handler), name=name)
+    app.router.add_post("/v1/checkin", counted("checkin", checkin), name="checkin")
+    app.router.add_post("/v1/reports", counted("reports", reports), name="reports")
+    add_admin_routes(app)
     app.router.add_route("*", "/{tail:.*}", counted("other", not_found), name="other")

@@ -1,0 +1,222 @@
+"""Delta sizes and costs on real consecutive releases, relay formats beside the CLI tools.
+
+Inputs (fetched into benchmarks/_work/delta, then reused):
+  * the uncompressed native libraries inside consecutive patch releases of PyPI wheels
+    (`pip download --no-deps --only-binary=:all:`), diffed old -> new, same file name;
+  * a signature-database-like text file (hex digests and names, ~26 MB) and its next
+    version with ~1 % of lines changed or added.
+For each pair: patch size as % of the new file, diff time and peak memory (each diff in a
+fresh process; peak = its ru_maxrss), apply time; for bsdiff4 and zstd as the relay makes
+them, beside `zstd -19 --long --patch-from` and `xdelta3 -9` (Debian packages zstd, xdelta3).
+Then the event loop's worst stall while the relay's DeltaEngine diffs the largest pair.
+
+Run:  python benchmarks/delta_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from benchmarks._common import WORK, machine, save  # noqa: E402
+from relay.diff import (  # noqa: E402
+    DeltaBudget,
+    DeltaEngine,
+    DeltaFormat,
+    apply_patch_bytes,
+    make_patch,
+)
+
+DIR = WORK / "delta"
+LEVEL = 19
+# (package, old version, new version, library file name inside the wheel)
+RELEASES = [
+    ("pydantic-core", "2.27.1", "2.27.2", "_pydantic_core"),
+    ("orjson", "3.10.14", "3.10.15", "orjson"),
+    ("numpy", "2.1.2", "2.1.3", "_multiarray_umath"),
+]
+
+
+def fetch_library(package: str, version: str, stem: str) -> Path:
+    dest = DIR / f"{package}-{version}.so"
+    if dest.exists():
+        return dest
+    wheels = DIR / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+         "--python-version", "3.11", "--platform", "manylinux2014_x86_64",
+         "-d", str(wheels), f"{package}=={version}"],
+        check=True,
+    )
+    wheel = next(w for w in wheels.glob("*.whl")
+                 if w.name.lower().replace("_", "-").startswith(f"{package.lower()}-{version}-"))
+    with zipfile.ZipFile(wheel) as z:
+        name = max((n for n in z.namelist() if Path(n).name.startswith(stem) and ".so" in n),
+                   key=lambda n: z.getinfo(n).file_size)
+        dest.write_bytes(z.read(name))
+    return dest
+
+
+def signature_db() -> tuple[Path, Path]:
+    old, new = DIR / "sigs-1.txt", DIR / "sigs-2.txt"
+    if old.exists() and new.exists():
+        return old, new
+    rng = random.Random(7)
+    families = ["Trojan", "Worm", "Adware", "Backdoor", "Ransom", "Exploit", "PUA", "Spyware"]
+    lines = []
+    for i in range(330_000):
+        digest = rng.randbytes(32).hex()
+        lines.append(f"{digest}:{rng.randrange(10**6, 10**8)}:{rng.choice(families)}.Win32.Gen-{i:07d}\n")
+    old.write_text("".join(lines))
+    for _ in range(len(lines) // 200):  # 0.5 % changed
+        at = rng.randrange(len(lines))
+        lines[at] = f"{rng.randbytes(32).hex()}:{rng.randrange(10**6, 10**8)}:{rng.choice(families)}.Win32.Upd-{at:07d}\n"
+    for i in range(len(lines) // 200):  # 0.5 % added
+        lines.insert(rng.randrange(len(lines)), f"{rng.randbytes(32).hex()}:1:New.Gen-{i:07d}\n")
+    new.write_text("".join(lines))
+    return old, new
+
+
+def worker(mode: str, fmt: str, old: Path, new: Path, patch: Path) -> None:
+    """Run in a fresh process: diff or apply once, print seconds and peak RSS."""
+    o = old.read_bytes()
+    t0 = time.perf_counter()
+    if mode == "diff":
+        p = make_patch(o, new.read_bytes(), DeltaFormat(fmt), LEVEL)
+        patch.write_bytes(p)
+    else:
+        n = new.read_bytes()
+        apply_patch_bytes(o, patch.read_bytes(), DeltaFormat(fmt), expected_length=len(n),
+                          expected_sha256=hashlib.sha256(n).hexdigest())
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def run_worker(mode: str, fmt: str, old: Path, new: Path, patch: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", mode, fmt, str(old), str(new), str(patch)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a command, via /usr/bin/time when present."""
+    if shutil.which("time") or Path("/usr/bin/time").exists():
+        r = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, check=True)
+        secs, kb = r.stderr.strip().splitlines()[-1].split()
+        return float(secs), int(kb) * 1024
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    return time.perf_counter() - t0, 0
+
+
+def long_flag(old: Path, new: Path) -> str:
+    size = max(old.stat().st_size, new.stat().st_size)
+    return f"--long={max(10, min(31, size.bit_length() + 1))}"
+
+
+def measure_pair(name: str, old: Path, new: Path) -> dict:
+    size = new.stat().st_size
+    row: dict = {"name": name, "old_bytes": old.stat().st_size, "new_bytes": size}
+    for fmt in ("bsdiff4", "zstd"):
+        patch = DIR / f"{name}.{fmt}"
+        d = run_worker("diff", fmt, old, new, patch)
+        a = run_worker("apply", fmt, old, new, patch)
+        row[fmt] = {"pct": 100 * patch.stat().st_size / size, "diff_s": d["seconds"],
+                    "diff_peak_mb": d["maxrss"] / 2**20, "apply_s": a["seconds"]}
+    zp = DIR / f"{name}.zstdcli"
+    lf = long_flag(old, new)
+    secs, rss = timed(["zstd", "-q", "-f", f"-{LEVEL}", lf, f"--patch-from={old}", str(new), "-o", str(zp)])
+    asecs, _ = timed(["zstd", "-q", "-f", "-d", lf, f"--patch-from={old}", str(zp), "-o", str(DIR / "out.zstd")])
+    row["zstd-cli"] = {"pct": 100 * zp.stat().st_size / size, "diff_s": secs, "diff_peak_mb": rss / 2**20, "apply_s": asecs}
+    if shutil.which("xdelta3"):
+        xp = DIR / f"{name}.xdelta3"
+        secs, rss = timed(["xdelta3", "-f", "-9", "-e", "-s", str(old), str(new), str(xp)])
+        asecs, _ = timed(["xdelta3", "-f", "-d", "-s", str(old), str(xp), str(DIR / "out.xd")])
+        row["xdelta3"] = {"pct": 100 * xp.stat().st_size / size, "diff_s": secs, "diff_peak_mb": rss / 2**20, "apply_s": asecs}
+    return row
+
+
+async def loop_stall(old: Path, new: Path, fmt: DeltaFormat) -> tuple[float, float]:
+    """Worst gap of a 10 ms ticker while the relay's engine diffs (old, new)."""
+    engine = DeltaEngine(workers=1, budget=DeltaBudget(max_memory=2**40, max_seconds=600, max_ratio=1.0, zstd_level=LEVEL))
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def ticker() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last - 0.01)
+            last = now
+
+    t = asyncio.create_task(ticker())
+    t0 = loop.time()
+    data = new.read_bytes()
+    await engine.compute(old, new, fmt=fmt, new_sha256=hashlib.sha256(data).hexdigest(),
+                         new_length=len(data), dest=DIR / f"stall.{fmt}")
+    took = loop.time() - t0
+    t.cancel()
+    return max(gaps), took
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--worker", nargs=5)
+    args = parser.parse_args()
+    if args.worker:
+        mode, fmt, old, new, patch = args.worker
+        worker(mode, fmt, Path(old), Path(new), Path(patch))
+        return
+    DIR.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for package, v1, v2, stem in RELEASES:
+        try:
+            pairs.append((f"{package} {v1}->{v2}", fetch_library(package, v1, stem), fetch_library(package, v2, stem)))
+        except (subprocess.CalledProcessError, StopIteration, ValueError) as e:
+            print(f"skipping {package}: {e}")
+    s1, s2 = signature_db()
+    pairs.append(("signature db text", s1, s2))
+    rows = [measure_pair(name.replace(" ", "_").replace(">", ""), old, new) | {"label": name} for name, old, new in pairs]
+    largest = max(pairs, key=lambda p: p[2].stat().st_size)
+    stalls = {}
+    for fmt in DeltaFormat:
+        stall, took = asyncio.run(loop_stall(largest[1], largest[2], fmt))
+        stalls[str(fmt)] = {"worst_stall_ms": stall * 1000, "diff_s": took, "pair": largest[0]}
+    bs = [r["bsdiff4"] for r in rows]
+    zs = [r["zstd"] for r in rows]
+    med_size_ratio = statistics.median(z["pct"] / b["pct"] for z, b in zip(zs, bs))
+    med_speed = statistics.median(b["diff_s"] / z["diff_s"] for z, b in zip(zs, bs))
+    zstd_first = med_size_ratio <= 1.25 and med_speed >= 10
+    results = {"machine": machine(), "rows": rows, "stalls": stalls, "median_zstd_over_bsdiff_size": med_size_ratio,
+               "median_bsdiff_over_zstd_time": med_speed, "default_order": ["zstd", "bsdiff4"] if zstd_first else ["bsdiff4", "zstd"]}
+    save("delta", results)
+    print(f"machine: {results['machine']}")
+    print(f"{'pair':<34}{'tool':<10}{'new MB':>8}{'patch %':>9}{'diff s':>8}{'peak MB':>9}{'apply s':>9}")
+    for r in rows:
+        for tool in ("bsdiff4", "zstd", "zstd-cli", "xdelta3"):
+            if tool in r:
+                m = r[tool]
+                print(f"{r['label']:<34}{tool:<10}{r['new_bytes'] / 1e6:>8.1f}{m['pct']:>9.2f}{m['diff_s']:>8.2f}{m['diff_peak_mb']:>9.0f}{m['apply_s']:>9.2f}")
+    for fmt, s in stalls.items():
+        print(f"event loop worst stall while the engine diffs {s['pair']} with {fmt}: {s['worst_stall_ms']:.1f} ms (diff {s['diff_s']:.1f} s)")
+    print(f"median zstd/bsdiff4 patch size: {med_size_ratio:.2f}x; median bsdiff4/zstd diff time: {med_speed:.1f}x")
+    print(f"default order: {results['default_order']}")
+
+
+if __name__ == "__main__":
+    main()

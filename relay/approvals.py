@@ -1,0 +1,106 @@
+"""Persistent policy: approvals, settings and the audit log, over the state store.
+
+Rules:
+
+* The pure decisions live in :mod:`relay.policy`; this module only loads, saves
+  and records them. Every change is saved before it is answered, and appended to
+  the audit log with when, what and from where.
+* A relay in ``replica`` mode takes state and settings whole from its parent and
+  refuses local changes (:class:`relay.errors.ReplicaReadOnlyError`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from relay._internal.kv import KV
+from relay.config import PolicySettings
+from relay.errors import ReplicaReadOnlyError
+from relay.model import Kind
+from relay.policy import PolicyState, RolloutMode, Settings
+
+_STATE = "policy:state"
+_SETTINGS = "policy:settings"
+
+
+def settings_from_config(policy: PolicySettings) -> Settings:
+    """The settings a fresh relay starts with, from ``[policy]``."""
+    return Settings(
+        auto_approve_critical=policy.auto_approve_critical,
+        install_undefined={Kind(k): v for k, v in policy.install_undefined.items()},
+        beta_groups=frozenset(policy.beta_groups),
+        rollout_mode=RolloutMode(policy.rollout_mode),
+        deferral_days=tuple(sorted(policy.deferral_days)),
+        relays_only=policy.relays_only,
+    )
+
+
+def utc_now() -> str:
+    """RFC 3339 UTC time, to the second."""
+    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+class PolicyStore:
+    """Approvals and settings of one relay, persisted, with an audit log."""
+
+    def __init__(self, kv: KV, defaults: Settings, *, replica: bool = False) -> None:
+        self._kv = kv
+        self.defaults = defaults
+        self.replica = replica
+        self.state = PolicyState()
+        self.settings = defaults
+        self.version = 0  # bumped on every change (cheap change detection)
+
+    async def load(self) -> None:
+        """Read state and settings saved earlier (defaults for what is missing)."""
+        raw_state = await self._kv.get(_STATE)
+        raw_settings = await self._kv.get(_SETTINGS)
+        if isinstance(raw_state, dict):
+            self.state = PolicyState.from_dict(raw_state)
+        if isinstance(raw_settings, dict):
+            self.settings = Settings.from_dict(raw_settings, base=self.defaults)
+
+    def check_writable(self) -> None:
+        """Raise if local changes are not allowed.
+
+        Raises:
+            ReplicaReadOnlyError: this relay follows its parent's policy.
+        """
+        if self.replica:
+            raise ReplicaReadOnlyError(
+                "this relay is a replica: change approvals and settings on its parent"
+            )
+
+    async def update(
+        self,
+        *,
+        state: PolicyState | None = None,
+        settings: Settings | None = None,
+        audit: dict[str, Any] | None = None,
+        local: bool = True,
+    ) -> None:
+        """Replace state and/or settings, save them, and record ``audit``.
+
+        Raises:
+            ReplicaReadOnlyError: a local change on a replica.
+        """
+        if local:
+            self.check_writable()
+        if state is not None:
+            self.state = state
+            await self._kv.set(_STATE, state.to_dict())
+        if settings is not None:
+            self.settings = settings
+            await self._kv.set(_SETTINGS, settings.to_dict())
+        self.version += 1
+        if audit is not None:
+            await self._kv.append_log({"at": utc_now(), **audit})
+
+    async def audit_log(self, limit: int = 1000) -> list[Any]:
+        """The newest audit entries, oldest first."""
+        return list(await self._kv.log(limit))
+
+    def export(self) -> dict[str, Any]:
+        """What a replica copies: ``{"state": ..., "settings": ...}``."""
+        return {"state": self.state.to_dict(), "settings": self.settings.to_dict()}

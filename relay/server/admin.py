@@ -1,0 +1,298 @@
+"""Admin API under ``/v1/admin/`` (bearer token; off without one).
+
+Rules:
+
+* The token comes from ``admin.token_file`` or ``RELAY_ADMIN__TOKEN``; it is
+  compared in constant time and never logged. Without a configured token every
+  admin route answers 404 (the API is off); a missing or wrong token is 401 and
+  changes nothing.
+* Every change goes to the audit log with when, what and from where.
+* On a replica, changes answer 409 (the parent decides); reads work.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from relay.errors import EulaNotAcceptedError, ReplicaReadOnlyError
+from relay.policy import (
+    RolloutMode,
+    Settings,
+    Status,
+    accept_eula,
+    approve,
+    decline,
+    effective_status,
+    explicit_approval,
+    reset,
+)
+from relay.server.agents import BodyError, bad_request, read_json_body
+
+if TYPE_CHECKING:
+    from relay.server.app import RelayState
+
+logger = logging.getLogger(__name__)
+
+ADMIN_TOKEN = web.AppKey("admin_token", str)
+
+
+def _authorised(request: web.Request) -> None:
+    token = request.app[ADMIN_TOKEN]
+    if not token:
+        raise web.HTTPNotFound(text="the admin API is off (no admin token configured)\n")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), token.encode()
+    ):
+        raise web.HTTPUnauthorized(
+            text="missing or wrong bearer token\n", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def _state(request: web.Request) -> RelayState:
+    from relay.server.app import STATE  # noqa: PLC0415
+
+    _authorised(request)
+    return request.app[STATE]
+
+
+def _conflict(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=409)
+
+
+def _groups(state: RelayState) -> list[str]:
+    groups = {"default"} | {r.group for r in state.registry.all()}
+    groups |= {g for (_p, _v, g) in state.policy.state.approvals if g is not None}
+    return sorted(groups)
+
+
+async def list_updates(request: web.Request) -> web.Response:
+    """``GET /v1/admin/updates``: every target with its status per group."""
+    state = _state(request)
+    current = state.mirror.current
+    policy = state.policy
+    out = []
+    groups = _groups(state)
+    for target in sorted(
+        current.targets.values() if current else [], key=lambda t: (t.product, t.info.semver)
+    ):
+        every = policy.state.approvals.get((target.product, target.version, None))
+        out.append(
+            {
+                "product": target.product,
+                "version": target.version,
+                "path": target.path,
+                "kind": str(target.info.kind),
+                "severity": str(target.info.severity),
+                "channel": str(target.info.channel),
+                "eula": target.info.eula,
+                "eula_accepted": (
+                    target.info.eula in policy.state.eulas_accepted if target.info.eula else None
+                ),
+                "status": str(every.status) if every else str(Status.UNDEFINED),
+                "effective": {
+                    g: str(effective_status(policy.state, policy.settings, target, g))
+                    for g in groups
+                },
+                "mode": {
+                    g: str(a.mode)
+                    for g in groups
+                    if (a := explicit_approval(policy.state, target, g)) is not None
+                },
+            }
+        )
+    return web.json_response({"updates": out})
+
+
+async def set_approval(request: web.Request) -> web.Response:
+    """``POST /v1/admin/approvals``: approve, decline or reset an update."""
+    state = _state(request)
+    body = await read_json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        product = _field(body, "product")
+        version = _field(body, "version")
+        status = Status(_field(body, "status"))
+        group = body.get("group")
+        if group is not None and not isinstance(group, str):
+            raise BodyError("group: expected a string or null")
+        mode = RolloutMode(body.get("mode", "forced"))
+    except BodyError as e:
+        return bad_request(str(e))
+    except ValueError as e:
+        return bad_request(f"status or mode: {e}")
+    current = state.mirror.current
+    target = next(
+        (
+            t
+            for t in (current.targets.values() if current else [])
+            if t.product == product and t.version == version
+        ),
+        None,
+    )
+    if target is None:
+        return web.json_response({"error": f"no update {product} {version}"}, status=404)
+    policy = state.policy
+    who = request.remote or ""
+    try:
+        policy.check_writable()
+        if status is Status.APPROVED:
+            new = approve(policy.state, target, group=group, mode=mode, at=_now(), by=who)
+        elif status is Status.DECLINED:
+            new = decline(policy.state, target, group=group, at=_now(), by=who)
+        else:
+            new = reset(policy.state, target, group=group)
+        await policy.update(
+            state=new,
+            audit={
+                "action": f"set-{status}",
+                "product": product,
+                "version": version,
+                "group": group,
+                "mode": str(mode),
+                "from": who,
+            },
+        )
+    except ReplicaReadOnlyError as e:
+        return _conflict(str(e))
+    except EulaNotAcceptedError as e:
+        return _conflict(str(e))
+    _after_change(state)
+    return web.json_response(
+        {"ok": True, "product": product, "version": version, "status": str(status), "group": group}
+    )
+
+
+async def accept(request: web.Request) -> web.Response:
+    """``POST /v1/admin/eulas``: accept the EULA at a target path."""
+    state = _state(request)
+    body = await read_json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        path = _field(body, "path")
+    except BodyError as e:
+        return bad_request(str(e))
+    current = state.mirror.current
+    if current is None or (
+        path not in current.targets
+        and not any(t.info.eula == path for t in current.targets.values())
+    ):
+        return web.json_response({"error": f"no EULA {path} in the metadata"}, status=404)
+    policy = state.policy
+    try:
+        await policy.update(
+            state=accept_eula(policy.state, path),
+            audit={"action": "accept-eula", "path": path, "from": request.remote or ""},
+        )
+    except ReplicaReadOnlyError as e:
+        return _conflict(str(e))
+    _after_change(state)
+    return web.json_response({"ok": True, "accepted": path})
+
+
+async def get_eula(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/admin/eulas/{path}``: the EULA text, from the verified target."""
+    state = _state(request)
+    path = request.match_info["path"]
+    current = state.mirror.current
+    target = current.targets.get(path) if current else None
+    if target is None:
+        raise web.HTTPNotFound(text="no such target\n")
+    await state.mirror.ensure(target)
+    return web.FileResponse(
+        state.mirror.store.path(target.sha256),
+        headers={"Content-Type": "text/plain; charset=utf-8"},
+    )
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    """``GET /v1/admin/settings``."""
+    state = _state(request)
+    return web.json_response(state.policy.settings.to_dict())
+
+
+async def put_settings(request: web.Request) -> web.Response:
+    """``PUT /v1/admin/settings``: change some settings (others are kept)."""
+    state = _state(request)
+    body = await read_json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    policy = state.policy
+    try:
+        new: Settings = Settings.from_dict(body, base=policy.settings)
+    except ValueError as e:
+        return bad_request(str(e))
+    try:
+        await policy.update(
+            settings=new,
+            audit={"action": "settings", "changes": body, "from": request.remote or ""},
+        )
+    except ReplicaReadOnlyError as e:
+        return _conflict(str(e))
+    _after_change(state)
+    return web.json_response(new.to_dict())
+
+
+async def list_agents(request: web.Request) -> web.Response:
+    """``GET /v1/admin/agents``: every agent with versions and last outcome."""
+    state = _state(request)
+    return web.json_response({"agents": [r.to_dict() for r in state.registry.all()]})
+
+
+async def audit(request: web.Request) -> web.Response:
+    """``GET /v1/admin/audit``: the newest audit entries."""
+    state = _state(request)
+    return web.json_response({"audit": await state.policy.audit_log()})
+
+
+async def export_policy(request: web.Request) -> web.Response:
+    """``GET /v1/admin/policy``: state and settings, for replica relays."""
+    state = _state(request)
+    return web.json_response(state.policy.export())
+
+
+async def sync_now(request: web.Request) -> web.Response:
+    """``POST /v1/admin/sync``: run a sync now (and wait for it)."""
+    state = _state(request)
+    result = await state.mirror.sync_once()
+    return web.json_response({"result": result.value})
+
+
+def _field(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value:
+        raise BodyError(f"{key}: expected a non-empty string")
+    return value
+
+
+def _now() -> str:
+    from relay.approvals import utc_now  # noqa: PLC0415
+
+    return utc_now()
+
+
+def _after_change(state: RelayState) -> None:
+    # Policy decides prefetch: fetch what became wanted.
+    state.on_policy_change()
+
+
+def add_admin_routes(app: web.Application) -> None:
+    """Register ``/v1/admin/…``."""
+    r = app.router
+    r.add_get("/v1/admin/updates", list_updates, name="admin")
+    r.add_post("/v1/admin/approvals", set_approval)
+    r.add_post("/v1/admin/eulas", accept)
+    r.add_get("/v1/admin/eulas/{path:.+}", get_eula)
+    r.add_get("/v1/admin/settings", get_settings)
+    r.add_put("/v1/admin/settings", put_settings)
+    r.add_get("/v1/admin/agents", list_agents)
+    r.add_get("/v1/admin/audit", audit)
+    r.add_get("/v1/admin/policy", export_policy)
+    r.add_post("/v1/admin/sync", sync_now)
