@@ -41,7 +41,7 @@ from relay.diff import (  # noqa: E402
 )
 
 DIR = WORK / "delta"
-LEVEL = 19
+LEVEL = 3  # the relay's default (delta.zstd_level); level 19 measured slower AND larger with a raw prefix
 # (package, old version, new version, library file name inside the wheel)
 RELEASES = [
     ("pydantic-core", "2.27.1", "2.27.2", "_pydantic_core"),
@@ -57,16 +57,34 @@ def fetch_library(package: str, version: str, stem: str) -> Path:
     wheels = DIR / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-         "--python-version", "3.11", "--platform", "manylinux2014_x86_64",
-         "-d", str(wheels), f"{package}=={version}"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--platform",
+            "manylinux2014_x86_64",
+            "-d",
+            str(wheels),
+            f"{package}=={version}",
+        ],
         check=True,
     )
-    wheel = next(w for w in wheels.glob("*.whl")
-                 if w.name.lower().replace("_", "-").startswith(f"{package.lower()}-{version}-"))
+    wheel = next(
+        w
+        for w in wheels.glob("*.whl")
+        if w.name.lower().replace("_", "-").startswith(f"{package.lower()}-{version}-")
+    )
     with zipfile.ZipFile(wheel) as z:
-        name = max((n for n in z.namelist() if Path(n).name.startswith(stem) and ".so" in n),
-                   key=lambda n: z.getinfo(n).file_size)
+        name = max(
+            (n for n in z.namelist() if Path(n).name.startswith(stem) and ".so" in n),
+            key=lambda n: z.getinfo(n).file_size,
+        )
         dest.write_bytes(z.read(name))
     return dest
 
@@ -80,11 +98,15 @@ def signature_db() -> tuple[Path, Path]:
     lines = []
     for i in range(330_000):
         digest = rng.randbytes(32).hex()
-        lines.append(f"{digest}:{rng.randrange(10**6, 10**8)}:{rng.choice(families)}.Win32.Gen-{i:07d}\n")
+        lines.append(
+            f"{digest}:{rng.randrange(10**6, 10**8)}:{rng.choice(families)}.Win32.Gen-{i:07d}\n"
+        )
     old.write_text("".join(lines))
     for _ in range(len(lines) // 200):  # 0.5 % changed
         at = rng.randrange(len(lines))
-        lines[at] = f"{rng.randbytes(32).hex()}:{rng.randrange(10**6, 10**8)}:{rng.choice(families)}.Win32.Upd-{at:07d}\n"
+        lines[at] = (
+            f"{rng.randbytes(32).hex()}:{rng.randrange(10**6, 10**8)}:{rng.choice(families)}.Win32.Upd-{at:07d}\n"
+        )
     for i in range(len(lines) // 200):  # 0.5 % added
         lines.insert(rng.randrange(len(lines)), f"{rng.randbytes(32).hex()}:1:New.Gen-{i:07d}\n")
     new.write_text("".join(lines))
@@ -100,22 +122,40 @@ def worker(mode: str, fmt: str, old: Path, new: Path, patch: Path) -> None:
         patch.write_bytes(p)
     else:
         n = new.read_bytes()
-        apply_patch_bytes(o, patch.read_bytes(), DeltaFormat(fmt), expected_length=len(n),
-                          expected_sha256=hashlib.sha256(n).hexdigest())
+        apply_patch_bytes(
+            o,
+            patch.read_bytes(),
+            DeltaFormat(fmt),
+            expected_length=len(n),
+            expected_sha256=hashlib.sha256(n).hexdigest(),
+        )
     seconds = time.perf_counter() - t0
-    print(json.dumps({"seconds": seconds, "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            }
+        )
+    )
 
 
 def run_worker(mode: str, fmt: str, old: Path, new: Path, patch: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", mode, fmt, str(old), str(new), str(patch)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", mode, fmt, str(old), str(new), str(patch)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out)
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of a command, via /usr/bin/time when present."""
     if shutil.which("time") or Path("/usr/bin/time").exists():
-        r = subprocess.run(["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            ["/usr/bin/time", "-f", "%e %M", *cmd], capture_output=True, text=True, check=True
+        )
         secs, kb = r.stderr.strip().splitlines()[-1].split()
         return float(secs), int(kb) * 1024
     t0 = time.perf_counter()
@@ -135,24 +175,45 @@ def measure_pair(name: str, old: Path, new: Path) -> dict:
         patch = DIR / f"{name}.{fmt}"
         d = run_worker("diff", fmt, old, new, patch)
         a = run_worker("apply", fmt, old, new, patch)
-        row[fmt] = {"pct": 100 * patch.stat().st_size / size, "diff_s": d["seconds"],
-                    "diff_peak_mb": d["maxrss"] / 2**20, "apply_s": a["seconds"]}
+        row[fmt] = {
+            "pct": 100 * patch.stat().st_size / size,
+            "diff_s": d["seconds"],
+            "diff_peak_mb": d["maxrss"] / 2**20,
+            "apply_s": a["seconds"],
+        }
     zp = DIR / f"{name}.zstdcli"
     lf = long_flag(old, new)
-    secs, rss = timed(["zstd", "-q", "-f", f"-{LEVEL}", lf, f"--patch-from={old}", str(new), "-o", str(zp)])
-    asecs, _ = timed(["zstd", "-q", "-f", "-d", lf, f"--patch-from={old}", str(zp), "-o", str(DIR / "out.zstd")])
-    row["zstd-cli"] = {"pct": 100 * zp.stat().st_size / size, "diff_s": secs, "diff_peak_mb": rss / 2**20, "apply_s": asecs}
+    secs, rss = timed(
+        ["zstd", "-q", "-f", f"-{LEVEL}", lf, f"--patch-from={old}", str(new), "-o", str(zp)]
+    )
+    asecs, _ = timed(
+        ["zstd", "-q", "-f", "-d", lf, f"--patch-from={old}", str(zp), "-o", str(DIR / "out.zstd")]
+    )
+    row["zstd-cli"] = {
+        "pct": 100 * zp.stat().st_size / size,
+        "diff_s": secs,
+        "diff_peak_mb": rss / 2**20,
+        "apply_s": asecs,
+    }
     if shutil.which("xdelta3"):
         xp = DIR / f"{name}.xdelta3"
         secs, rss = timed(["xdelta3", "-f", "-9", "-e", "-s", str(old), str(new), str(xp)])
         asecs, _ = timed(["xdelta3", "-f", "-d", "-s", str(old), str(xp), str(DIR / "out.xd")])
-        row["xdelta3"] = {"pct": 100 * xp.stat().st_size / size, "diff_s": secs, "diff_peak_mb": rss / 2**20, "apply_s": asecs}
+        row["xdelta3"] = {
+            "pct": 100 * xp.stat().st_size / size,
+            "diff_s": secs,
+            "diff_peak_mb": rss / 2**20,
+            "apply_s": asecs,
+        }
     return row
 
 
 async def loop_stall(old: Path, new: Path, fmt: DeltaFormat) -> tuple[float, float]:
     """Worst gap of a 10 ms ticker while the relay's engine diffs (old, new)."""
-    engine = DeltaEngine(workers=1, budget=DeltaBudget(max_memory=2**40, max_seconds=600, max_ratio=1.0, zstd_level=LEVEL))
+    engine = DeltaEngine(
+        workers=1,
+        budget=DeltaBudget(max_memory=2**40, max_seconds=600, max_ratio=1.0, zstd_level=LEVEL),
+    )
     loop = asyncio.get_running_loop()
     gaps: list[float] = []
 
@@ -167,8 +228,14 @@ async def loop_stall(old: Path, new: Path, fmt: DeltaFormat) -> tuple[float, flo
     t = asyncio.create_task(ticker())
     t0 = loop.time()
     data = new.read_bytes()
-    await engine.compute(old, new, fmt=fmt, new_sha256=hashlib.sha256(data).hexdigest(),
-                         new_length=len(data), dest=DIR / f"stall.{fmt}")
+    await engine.compute(
+        old,
+        new,
+        fmt=fmt,
+        new_sha256=hashlib.sha256(data).hexdigest(),
+        new_length=len(data),
+        dest=DIR / f"stall.{fmt}",
+    )
     took = loop.time() - t0
     t.cancel()
     return max(gaps), took
@@ -186,12 +253,21 @@ def main() -> None:
     pairs = []
     for package, v1, v2, stem in RELEASES:
         try:
-            pairs.append((f"{package} {v1}->{v2}", fetch_library(package, v1, stem), fetch_library(package, v2, stem)))
+            pairs.append(
+                (
+                    f"{package} {v1}->{v2}",
+                    fetch_library(package, v1, stem),
+                    fetch_library(package, v2, stem),
+                )
+            )
         except (subprocess.CalledProcessError, StopIteration, ValueError) as e:
             print(f"skipping {package}: {e}")
     s1, s2 = signature_db()
     pairs.append(("signature db text", s1, s2))
-    rows = [measure_pair(name.replace(" ", "_").replace(">", ""), old, new) | {"label": name} for name, old, new in pairs]
+    rows = [
+        measure_pair(name.replace(" ", "_").replace(">", ""), old, new) | {"label": name}
+        for name, old, new in pairs
+    ]
     largest = max(pairs, key=lambda p: p[2].stat().st_size)
     stalls = {}
     for fmt in DeltaFormat:
@@ -202,19 +278,33 @@ def main() -> None:
     med_size_ratio = statistics.median(z["pct"] / b["pct"] for z, b in zip(zs, bs))
     med_speed = statistics.median(b["diff_s"] / z["diff_s"] for z, b in zip(zs, bs))
     zstd_first = med_size_ratio <= 1.25 and med_speed >= 10
-    results = {"machine": machine(), "rows": rows, "stalls": stalls, "median_zstd_over_bsdiff_size": med_size_ratio,
-               "median_bsdiff_over_zstd_time": med_speed, "default_order": ["zstd", "bsdiff4"] if zstd_first else ["bsdiff4", "zstd"]}
+    results = {
+        "machine": machine(),
+        "rows": rows,
+        "stalls": stalls,
+        "median_zstd_over_bsdiff_size": med_size_ratio,
+        "median_bsdiff_over_zstd_time": med_speed,
+        "default_order": ["zstd", "bsdiff4"] if zstd_first else ["bsdiff4", "zstd"],
+    }
     save("delta", results)
     print(f"machine: {results['machine']}")
-    print(f"{'pair':<34}{'tool':<10}{'new MB':>8}{'patch %':>9}{'diff s':>8}{'peak MB':>9}{'apply s':>9}")
+    print(
+        f"{'pair':<34}{'tool':<10}{'new MB':>8}{'patch %':>9}{'diff s':>8}{'peak MB':>9}{'apply s':>9}"
+    )
     for r in rows:
         for tool in ("bsdiff4", "zstd", "zstd-cli", "xdelta3"):
             if tool in r:
                 m = r[tool]
-                print(f"{r['label']:<34}{tool:<10}{r['new_bytes'] / 1e6:>8.1f}{m['pct']:>9.2f}{m['diff_s']:>8.2f}{m['diff_peak_mb']:>9.0f}{m['apply_s']:>9.2f}")
+                print(
+                    f"{r['label']:<34}{tool:<10}{r['new_bytes'] / 1e6:>8.1f}{m['pct']:>9.2f}{m['diff_s']:>8.2f}{m['diff_peak_mb']:>9.0f}{m['apply_s']:>9.2f}"
+                )
     for fmt, s in stalls.items():
-        print(f"event loop worst stall while the engine diffs {s['pair']} with {fmt}: {s['worst_stall_ms']:.1f} ms (diff {s['diff_s']:.1f} s)")
-    print(f"median zstd/bsdiff4 patch size: {med_size_ratio:.2f}x; median bsdiff4/zstd diff time: {med_speed:.1f}x")
+        print(
+            f"event loop worst stall while the engine diffs {s['pair']} with {fmt}: {s['worst_stall_ms']:.1f} ms (diff {s['diff_s']:.1f} s)"
+        )
+    print(
+        f"median zstd/bsdiff4 patch size: {med_size_ratio:.2f}x; median bsdiff4/zstd diff time: {med_speed:.1f}x"
+    )
     print(f"default order: {results['default_order']}")
 
 

@@ -138,7 +138,7 @@ class DeltaSettings:
     max_memory: int = 2 * 1024**3  # bytes a diff may need
     max_seconds: float = 300.0  # a longer diff is killed
     max_ratio: float = 0.5  # a patch larger than this share of the target is dropped
-    zstd_level: int = 19
+    zstd_level: int = 3
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,7 +77,7 @@ class DeltaBudget:
     max_memory: int = 2 * 1024**3  # bytes
     max_seconds: float = 300.0
     max_ratio: float = 0.5
-    zstd_level: int = 19
+    zstd_level: int = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +118,7 @@ def _window_log(old_length: int, new_length: int) -> int:
 # -- pure format code -----------------------------------------------------------
 
 
-def make_patch(old: bytes, new: bytes, fmt: DeltaFormat, level: int = 19) -> bytes:
+def make_patch(old: bytes, new: bytes, fmt: DeltaFormat, level: int = 3) -> bytes:
     """Return a patch turning ``old`` into ``new`` (blocking, CPU-bound)."""
     if fmt is DeltaFormat.BSDIFF4:
         return bytes(bsdiff4.diff(old, new))

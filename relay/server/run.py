@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -99,6 +100,11 @@ def split_listen(config: Config) -> tuple[str, int]:
 
 async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
     """Run a relay until cancelled."""
+    # File opens, reads and fsyncs hop to threads; each hop is short, but many run at
+    # once under load, and the default pool (cores + 4) would queue them.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=32, thread_name_prefix="relay-io")
+    )
     app = make_app(config)
     runner = web.AppRunner(
         app,
