@@ -47,9 +47,7 @@ def build_repo(path: Path) -> tuple[Repository, dict[str, str]]:
     while True:
         repo.add_bytes(os.urandom(64), f"f{i}.bin", product=f"p{i}", version="1.0.0")
         i += 1
-        md = sorted(
-            repo.metadata_dir.glob("*.targets.json"), key=lambda p: int(p.name.split(".")[0])
-        )[-1]
+        md = max(repo.metadata_dir.glob("*.targets.json"), key=lambda p: int(p.name.split(".")[0]))
         if md.stat().st_size >= 4096:
             break
     return repo, {
