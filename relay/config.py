@@ -88,7 +88,7 @@ class SyncSettings:
 
     interval: float = 300.0  # seconds
     jitter: float = 30.0  # seconds, added at random to each interval
-    prefetch: str = "all"  # all | none | policy
+    prefetch: str = "policy"  # policy (what would be offered) | all | none
 
 
 @dataclass(frozen=True, slots=True)

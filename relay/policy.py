@@ -21,9 +21,9 @@ Rules (DESIGN §3, §7), in the order they are applied to one target for one gro
    deadline = first offer of that version to this agent + the agent's chosen
    deferral (one of ``deferral_days``; the smallest when it chose none or another).
    Past the deadline the offer is forced (the deadline is kept in the offer).
-6. Prefetch: content as soon as it is offerable; software and config once approved
-   (explicitly or automatically). Declined updates are never prefetched and not
-   pinned in the store.
+6. Prefetch: whatever some group would be offered — with the default settings,
+   content as soon as it is verified and software once approved. Declined updates
+   are never prefetched and not pinned in the store.
 """
 
 from __future__ import annotations
@@ -420,15 +420,10 @@ def offers(
 def should_prefetch(
     state: PolicyState, settings: Settings, target: Target, groups: Iterable[str]
 ) -> bool:
-    """Prefetch content as soon as it is offerable somewhere; software once approved."""
-    for group in groups:
-        if not offerable(state, settings, target, group):
-            continue
-        if target.info.kind is Kind.CONTENT:
-            return True
-        if effective_status(state, settings, target, group) is Status.APPROVED:
-            return True
-    return False
+    """Prefetch what some group would be offered: content as soon as it is verified
+    (install-undefined is on for content by default), software once approved.
+    """
+    return any(offerable(state, settings, target, g) for g in groups)
 
 
 def declined_everywhere(

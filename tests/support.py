@@ -145,6 +145,7 @@ def relay_config(
         "upstream.retry_backoff": 0.01,
         "upstream.read_timeout": 5,
         "sync.interval": 3600,
+        "sync.prefetch": "all",
         "sync.jitter": 0,
         "store.scrub_interval": 0,
     }

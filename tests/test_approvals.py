@@ -1,0 +1,228 @@
+"""Approvals end to end: agents through a relay, the admin API, the audit log, replicas."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+
+from relay.agent import Agent, AgentConfig
+from relay.publish import Repository
+from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
+
+TOKEN = "t0ken-for-tests"
+V1 = b"one" * 20000
+V2 = b"two" * 20000
+EULA = b"You agree to everything.\n"
+
+
+@pytest.fixture
+def repo(tmp_path):
+    repo = Repository.init(tmp_path / "repo")
+    repo.add_bytes(V1, "app.bin", product="app", version="1.0.0")
+    return repo
+
+
+@pytest.fixture
+async def relay(tmp_path, repo, aiohttp_server):
+    origin = Origin(repo.public_dir)
+    server = await aiohttp_server(origin.app())
+    root = write_root(tmp_path, repo.root_bytes(1))
+    relay = await start_relay(
+        aiohttp_server,
+        relay_config(tmp_path, [str(server.make_url("/"))], root, **{"admin.token": TOKEN}),
+    )
+    await settle(relay)
+    relay.url = str(relay.make_url("/"))
+    relay.root = root
+    return relay
+
+
+def make_agent(tmp_path, relay, name, group="default"):
+    return Agent(
+        AgentConfig(
+            agent_id=name,
+            group=group,
+            trusted_root=relay.root,
+            state_dir=tmp_path / name / "s",
+            install_dir=tmp_path / name / "i",
+            relays=(relay.url,),
+            request_timeout=5,
+        )
+    )
+
+
+async def admin(relay, method, path, body=None, token=TOKEN):
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.request(method, relay.make_url(path), json=body, headers=headers) as r,
+    ):
+        return r.status, (
+            await r.json() if r.content_type == "application/json" else await r.text()
+        )
+
+
+async def run(agent):
+    return await asyncio.to_thread(agent.run_once)
+
+
+async def test_undefined_software_waits_for_approval_and_audit(tmp_path, relay):
+    a = make_agent(tmp_path, relay, "a1")
+    s = await run(a)
+    assert s.installed == [] and "app" not in a.installed
+    status, body = await admin(
+        relay,
+        "POST",
+        "/v1/admin/approvals",
+        {"product": "app", "version": "1.0.0", "status": "approved"},
+    )
+    assert status == 200, body
+    s = await run(a)
+    assert s.installed == ["app 1.0.0"]
+    status, body = await admin(relay, "GET", "/v1/admin/audit")
+    assert [e["action"] for e in body["audit"]] == ["set-approved"]
+    assert body["audit"][0]["product"] == "app" and body["audit"][0]["from"] == "127.0.0.1"
+    status, body = await admin(relay, "GET", "/v1/admin/agents")
+    assert body["agents"][0]["agent_id"] == "a1"
+    assert body["agents"][0]["last_outcome"]["event"] == "installed"
+
+
+async def test_pilot_ring_then_decline_moves_back(tmp_path, repo, relay):
+    await admin(
+        relay,
+        "POST",
+        "/v1/admin/approvals",
+        {"product": "app", "version": "1.0.0", "status": "approved"},
+    )
+    pilot, other = make_agent(tmp_path, relay, "p1", "pilot"), make_agent(tmp_path, relay, "d1")
+    await run(pilot)
+    await run(other)
+    repo.add_bytes(V2, "app.bin", product="app", version="1.1.0")
+    await relay_state(relay).mirror.sync_once()
+    status, _ = await admin(
+        relay,
+        "POST",
+        "/v1/admin/approvals",
+        {"product": "app", "version": "1.1.0", "status": "approved", "group": "pilot"},
+    )
+    assert status == 200
+    assert (await run(pilot)).installed == ["app 1.1.0"]
+    assert (await run(other)).installed == []
+    assert other.installed["app"]["version"] == "1.0.0"
+    # Declined after install: pilot agents move back to the newest approved version.
+    status, _ = await admin(
+        relay,
+        "POST",
+        "/v1/admin/approvals",
+        {"product": "app", "version": "1.1.0", "status": "declined", "group": "pilot"},
+    )
+    assert status == 200
+    s = await run(pilot)
+    assert s.installed == ["app 1.0.0"]
+    assert pilot.installed["app"]["version"] == "1.0.0"
+    assert (tmp_path / "p1" / "i" / "app" / "app.bin").read_bytes() == V1
+    _, body = await admin(relay, "GET", "/v1/admin/audit")
+    assert [e["action"] for e in body["audit"]] == ["set-approved", "set-approved", "set-declined"]
+
+
+async def test_eula_must_be_accepted_before_approval(tmp_path, repo, relay):
+    repo.add_bytes(EULA, "eula.txt", product="legal", version="1.0.0", kind="config")
+    repo.add_bytes(V2, "app.bin", product="app", version="2.0.0", eula="legal/1.0.0/eula.txt")
+    await relay_state(relay).mirror.sync_once()
+    body = {"product": "app", "version": "2.0.0", "status": "approved"}
+    status, err = await admin(relay, "POST", "/v1/admin/approvals", body)
+    assert status == 409 and "EULA" in err["error"]
+    status, text = await admin(relay, "GET", "/v1/admin/eulas/legal/1.0.0/eula.txt")
+    assert status == 200 and text == EULA.decode()
+    status, _ = await admin(relay, "POST", "/v1/admin/eulas", {"path": "legal/1.0.0/eula.txt"})
+    assert status == 200
+    status, _ = await admin(relay, "POST", "/v1/admin/approvals", body)
+    assert status == 200
+    a = make_agent(tmp_path, relay, "a1")
+    assert "app 2.0.0" in (await run(a)).installed
+    _, audit = await admin(relay, "GET", "/v1/admin/audit")
+    assert [e["action"] for e in audit["audit"]] == ["accept-eula", "set-approved"]
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+async def test_admin_without_or_with_wrong_token_is_401_and_changes_nothing(relay, token):
+    state = relay_state(relay)
+    before = state.policy.export()
+    for method, path, body in [
+        (
+            "POST",
+            "/v1/admin/approvals",
+            {"product": "app", "version": "1.0.0", "status": "approved"},
+        ),
+        ("PUT", "/v1/admin/settings", {"relays_only": True}),
+        ("GET", "/v1/admin/policy", None),
+    ]:
+        status, _ = await admin(relay, method, path, body, token=token)
+        assert status == 401
+    assert state.policy.export() == before
+    assert await state.policy.audit_log() == []
+
+
+async def test_settings_change_and_bad_body(relay):
+    status, body = await admin(
+        relay, "PUT", "/v1/admin/settings", {"relays_only": True, "beta_groups": ["pilot"]}
+    )
+    assert status == 200 and body["relays_only"] is True
+    status, body = await admin(relay, "PUT", "/v1/admin/settings", {"rollout_mode": "soonish"})
+    assert status == 400 and "rollout_mode" in body["error"]
+    status, body = await admin(
+        relay,
+        "POST",
+        "/v1/admin/approvals",
+        {"product": "app", "version": "1.0.0", "status": "maybe"},
+    )
+    assert status == 400
+
+
+async def test_replica_follows_parent_and_refuses_local_changes(
+    tmp_path, repo, relay, aiohttp_server
+):
+    token_file = tmp_path / "parent-token"
+    token_file.write_text(TOKEN + "\n")
+    replica = await start_relay(
+        aiohttp_server,
+        relay_config(
+            tmp_path,
+            [relay.url],
+            relay.root,
+            name="replica",
+            **{
+                "policy.mode": "replica",
+                "policy.parent_url": relay.url,
+                "policy.parent_token_file": str(token_file),
+                "admin.token": "replica-token",
+            },
+        ),
+    )
+    await settle(replica)
+    await admin(
+        relay,
+        "POST",
+        "/v1/admin/approvals",
+        {"product": "app", "version": "1.0.0", "status": "approved"},
+    )
+    from relay.server.app import pull_parent_policy
+
+    rstate = relay_state(replica)
+    async with aiohttp.ClientSession() as session:
+        assert await pull_parent_policy(rstate.config, session, rstate.policy) is True
+    assert rstate.policy.export() == relay_state(relay).policy.export()
+    status, body = await admin(
+        replica,
+        "POST",
+        "/v1/admin/approvals",
+        {"product": "app", "version": "1.0.0", "status": "declined"},
+        token="replica-token",
+    )
+    assert status == 409
+    replica.url = str(replica.make_url("/"))
+    replica.root = relay.root
+    a = make_agent(tmp_path, replica, "r1")
+    assert (await run(a)).installed == ["app 1.0.0"]
