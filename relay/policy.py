@@ -420,8 +420,10 @@ def offers(
 def should_prefetch(
     state: PolicyState, settings: Settings, target: Target, groups: Iterable[str]
 ) -> bool:
-    """Prefetch what some group would be offered: content as soon as it is verified
-    (install-undefined is on for content by default), software once approved.
+    """Whether to prefetch ``target``: when some group would be offered it.
+
+    With the default settings: content as soon as it is verified (install-undefined
+    is on for content), software once approved.
     """
     return any(offerable(state, settings, target, g) for g in groups)
 
