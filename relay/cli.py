@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -57,7 +58,116 @@ def make_parser() -> argparse.ArgumentParser:
     _serve_parser(subparsers)
     _agent_parser(subparsers)
     _demo_parser(subparsers)
+    _admin_parser(subparsers)
     return parser
+
+
+# -- admin -----------------------------------------------------------------------
+
+
+def _admin_parser(subparsers: _SubParsers) -> None:
+    p = subparsers.add_parser(
+        "admin",
+        help="approvals, settings, EULAs, agents and audit log of a relay",
+        description="Call a relay's admin API. The bearer token comes from --token-file "
+        "or the RELAY_ADMIN_TOKEN environment variable.",
+    )
+    p.add_argument("--url", default="http://127.0.0.1:8080/", help="the relay's base URL")
+    p.add_argument("--token-file", type=Path, help="file holding the admin token")
+    sub = p.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
+    sub.add_parser("updates", help="list updates and their status per group")
+    for name in ("approve", "decline", "reset"):
+        a = sub.add_parser(name, help=f"{name} an update")
+        a.add_argument("product")
+        a.add_argument("version")
+        a.add_argument("--group", help="only for this group (default: every group)")
+        if name == "approve":
+            a.add_argument("--mode", choices=["forced", "on-demand"], default="forced")
+    e = sub.add_parser("accept-eula", help="accept the EULA at a target path")
+    e.add_argument("path")
+    st = sub.add_parser("settings", help="show settings, or change them with --set")
+    st.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="e.g. --set relays_only=true --set beta_groups='[\"pilot\"]'",
+    )
+    sub.add_parser("agents", help="list agents, their versions and last outcome")
+    sub.add_parser("audit", help="show the audit log")
+    sub.add_parser("sync", help="sync with the upstream now")
+    p.set_defaults(func=_cmd_admin)
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from relay import admin_cli  # noqa: PLC0415
+
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                "--token-file",
+                str(args.token_file),
+                "command line",
+                f"cannot be read: {e.strerror}",
+            ) from None
+    else:
+        token = os.environ.get("RELAY_ADMIN_TOKEN", "")
+    if not token:
+        raise ConfigError(
+            "--token-file", None, "command line", "give --token-file or set RELAY_ADMIN_TOKEN"
+        )
+    call = functools.partial(admin_cli.request, args.url, token)
+    cmd = args.admin_command
+    if cmd == "updates":
+        print(admin_cli.render_updates(call("GET", "/v1/admin/updates")))
+    elif cmd in ("approve", "decline", "reset"):
+        status = {"approve": "approved", "decline": "declined", "reset": "undefined"}[cmd]
+        body = {
+            "product": args.product,
+            "version": args.version,
+            "status": status,
+            "group": args.group,
+            "mode": getattr(args, "mode", "forced"),
+        }
+        call("POST", "/v1/admin/approvals", body)
+        print(
+            f"{args.product} {args.version}: {status}"
+            f"{' for ' + args.group if args.group else ' for every group'}"
+        )
+    elif cmd == "accept-eula":
+        call("POST", "/v1/admin/eulas", {"path": args.path})
+        print(f"accepted {args.path}")
+    elif cmd == "settings":
+        changes = {}
+        for item in args.set:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError("--set", item, "command line", "expected KEY=JSON")
+            try:
+                changes[key] = json.loads(value)
+            except ValueError:
+                changes[key] = value
+        data = (
+            call("PUT", "/v1/admin/settings", changes)
+            if changes
+            else call("GET", "/v1/admin/settings")
+        )
+        print(
+            admin_cli.table(
+                sorted((k, json.dumps(v)) for k, v in data.items()), ("SETTING", "VALUE")
+            )
+        )
+    elif cmd == "agents":
+        print(admin_cli.render_agents(call("GET", "/v1/admin/agents")))
+    elif cmd == "audit":
+        print(admin_cli.render_audit(call("GET", "/v1/admin/audit")))
+    else:
+        print(call("POST", "/v1/admin/sync")["result"])
+    return EXIT_OK
 
 
 # -- demo ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import aiohttp
 import pytest
@@ -226,3 +227,29 @@ async def test_replica_follows_parent_and_refuses_local_changes(
     replica.root = relay.root
     a = make_agent(tmp_path, replica, "r1")
     assert (await run(a)).installed == ["app 1.0.0"]
+
+
+async def test_admin_cli_tables(tmp_path, relay, capsys, monkeypatch):
+    from relay.cli import main
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    base = ["admin", "--url", relay.url, "--token-file", str(token_file)]
+
+    def cli(*argv):
+        return main([*base, *argv])
+
+    assert await asyncio.to_thread(cli, "approve", "app", "1.0.0", "--group", "pilot") == 0
+    assert await asyncio.to_thread(cli, "updates") == 0
+    out = capsys.readouterr().out
+    assert "app 1.0.0: approved for pilot" in out
+    assert "pilot=approved" in out and "default=undefined" in out
+    assert await asyncio.to_thread(cli, "settings", "--set", "relays_only=true") == 0
+    assert re.search(r"relays_only +true", capsys.readouterr().out)
+    assert await asyncio.to_thread(cli, "audit") == 0
+    assert "set-approved" in capsys.readouterr().out
+    monkeypatch.delenv("RELAY_ADMIN_TOKEN", raising=False)
+    assert await asyncio.to_thread(main, ["admin", "--url", relay.url, "agents"]) == 3
+    token_file.write_text("wrong")
+    assert await asyncio.to_thread(cli, "agents") == 1
+    assert "HTTP 401" in capsys.readouterr().err
