@@ -294,15 +294,24 @@ async def test_relay_answers_requests_while_a_long_diff_runs(tmp_path, repo, aio
     origin = Origin(repo.public_dir)
     origin.server = await aiohttp_server(origin.app())
     root = write_root(tmp_path, repo.root_bytes(1))
-    relay = await start_relay(aiohttp_server, relay_config(tmp_path, [str(origin.server.make_url("/"))], root))
+    relay = await start_relay(
+        aiohttp_server, relay_config(tmp_path, [str(origin.server.make_url("/"))], root)
+    )
     await settle(relay)
     state = relay_state(relay)
     big_old, big_new = _release(4, size=8_000_000)
     (tmp_path / "bo").write_bytes(big_old)
     (tmp_path / "bn").write_bytes(big_new)
-    diff = asyncio.create_task(state.deltas.engine.compute(
-        tmp_path / "bo", tmp_path / "bn", fmt=DeltaFormat.BSDIFF4,
-        new_sha256=hashlib.sha256(big_new).hexdigest(), new_length=len(big_new), dest=tmp_path / "bp"))
+    diff = asyncio.create_task(
+        state.deltas.engine.compute(
+            tmp_path / "bo",
+            tmp_path / "bn",
+            fmt=DeltaFormat.BSDIFF4,
+            new_sha256=hashlib.sha256(big_new).hexdigest(),
+            new_length=len(big_new),
+            dest=tmp_path / "bp",
+        )
+    )
     answered = 0
     async with aiohttp.ClientSession() as s:
         while not diff.done():
