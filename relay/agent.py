@@ -320,14 +320,8 @@ class Agent:
             updater = self._updater(relay)
             updater.refresh()
         except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, OSError) as e:
-            summary.error = f"metadata refresh through {relay} failed: {e}"
-            reason = (
-                "metadata_rejected"
-                if isinstance(e, tuf_exceptions.RepositoryError)
-                else "metadata_unavailable"
-            )
-            self._record(
-                summary, Outcome("", "", "", "failed", reason=reason, message=summary.error)
+            self._refresh_failed(
+                summary, f"metadata refresh through {relay} failed", e, "metadata_unavailable"
             )
             self.send_reports(self._relays())
             return summary
@@ -362,14 +356,11 @@ class Agent:
             updater = self._updater(origin)
             updater.refresh()
         except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, OSError) as e:
-            summary.error = f"metadata refresh through the origin {origin} failed: {e}"
-            reason = (
-                "metadata_rejected"
-                if isinstance(e, tuf_exceptions.RepositoryError)
-                else "origin_unreachable"
-            )
-            self._record(
-                summary, Outcome("", "", "", "failed", reason=reason, message=summary.error)
+            self._refresh_failed(
+                summary,
+                f"metadata refresh through the origin {origin} failed",
+                e,
+                "origin_unreachable",
             )
             return summary
         # No relay to decide: the newest stable version of each product.
@@ -406,6 +397,18 @@ class Agent:
             }
             for t in newest.values()
         ]
+
+    def _refresh_failed(
+        self, summary: RunSummary, what: str, error: Exception, unreachable: str
+    ) -> None:
+        summary.error = f"{what}: {error}"
+        # Refused metadata (a rollback, a bad signature) is not the same as no answer.
+        reason = (
+            "metadata_rejected"
+            if isinstance(error, tuf_exceptions.RepositoryError)
+            else unreachable
+        )
+        self._record(summary, Outcome("", "", "", "failed", reason=reason, message=summary.error))
 
     def _record(self, summary: RunSummary, outcome: Outcome) -> None:
         summary.outcomes.append(outcome)

@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import Any
 
 import bsdiff4
 
+from relay._internal.fsio import write_atomic
 from relay.errors import PatchRejectedError
 
 if sys.version_info >= (3, 14):
@@ -164,6 +164,19 @@ def declared_output_size(patch_head: bytes, fmt: DeltaFormat) -> int:
     return int(info.decompressed_size)
 
 
+def check_declared_size(patch_head: bytes, fmt: DeltaFormat, expected_length: int) -> None:
+    """Refuse a patch whose header declares another output size than the signed length.
+
+    Raises:
+        PatchRejectedError: the header is malformed or declares another size.
+    """
+    declared = declared_output_size(patch_head, fmt)
+    if declared != expected_length:
+        raise PatchRejectedError(
+            f"patch declares {declared} bytes of output, the signed length is {expected_length}"
+        )
+
+
 def apply_patch_bytes(
     old: bytes, patch: bytes, fmt: DeltaFormat, *, expected_length: int, expected_sha256: str
 ) -> bytes:
@@ -174,11 +187,7 @@ def apply_patch_bytes(
             before applying), the patch is malformed, or the result's length or
             sha256 is wrong.
     """
-    declared = declared_output_size(patch[:64], fmt)
-    if declared != expected_length:
-        raise PatchRejectedError(
-            f"patch declares {declared} bytes of output, the signed length is {expected_length}"
-        )
+    check_declared_size(patch[:64], fmt, expected_length)
     try:
         if fmt is DeltaFormat.BSDIFF4:
             out = bytes(bsdiff4.patch(old, patch))
@@ -223,12 +232,7 @@ def apply_patch_file(
         OSError: a file cannot be read or written.
     """
     with patch.open("rb") as f:
-        head = f.read(64)
-    declared = declared_output_size(head, fmt)
-    if declared != expected_length:
-        raise PatchRejectedError(
-            f"patch declares {declared} bytes of output, the signed length is {expected_length}"
-        )
+        check_declared_size(f.read(64), fmt, expected_length)
     result = apply_patch_bytes(
         old.read_bytes(),
         patch.read_bytes(),
@@ -236,17 +240,7 @@ def apply_patch_file(
         expected_length=expected_length,
         expected_sha256=expected_sha256,
     )
-    tmp = out.with_name(f".{out.name}.patching")
-    try:
-        with tmp.open("wb") as f:
-            f.write(result)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    write_atomic(out, result)
 
 
 async def apply_patch(
@@ -300,13 +294,7 @@ def _child(job: dict[str, Any]) -> None:  # pragma: no cover - runs in the child
             expected_length=int(job["new_length"]),
             expected_sha256=job["new_sha256"],
         )
-        dest = Path(job["dest"])
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        with tmp.open("wb") as f:
-            f.write(patch)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(dest)
+        write_atomic(Path(job["dest"]), patch)
         result_path.write_text(
             json.dumps(
                 {

@@ -23,7 +23,6 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from relay._internal.fsio import fsync_dir, write_atomic
 from relay.errors import (
     MetadataRejectedError,
     RelayError,
@@ -83,23 +83,6 @@ class StoredBlob:
     length: int
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class MetadataDir:
     """The relay's verified metadata on disk (``<data_dir>/metadata``), byte-exact."""
 
@@ -129,9 +112,9 @@ class MetadataDir:
         self.path.mkdir(parents=True, exist_ok=True)
         ordered = sorted(new_files, key=lambda n: n == "timestamp.json")
         for name in ordered:
-            _write_atomic(self.path / name, new_files[name])
-        _write_atomic(self.path / _STATE_FILE, json.dumps(state).encode())
-        _fsync_dir(self.path)
+            write_atomic(self.path / name, new_files[name])
+        write_atomic(self.path / _STATE_FILE, json.dumps(state).encode())
+        fsync_dir(self.path)
 
     def prune(self, keep: set[str]) -> None:
         """Delete versioned snapshot/targets files not in ``keep`` (roots are kept)."""
@@ -419,8 +402,8 @@ class Mirror:
     def _save_roots(self, roots: dict[str, bytes]) -> None:
         for name, data in sorted(roots.items(), key=lambda kv: _version_of(kv[0])):
             self._metadata.path.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self._metadata.path / name, data)
-        _fsync_dir(self._metadata.path)
+            write_atomic(self._metadata.path / name, data)
+        fsync_dir(self._metadata.path)
 
     def _save_generation(self, new_files: dict[str, bytes], state: dict[str, object]) -> None:
         self._metadata.save(new_files, state)

@@ -50,6 +50,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
+from relay._internal.fsio import write_atomic
 from relay._internal.semver import Version
 from relay.errors import PublishError
 from relay.model import Target, UpdateInfo, check_product
@@ -67,22 +68,6 @@ _SERIALIZER = JSONSerializer(compact=True)
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +188,7 @@ class Repository:
         self._sign(snapshot, "snapshot")
         timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
         self._sign(timestamp, "timestamp")
-        _write_atomic(self.path / _SETTINGS, json.dumps({"expires": self.expires}).encode())
+        write_atomic(self.path / _SETTINGS, json.dumps({"expires": self.expires}).encode())
         self._write(
             [("1.root.json", root), ("1.targets.json", targets), ("1.snapshot.json", snapshot)],
             timestamp,
@@ -235,7 +220,7 @@ class Repository:
         directory = self.keys_dir / role
         directory.mkdir(mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)  # noqa: PTH101
-        _write_atomic(directory / f"{signer.public_key.keyid}.pem", signer.private_bytes, 0o600)
+        write_atomic(directory / f"{signer.public_key.keyid}.pem", signer.private_bytes, 0o600)
 
     def _load_signers(self, role: str, root: Root) -> list[Signer]:
         """The signers of ``role`` whose keys ``root`` lists (at least a threshold).
@@ -430,7 +415,7 @@ class Repository:
         targets.signed.targets[path] = tf
         sha = tf.hashes["sha256"]
         blob = self.targets_dir / product / version / f"{sha}.{name}"
-        _write_atomic(blob, data)
+        write_atomic(blob, data)
         self._publish(current, targets)
         return Target.from_targetfile(tf)
 
@@ -570,8 +555,8 @@ class Repository:
             if path.exists() and path.read_bytes() != data:
                 raise PublishError(f"{path} exists with other content; refusing to overwrite")
         for name, data in blobs:
-            _write_atomic(self.metadata_dir / name, data)
-        _write_atomic(self.metadata_dir / "timestamp.json", ts_bytes)
+            write_atomic(self.metadata_dir / name, data)
+        write_atomic(self.metadata_dir / "timestamp.json", ts_bytes)
 
 
 def _same_version(a: object, b: str) -> bool:

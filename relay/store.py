@@ -37,6 +37,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TypeVar
 
+from relay._internal.fsio import fsync_dir
 from relay.errors import HashMismatchError, LengthMismatchError, StoreError, StoreFullError
 
 logger = logging.getLogger(__name__)
@@ -68,14 +69,6 @@ async def _run(func: Callable[..., T], *args: object) -> T:
 def split_digest(sha256: str) -> tuple[str, str]:
     """Return the two path parts of a digest: ``("ab", "cdef...")``."""
     return sha256[:2], sha256[2:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Fill:
@@ -179,7 +172,7 @@ class Fill:
         os.utime(self._fd, (self.started, self.started))
         final.parent.mkdir(parents=True, exist_ok=True)
         self.temp_path.replace(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     async def fail(self, error: BaseException) -> None:
         """Abandon the fill: wake followers (they abort) and delete the temp file."""

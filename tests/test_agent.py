@@ -11,7 +11,7 @@ import pytest
 from relay.agent import Agent, AgentConfig
 from relay.diff import DeltaFormat
 from relay.publish import Repository
-from tests.support import Fault, Origin, relay_config, relay_state, settle, start_relay, write_root
+from tests.support import Fault, relay_config, relay_state, settle, start_relay, write_root
 
 
 def _release(seed: int, base: bytes | None = None, size: int = 1_200_000) -> bytes:
@@ -39,11 +39,8 @@ def repo(tmp_path):
 
 
 @pytest.fixture
-async def origin(repo, aiohttp_server):
-    origin = Origin(repo.public_dir)
-    origin.server = await aiohttp_server(origin.app())
-    origin.url = str(origin.server.make_url("/"))
-    return origin
+async def origin(repo, serve_origin):
+    return await serve_origin(repo)
 
 
 @pytest.fixture

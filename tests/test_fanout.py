@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from relay.publish import Repository
-from tests.support import Fault, Origin, relay_config, relay_state, settle, start_relay, write_root
+from tests.support import Fault, relay_config, relay_state, settle, start_relay, write_root
 
 SIZE = 2 * 1024 * 1024
 BLOB = os.urandom(SIZE)
@@ -25,10 +25,8 @@ def repo(tmp_path):
 
 
 @pytest.fixture
-async def origin(repo, aiohttp_server):
-    origin = Origin(repo.public_dir)
-    origin.server = await aiohttp_server(origin.app())
-    return origin
+async def origin(repo, serve_origin):
+    return await serve_origin(repo)
 
 
 async def _relay(tmp_path, repo, origin, aiohttp_server, **overrides):

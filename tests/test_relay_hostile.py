@@ -16,7 +16,6 @@ from relay.publish import Repository
 from relay.server import make_app
 from tests.support import (
     Fault,
-    Origin,
     TufClient,
     relay_config,
     relay_state,
@@ -36,10 +35,8 @@ def repo(tmp_path):
 
 
 @pytest.fixture
-async def origin(repo, aiohttp_server):
-    origin = Origin(repo.public_dir)
-    origin.server = await aiohttp_server(origin.app())
-    return origin
+async def origin(repo, serve_origin):
+    return await serve_origin(repo)
 
 
 @pytest.fixture

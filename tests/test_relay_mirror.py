@@ -39,10 +39,8 @@ def repo(tmp_path):
 
 
 @pytest.fixture
-async def origin(repo, aiohttp_server):
-    origin = Origin(repo.public_dir)
-    origin.server = await aiohttp_server(origin.app())
-    return origin
+async def origin(repo, serve_origin):
+    return await serve_origin(repo)
 
 
 @pytest.fixture

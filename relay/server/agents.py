@@ -88,6 +88,13 @@ def _str(
     return value
 
 
+def _agent_id(data: dict[str, Any]) -> str:
+    agent_id = _str(data, "agent_id", "")
+    if not _AGENT_ID.match(agent_id):
+        raise BodyError("agent_id: 1-128 characters of letters, digits and ._:@-")
+    return agent_id
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Decode a JSON object.
 
@@ -109,9 +116,7 @@ def parse_checkin(data: dict[str, Any]) -> CheckinRequest:
     Raises:
         BodyError: a field is missing or malformed (the message names it).
     """
-    agent_id = _str(data, "agent_id", "")
-    if not _AGENT_ID.match(agent_id):
-        raise BodyError("agent_id: 1-128 characters of letters, digits and ._:@-")
+    agent_id = _agent_id(data)
     group = _str(data, "group", "", default="default")
     if not _GROUP.match(group):
         raise BodyError("group: 1-64 characters of letters, digits and ._-")
@@ -148,9 +153,7 @@ def parse_reports(data: dict[str, Any]) -> tuple[str, list[ReportEvent]]:
     Raises:
         BodyError: a field is missing or malformed (the message names it).
     """
-    agent_id = _str(data, "agent_id", "")
-    if not _AGENT_ID.match(agent_id):
-        raise BodyError("agent_id: 1-128 characters of letters, digits and ._:@-")
+    agent_id = _agent_id(data)
     events_raw = data.get("events")
     if not isinstance(events_raw, list):
         raise BodyError("events: expected a list")
