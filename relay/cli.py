@@ -449,6 +449,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
             print(f"failed {line}", file=sys.stderr)
         if summary.error:
             print(f"relay agent: {summary.error}", file=sys.stderr)
+        elif not summary.installed and not summary.failed:
+            print(f"up to date (via {summary.source})")
         if args.once:
             return EXIT_OK if not summary.error and not summary.failed else EXIT_FAILURE
         poll = 3600.0
