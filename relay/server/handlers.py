@@ -12,11 +12,12 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from relay.deltas import formats_from_accept
 from relay.diff import MEDIA_TYPES
 from relay.errors import StoreError, StoreFullError
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
+from relay.mirror import StoredBlob
 from relay.model import is_sha256
 from relay.ratelimit import Pacer
 from relay.server.admin import add_admin_routes
@@ -181,41 +183,58 @@ async def target(request: web.Request) -> web.StreamResponse:
     refused = state.gate.try_enter(agent)
     if refused is not None:
         return _unavailable(refused, state.config.limits.retry_after, state)
-    metrics = state.metrics
-    pace: Pacer | None = None
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = end - start
     try:
-        resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = end - start
-        limiter = state.limiter
-        pace = Pacer(limiter, agent) if limiter.limited else None
-        if pace is not None:
-            pace.__enter__()
-        if isinstance(source, Fill):
-            source.attach()
-            counter = _bytes_counter(metrics, "upstream")
-            try:
-                await resp.prepare(request)
-                await send_from_fill(request, resp, source, start, end, pace, counter)
-            finally:
-                source.detach()
-        else:
-            counter = _bytes_counter(metrics, "cache")
-            with mirror.store.serving(tgt.sha256):
-                entry = await state.files.acquire(tgt.sha256, source.path)
-                try:
-                    await resp.prepare(request)
-                    await send_file_range(request, resp, entry, start, end, pace, counter)
-                finally:
-                    state.files.release(entry)
-        await resp.write_eof()
+        with _paced_slot(state, agent) as pace:
+            await _send_blob(request, resp, state, tgt.sha256, source, start, end, pace)
     except AbortedTransferError as e:
         logger.warning("aborted %s for %s: %s", tgt.path, agent, e)
         raise web.HTTPBadGateway from None  # the transport is already aborted
-    finally:
-        if pace is not None:
-            pace.__exit__(None, None, None)
-        state.gate.leave(agent)
     return resp
+
+
+@contextlib.contextmanager
+def _paced_slot(state: RelayState, agent: str) -> Iterator[Pacer | None]:
+    """Hold a transfer slot (already taken with ``gate.try_enter``) and the agent's pacer."""
+    try:
+        if state.limiter.limited:
+            with Pacer(state.limiter, agent) as pace:
+                yield pace
+        else:
+            yield None
+    finally:
+        state.gate.leave(agent)
+
+
+async def _send_blob(
+    request: web.Request,
+    resp: web.StreamResponse,
+    state: RelayState,
+    sha256: str,
+    source: StoredBlob | Fill,
+    start: int,
+    end: int,
+    pace: Pacer | None,
+) -> None:
+    if isinstance(source, Fill):
+        source.attach()
+        counter = _bytes_counter(state.metrics, "upstream")
+        try:
+            await resp.prepare(request)
+            await send_from_fill(request, resp, source, start, end, pace, counter)
+        finally:
+            source.detach()
+    else:
+        counter = _bytes_counter(state.metrics, "cache")
+        with state.mirror.store.serving(sha256):
+            entry = await state.files.acquire(sha256, source.path)
+            try:
+                await resp.prepare(request)
+                await send_file_range(request, resp, entry, start, end, pace, counter)
+            finally:
+                state.files.release(entry)
+    await resp.write_eof()
 
 
 # -- deltas --------------------------------------------------------------------
@@ -264,12 +283,7 @@ async def delta(request: web.Request) -> web.StreamResponse:
     refused = state.gate.try_enter(agent)
     if refused is not None:
         return _unavailable(refused, state.config.limits.retry_after, state)
-    pace: Pacer | None = None
-    try:
-        limiter = state.limiter
-        pace = Pacer(limiter, agent) if limiter.limited else None
-        if pace is not None:
-            pace.__enter__()
+    with _paced_slot(state, agent) as pace:
         key = f"delta:{src}:{dst}:{patch.format}"
         try:
             entry = await state.files.acquire(key, patch.path)
@@ -282,10 +296,6 @@ async def delta(request: web.Request) -> web.StreamResponse:
         finally:
             state.files.release(entry)
         await resp.write_eof()
-    finally:
-        if pace is not None:
-            pace.__exit__(None, None, None)
-        state.gate.leave(agent)
     if status == 200:
         state.metrics.delta_bytes_served.labels(str(patch.format)).inc(patch.length)
         state.metrics.delta_full_bytes.labels(str(patch.format)).inc(tgt.length)
