@@ -418,9 +418,16 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     config = load_config(args.config, os.environ, _agent_overrides(args))
     a = config.agent
     if not str(a.trusted_root) or str(a.trusted_root) == ".":
-        raise ConfigError("agent.trusted_root", None, config.source, "is required (--trusted-root)")
+        raise ConfigError(
+            "agent.trusted_root",
+            None,
+            config.source_of("agent.trusted_root"),
+            "is required (--trusted-root)",
+        )
     if not a.relays and not a.origin:
-        raise ConfigError("agent.relays", None, config.source, "give --relay (or --origin)")
+        raise ConfigError(
+            "agent.relays", None, config.source_of("agent.relays"), "give --relay (or --origin)"
+        )
     agent = Agent(
         AgentConfig(
             agent_id=a.id or default_agent_id(),

@@ -206,6 +206,12 @@ class Config:
     admin: AdminSettings = field(default_factory=AdminSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     source: str = "built-in defaults"
+    # Where each key that is not a default came from: the file, a variable, the command line.
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def source_of(self, key: str) -> str:
+        """Where ``key`` (``section.name``) got its value, for error messages."""
+        return self.sources.get(key, self.source)
 
     def admin_token(self) -> str:
         """The admin bearer token ("" = admin API off).
@@ -223,7 +229,7 @@ class Config:
             raise ConfigError(
                 "admin.token_file",
                 str(self.admin.token_file),
-                self.source,
+                self.source_of("admin.token_file"),
                 f"cannot be read: {e.strerror}",
             ) from e
 
@@ -550,6 +556,7 @@ def load_config(
             unknown or malformed; the message names the key, the value and the source.
     """
     values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+    sources: dict[str, str] = {}
     source = "built-in defaults"
     if path is not None:
         source = str(path)
@@ -575,6 +582,7 @@ def load_config(
                 raise ConfigError(section, table, str(path), "expected a table [section]")
             for key, value in table.items():
                 values[section][key] = _parse(section, key, value, str(path), from_env=False)
+                sources[f"{section}.{key}"] = str(path)
     for name, value in sorted((environ or {}).items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -588,13 +596,15 @@ def load_config(
                 f"unknown section (known: {', '.join(_SECTIONS)})",
             )
         values[section][key] = _parse(section, key, value, name, from_env=True)
+        sources[f"{section}.{key}"] = name
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if section not in _SECTIONS:
             raise ConfigError(dotted, value, "command line", "unknown section")
         values[section][key] = _parse(section, key, value, "command line", from_env=False)
+        sources[dotted] = "command line"
     built = {s: _SECTIONS[s](**v) for s, v in values.items()}
-    config = Config(**built, source=source)
+    config = Config(**built, source=source, sources=sources)
     _check_rules(config)
     return config
 
@@ -619,7 +629,10 @@ def _parse(section: str, key: str, value: Any, source: str, *, from_env: bool) -
 def _check_rules(config: Config) -> None:
     if config.policy.mode == "replica" and not config.policy.parent_url:
         raise ConfigError(
-            "policy.parent_url", "", config.source, 'is required when policy.mode = "replica"'
+            "policy.parent_url",
+            "",
+            config.source_of("policy.mode"),
+            'is required when policy.mode = "replica"',
         )
 
 

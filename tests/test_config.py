@@ -141,3 +141,15 @@ def test_schedule_parsed(tmp_path):
         1_000_000,
         None,
     )
+
+
+def test_each_key_remembers_where_it_came_from(tmp_path):
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[limits]\negress = "10MB"\n')
+    c = load_config(
+        cfg, environ={"RELAY_SYNC__INTERVAL": "1m"}, overrides={"upstream.trusted_root": "/r.json"}
+    )
+    assert c.source_of("limits.egress") == str(cfg)
+    assert c.source_of("sync.interval") == "RELAY_SYNC__INTERVAL"
+    assert c.source_of("upstream.trusted_root") == "command line"
+    assert c.source_of("store.max_bytes") == str(cfg)  # a default: the file is the best pointer

@@ -125,12 +125,17 @@ def read_trusted_root(config: Config) -> bytes:
     """
     path = config.upstream.trusted_root
     if not str(path):
-        raise ConfigError("upstream.trusted_root", None, config.source, "is required")
+        raise ConfigError(
+            "upstream.trusted_root", None, config.source_of("upstream.trusted_root"), "is required"
+        )
     try:
         return Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(
-            "upstream.trusted_root", str(path), config.source, f"cannot be read: {e.strerror}"
+            "upstream.trusted_root",
+            str(path),
+            config.source_of("upstream.trusted_root"),
+            f"cannot be read: {e.strerror}",
         ) from e
 
 
@@ -196,7 +201,9 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
     if not config.upstream.urls:
-        raise ConfigError("upstream.urls", None, config.source, "at least one URL is required")
+        raise ConfigError(
+            "upstream.urls", None, config.source_of("upstream.urls"), "at least one URL is required"
+        )
     root = await asyncio.to_thread(read_trusted_root, config)
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),

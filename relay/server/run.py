@@ -94,7 +94,9 @@ def split_listen(config: Config) -> tuple[str, int]:
     listen = config.relay.listen
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError("relay.listen", listen, config.source, "expected HOST:PORT")
+        raise ConfigError(
+            "relay.listen", listen, config.source_of("relay.listen"), "expected HOST:PORT"
+        )
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
 
 
