@@ -250,3 +250,44 @@ async def settle(server: Any) -> None:
     state = relay_state(server)
     await state.mirror.sync_once()
     await state.mirror.prefetch_now()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def start_relay_process(args, port, env=None, preexec_fn=None):
+    """`relay serve` in its own process (prefetch off); wait until /readyz answers 200."""
+    import sys
+
+    import aiohttp
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "relay.cli",
+        "serve",
+        *args,
+        "--listen",
+        f"127.0.0.1:{port}",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "RELAY_SYNC__PREFETCH": "none", **(env or {})},
+        preexec_fn=preexec_fn,
+    )
+    async with aiohttp.ClientSession() as s:
+        for _ in range(300):
+            try:
+                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+                    if r.status == 200:
+                        return proc
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    proc.kill()
+    _, err = await proc.communicate()
+    raise AssertionError(f"relay did not become ready: {err.decode()[-2000:]}")

@@ -6,49 +6,14 @@ import asyncio
 import hashlib
 import os
 import signal
-import socket
-import sys
 
 import aiohttp
 import pytest
 
 from relay.publish import Repository
-from tests.support import Fault, Origin, write_root
+from tests.support import Fault, Origin, free_port, start_relay_process, write_root
 
 SIZE = 3 * 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def _start(args, port):
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay.cli",
-        "serve",
-        *args,
-        "--listen",
-        f"127.0.0.1:{port}",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "RELAY_SYNC__PREFETCH": "none"},
-    )
-    async with aiohttp.ClientSession() as s:
-        for _ in range(300):
-            try:
-                async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
-                    if r.status == 200:
-                        return proc
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    proc.kill()
-    _, err = await proc.communicate()
-    raise AssertionError(f"relay did not become ready: {err.decode()[-2000:]}")
 
 
 @pytest.mark.timeout(60)
@@ -71,8 +36,8 @@ async def test_sigkill_mid_download_then_restart(tmp_path, aiohttp_server):
         "--data-dir",
         str(data_dir),
     ]
-    port = _free_port()
-    proc = await _start(args, port)
+    port = free_port()
+    proc = await start_relay_process(args, port)
     url = f"http://127.0.0.1:{port}/{path}"
     async with aiohttp.ClientSession() as s:
 
@@ -93,8 +58,8 @@ async def test_sigkill_mid_download_then_restart(tmp_path, aiohttp_server):
         (data_dir / "blobs" / "sha256").rglob("*[0-9a-f]")
     )
 
-    port = _free_port()
-    proc = await _start(args, port)
+    port = free_port()
+    proc = await start_relay_process(args, port)
     try:
         assert list((data_dir / "blobs" / "tmp").iterdir()) == []  # temps deleted at start
         async with aiohttp.ClientSession() as s:
