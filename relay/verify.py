@@ -133,6 +133,7 @@ class TrustSession:
             self._set.reference_time = reference_time
         self._files: dict[str, bytes] = {}
         self._loaded_roles: list[str] = []
+        self._delegators: dict[str, str] = {}
         self._roots: dict[int, bytes] = {self._set.root.version: trusted_root}
 
     # -- root -------------------------------------------------------------
@@ -291,6 +292,7 @@ class TrustSession:
             raise _reject(role, e) from e
         self._files[f"{targets.version}.{role}.json"] = data
         self._loaded_roles.append(role)
+        self._delegators[role] = delegator
         return targets
 
     def result(self, previous: VerifiedMetadata | None = None) -> VerifiedMetadata:
@@ -339,6 +341,10 @@ class TrustSession:
             for path, tf in role.targets.items():
                 if path in targets or path in invalid:
                     continue
+                if not self._trusted_for(role_name, path):
+                    # A delegated role may only sign paths its delegator gave it; TUF
+                    # clients would refuse the rest, so the relay does not offer them.
+                    continue
                 try:
                     target = Target.from_targetfile(tf)
                 except ValueError:
@@ -357,6 +363,23 @@ class TrustSession:
             invalid_targets=tuple(invalid),
             by_sha256=by_sha,
         )
+
+    def _trusted_for(self, role_name: str, path: str) -> bool:
+        """Whether every delegation from top-level targets down to ``role_name`` covers ``path``."""
+        while role_name != Targets.type:
+            delegator_name = self._delegators.get(role_name)
+            if delegator_name is None:
+                return False
+            delegator = self._set[delegator_name]
+            assert isinstance(delegator, Targets)
+            delegations = delegator.delegations
+            if delegations is None or delegations.roles is None:
+                return False
+            role = delegations.roles.get(role_name)
+            if role is None or not role.is_delegated_path(path):
+                return False
+            role_name = delegator_name
+        return True
 
     def _role_order(self) -> list[str]:
         return list(self._loaded_roles)
