@@ -51,6 +51,7 @@ from relay.verify import (
     TimestampOutcome,
     TrustSession,
     VerifiedMetadata,
+    root_version,
 )
 
 logger = logging.getLogger(__name__)
@@ -176,6 +177,7 @@ class Mirror:
         self._starting: dict[str, asyncio.Future[Fill]] = {}
         self._tasks: set[asyncio.Task[object]] = set()
         self._sync_lock = asyncio.Lock()
+        self._older_roots_tried = False
         self._wake = asyncio.Event()
         self.last_sync_ok: float | None = None
         self.last_sync_error: str = ""
@@ -346,6 +348,7 @@ class Mirror:
                 raise
             session.update_root(data)
             new_roots[name] = data
+        new_roots.update(await self._older_roots(known))
         if new_roots:
             # Roots are verified one by one and kept even if the rest fails.
             await asyncio.to_thread(self._save_roots, new_roots)
@@ -398,6 +401,30 @@ class Mirror:
         await asyncio.to_thread(self._save_generation, new_files, state)
         self._publish(verified)
         return SyncResult.NEW
+
+    async def _older_roots(self, known: dict[str, bytes]) -> dict[str, bytes]:
+        """Roots older than the pinned one, so agents that ship them can walk forward.
+
+        They are trusted only as a chain that ends exactly at the pinned root: each is
+        signed by its predecessor's keys and its own, and the pinned root is signed by
+        the last of them. Fetched once; a failure only means they are not served.
+        """
+        pinned = root_version(self._pinned_root)
+        if pinned <= 1 or "1.root.json" in known or self._older_roots_tried:
+            return {}
+        self._older_roots_tried = True
+        try:
+            chain = {1: await self.upstream.get_metadata("1.root.json", ROOT_MAX_LENGTH)}
+            session = TrustSession(chain[1])
+            for version in range(2, pinned):
+                name = f"{version}.root.json"
+                chain[version] = await self.upstream.get_metadata(name, ROOT_MAX_LENGTH)
+                session.update_root(chain[version])
+            session.update_root(self._pinned_root)
+        except (UpstreamContentError, TransportError) as e:
+            logger.warning("roots older than the pinned root %d not served: %s", pinned, e)
+            return {}
+        return {f"{v}.root.json": data for v, data in chain.items()}
 
     def _save_roots(self, roots: dict[str, bytes]) -> None:
         for name, data in sorted(roots.items(), key=lambda kv: _version_of(kv[0])):

@@ -9,6 +9,7 @@ import pytest
 
 from relay.publish import Repository
 from tests.support import (
+    Fault,
     Origin,
     TufClient,
     relay_config,
@@ -190,3 +191,36 @@ async def test_failover_and_outage(tmp_path, repo, origin, root_file, aiohttp_se
     again = TufClient(tmp_path / "again", str(relay.make_url("/")), repo.root_bytes(1))
     got = await again.arefresh_and_download()
     assert got["sigs/2024.1.0/sigs.db"][0] == BLOB_B
+
+
+async def test_relay_pinned_to_a_newer_root_serves_the_older_chain(
+    tmp_path, repo, origin, aiohttp_server
+):
+    repo.rotate("root")
+    repo.rotate("root")
+    pinned = write_root(tmp_path, repo.root_bytes(3), "pinned-3.json")
+    relay = await start_relay(aiohttp_server, relay_config(tmp_path, [origin.url], pinned))
+    await settle(relay)
+    for version in (1, 2, 3):
+        assert await relay_client_get(relay, f"/metadata/{version}.root.json") == repo.root_bytes(
+            version
+        )
+    # An agent that ships the first root walks forward through the relay.
+    client = TufClient(tmp_path / "old-agent", str(relay.make_url("/")), repo.root_bytes(1))
+    got = await client.arefresh_and_download()
+    assert got["agent/1.0.0/agent.bin"][0] == BLOB_A
+
+
+async def test_older_roots_that_do_not_chain_to_the_pinned_root_are_not_served(
+    tmp_path, repo, origin, aiohttp_server
+):
+    repo.rotate("root")
+    other = Repository.init(tmp_path / "other")  # a root 1 of someone else
+    origin.faults["metadata/1.root.json"] = Fault(body=other.root_bytes(1))
+    pinned = write_root(tmp_path, repo.root_bytes(2), "pinned-2.json")
+    relay = await start_relay(aiohttp_server, relay_config(tmp_path, [origin.url], pinned))
+    await settle(relay)
+    state = relay_state(relay)
+    assert state.mirror.current is not None
+    assert state.mirror.metadata_file("1.root.json") is None
+    assert state.mirror.metadata_file("2.root.json") == repo.root_bytes(2)
