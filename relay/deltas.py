@@ -267,9 +267,12 @@ class DeltaService:
                         "Relay-Target-Length"
                     ) != str(target.length):
                         raise PatchRejectedError("patch headers name another target")
-                    patch = await resp.content.read(target.length + 1)
-                    if len(patch) > target.length or not resp.content.at_eof():
-                        raise PatchRejectedError("patch larger than the full target")
+                    buf = bytearray()
+                    async for chunk in resp.content.iter_chunked(64 * 1024):
+                        buf += chunk
+                        if len(buf) > target.length:
+                            raise PatchRejectedError("patch larger than the full target")
+                    patch = bytes(buf)
                 old_bytes = await asyncio.to_thread(self.store.path(old.sha256).read_bytes)
                 data = await asyncio.to_thread(
                     apply_patch_bytes,
