@@ -225,12 +225,15 @@ async def test_relay_to_relay_delta_and_hostile_parent(tmp_path, repo, aiohttp_s
     async with aiohttp.ClientSession() as s:
         status, _, body = await _get(s, child.make_url(f"/targets/{old_target.url_path}"))
         assert status == 200 and body == OLD
-    new_target = repo.add_bytes(NEW, "app.bin", product="app", version="1.1.0")
+    # A release with a 300 kB insertion: the patch spans many network reads.
+    big_new = NEW[: len(NEW) // 3] + random.Random(9).randbytes(300_000) + NEW[len(NEW) // 3 :]
+    big_sha = hashlib.sha256(big_new).hexdigest()
+    new_target = repo.add_bytes(big_new, "app.bin", product="app", version="1.1.0")
     pstate = relay_state(parent)
     await pstate.mirror.sync_once()
     old_sha = hashlib.sha256(OLD).hexdigest()
     for _ in range(3000):
-        if all(pstate.deltas.lookup(old_sha, NEW_SHA, [f]) for f in DeltaFormat):
+        if all(pstate.deltas.lookup(old_sha, big_sha, [f]) for f in DeltaFormat):
             break
         await asyncio.sleep(0.01)
     cstate = relay_state(child)
@@ -240,8 +243,9 @@ async def test_relay_to_relay_delta_and_hostile_parent(tmp_path, repo, aiohttp_s
     )
     async with aiohttp.ClientSession() as s:
         status, _, body = await _get(s, child.make_url(f"/targets/{new_target.url_path}"))
-    assert status == 200 and body == NEW
-    assert cstate.metrics.delta_wan_saved._value.get() > 0.9 * len(NEW)
+    assert status == 200 and body == big_new
+    saved = cstate.metrics.delta_wan_saved._value.get()
+    assert 0.5 * len(big_new) < saved < len(big_new) - 300_000  # the patch carries the insertion
     parent_full_after = sum(
         n for k, n in pstate.metrics.bytes_served.values.items() if k[0] in ("cache", "upstream")
     )
