@@ -394,4 +394,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/checkin", counted("checkin", checkin), name="checkin")
     app.router.add_post("/v1/reports", counted("reports", reports), name="reports")
     add_admin_routes(app)
-    app.router.add_route("*", "/{tail:.*}", counted("other", not_found), name="other")
+    app.router.add_get("/{tail:.*}", counted("other", not_found), name="other")
