@@ -203,3 +203,12 @@ async def test_curl_resume(relay, tmp_path):
     stdout, _ = await proc.communicate()
     assert stdout == b"416"
     assert out.read_bytes() == BLOB
+
+
+async def test_wrong_method_on_a_known_path_is_405(relay):
+    status, headers, _ = await raw(
+        relay,
+        b"POST /metadata/timestamp.json HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    assert status == 405
+    assert "GET" in headers["allow"]
