@@ -173,3 +173,33 @@ async def test_unlimited_limiter_never_waits_and_rates_can_change():
     limiter.on_throttle = waits.append
     await limiter.acquire("a", 100)
     assert waits and waits[0] > 0
+
+
+async def test_schedule_window_applies_in_a_running_relay(tmp_path, aiohttp_server, serve_origin):
+    from relay.publish import Repository
+    from tests.support import relay_config, relay_state, start_relay, write_root
+
+    repo = Repository.init(tmp_path / "repo")
+    repo.add_bytes(b"x" * 1000, "a.bin", product="a", version="1.0.0")
+    origin = await serve_origin(repo)
+    cfg_file = tmp_path / "relay.toml"
+    # A window that is open all day, every day: its rates replace the (unlimited) base rates.
+    cfg_file.write_text(
+        '[[limits.schedule]]\nstart = "00:00"\nend = "00:00"\negress = "1MB"\nper_agent = "64KB"\nupstream = "2MB"\n'
+    )
+    from relay.config import load_config
+
+    base = relay_config(tmp_path, [origin.url], write_root(tmp_path, repo.root_bytes(1)))
+    cfg = load_config(
+        cfg_file,
+        overrides={
+            "relay.data_dir": str(base.relay.data_dir),
+            "upstream.urls": list(base.upstream.urls),
+            "upstream.trusted_root": str(base.upstream.trusted_root),
+            "sync.interval": 3600,
+        },
+    )
+    relay = await start_relay(aiohttp_server, cfg)
+    state = relay_state(relay)
+    assert state.limiter.limited and state.upstream_limiter.limited
+    assert state.limiter.chunk("a") == 64_000 * MAX_GAP  # the per-agent window rate decides
