@@ -370,10 +370,8 @@ class DeltaEngine:
     ) -> DeltaResult:
         if self._closed:
             return DeltaResult(DeltaOutcome.FAILED, fmt, detail="engine closed")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         result_file = dest.with_name(f".{dest.name}.result")
-        with contextlib.suppress(FileNotFoundError):
-            result_file.unlink()
+        await asyncio.to_thread(self._prepare, dest, result_file)
         job = {
             "old": str(old),
             "new": str(new),
@@ -396,7 +394,7 @@ class DeltaEngine:
                 if time.monotonic() > deadline:
                     proc.kill()
                     await asyncio.to_thread(proc.join, 5)
-                    self._cleanup(dest, result_file)
+                    await asyncio.to_thread(self._cleanup, dest, result_file)
                     return DeltaResult(
                         DeltaOutcome.TIMEOUT,
                         fmt,
@@ -411,7 +409,7 @@ class DeltaEngine:
         try:
             data = json.loads(await asyncio.to_thread(result_file.read_text))
         except (OSError, ValueError):
-            self._cleanup(dest, result_file)
+            await asyncio.to_thread(self._cleanup, dest, result_file)
             return DeltaResult(
                 DeltaOutcome.FAILED,
                 fmt,
@@ -419,11 +417,10 @@ class DeltaEngine:
                 detail=f"worker exited with code {proc.exitcode}",
             )
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                result_file.unlink()
+            await asyncio.to_thread(self._cleanup_result, result_file)
         outcome = DeltaOutcome(data["outcome"])
         if outcome is not DeltaOutcome.COMPUTED:
-            self._cleanup(dest, result_file)
+            await asyncio.to_thread(self._cleanup, dest, result_file)
             return DeltaResult(
                 outcome,
                 fmt,
@@ -439,6 +436,17 @@ class DeltaEngine:
             patch_sha256=str(data["sha256"]),
             seconds=seconds,
         )
+
+    @staticmethod
+    def _prepare(dest: Path, result_file: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            result_file.unlink()
+
+    @staticmethod
+    def _cleanup_result(result_file: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            result_file.unlink()
 
     @staticmethod
     def _cleanup(dest: Path, result_file: Path) -> None:

@@ -247,7 +247,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         formats=[DeltaFormat(f) for f in dcfg.formats],
         bases=dcfg.bases,
     )
-    kv = KV(config.relay.state_dir)
+    kv = await asyncio.to_thread(KV, config.relay.state_dir)  # opens SQLite
     registry = Registry(kv)
     await registry.load()
     policy = PolicyStore(
@@ -315,7 +315,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         registry=registry,
         policy=policy,
     )
-    app[ADMIN_TOKEN] = config.admin_token()
+    app[ADMIN_TOKEN] = await asyncio.to_thread(config.admin_token)  # may read a file
     limiter.on_throttle = metrics.throttled_seconds.labels("egress").inc
     upstream_limiter.on_throttle = metrics.throttled_seconds.labels("upstream").inc
     metrics.bind(metrics.active_transfers, lambda: float(state.gate.active))
