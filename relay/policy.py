@@ -433,3 +433,27 @@ def declined_everywhere(
 ) -> bool:
     """Whether no group may receive ``target`` because it is declined for all of them."""
     return all(effective_status(state, settings, target, g) is Status.DECLINED for g in groups)
+
+
+def pinned_digests(
+    targets: Iterable[Target], state: PolicyState, settings: Settings, groups: Iterable[str]
+) -> set[str]:
+    """Digests the store must keep for the policy (DESIGN §2).
+
+    Every explicitly approved version, and the version each group is currently
+    offered for each product. Declined versions are never pinned by the policy.
+    """
+    by_product: dict[str, list[Target]] = {}
+    for t in targets:
+        by_product.setdefault(t.product, []).append(t)
+    approved = {(p, v) for (p, v, _g), a in state.approvals.items() if a.status is Status.APPROVED}
+    group_list = list(groups)
+    pins: set[str] = set()
+    for versions in by_product.values():
+        ordered = sorted(versions, key=lambda t: t.info.semver)
+        pins.update(t.sha256 for t in ordered if (t.product, t.version) in approved)
+        for g in group_list:
+            offered = [t for t in ordered if offerable(state, settings, t, g)]
+            if offered:
+                pins.add(offered[-1].sha256)
+    return pins

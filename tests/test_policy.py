@@ -339,3 +339,17 @@ def test_round_trips_and_validation():
             Settings.from_dict(bad)
     with pytest.raises(ValueError, match=r"approvals\[0\]"):
         PolicyState.from_dict({"approvals": [{"product": "a"}]})
+
+
+def test_pins_are_approved_and_currently_offered_versions_only():
+    from relay.policy import pinned_digests
+
+    old_sigs, new_sigs = (
+        T("2024.1.0", product="sigs", kind="content"),
+        T("2024.2.0", product="sigs", kind="content"),
+    )
+    state = approve(decline(PolicyState(), V3), V1)
+    pins = pinned_digests([V1, V2, V3, old_sigs, new_sigs], state, Settings(), ["default"])
+    # V1 approved (and offered); V2 undefined software: not pinned; V3 declined: not pinned;
+    # of the content, only the version offered now (the newest) is pinned.
+    assert pins == {V1.sha256, new_sigs.sha256}

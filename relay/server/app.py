@@ -36,7 +36,7 @@ from relay.policy import (
     PolicyState,
     Settings,
     declined_everywhere,
-    offerable,
+    pinned_digests,
     should_prefetch,
 )
 from relay.ratelimit import BandwidthLimiter, RateSchedule, schedule_from_config
@@ -270,9 +270,9 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         current = mirror.current
         pins = set(deltas.bases_pinned())
         if current is not None:
-            for target in current.targets.values():
-                if any(offerable(policy.state, policy.settings, target, g) for g in groups()):
-                    pins.add(target.sha256)
+            pins |= pinned_digests(
+                current.targets.values(), policy.state, policy.settings, groups()
+            )
         return pins
 
     mirror = Mirror(
