@@ -223,3 +223,39 @@ async def test_post_install_action_runs_once(tmp_path, repo, relay):
         )
     )
     assert counter.read_text() == "1.0.0\n"
+
+
+async def test_relay_agent_cli_from_flags_alone(tmp_path, repo, relay, capsys):
+    from relay.cli import main
+
+    root = tmp_path / "root.json"
+    root.write_bytes(repo.root_bytes(1))
+    argv = [
+        "agent",
+        "--relay",
+        "http://127.0.0.1:9/",
+        "--relay",
+        relay.url,
+        "--trusted-root",
+        str(root),
+        "--state-dir",
+        str(tmp_path / "cli" / "s"),
+        "--install-dir",
+        str(tmp_path / "cli" / "i"),
+        "--id",
+        "cli-1",
+        "--group",
+        "default",
+        "--defer",
+        "3",
+        "--once",
+    ]
+    assert await asyncio.to_thread(main, argv) == 0
+    assert "installed app 1.0.0" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "i" / "app" / "app.bin").read_bytes() == V1
+    assert await asyncio.to_thread(main, argv) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert relay_state(relay).registry.get("cli-1").defer_days == 3
+    # Without a trusted root: a configuration error naming the key (exit 3).
+    assert await asyncio.to_thread(main, ["agent", "--relay", relay.url, "--once"]) == 3
+    assert "agent.trusted_root" in capsys.readouterr().err
