@@ -3,37 +3,75 @@
 Rules (DESIGN §7, STYLE 16-17):
 
 * Layers, lowest first: built-in defaults < the TOML file named by ``--config`` <
-  ``RELAY_<SECTION>__<KEY>`` environment variables < command-line flags (passed in
-  as a mapping of dotted keys).
-* ``environ`` is a parameter; nothing here reads ``os.environ`` or any file on its
-  own, and nothing is read at import time.
-* Everything is validated once into frozen dataclasses, one per section, with
-  units in comments. An unknown section or key, or a bad value, raises
-  :class:`relay.errors.ConfigError` naming the key, the value and the file or
-  variable it came from.
-* Sizes: bytes or ``KB``/``MB``/``GB``/``KiB``/``MiB``/``GiB``; durations: seconds or
-  ``s``/``m``/``h``/``d``; rates: sizes per second.
+  ``RELAY_<SECTION>__<KEY>`` environment variables < command-line flags (a mapping of
+  dotted keys). A higher layer replaces a key whole: lists and tables are not merged
+  with the layer below, except that kinds missing from ``policy.install_undefined``
+  keep their defaults.
+* ``environ`` is a parameter: nothing here reads ``os.environ``, and nothing is read
+  at import time. The only file read is the one ``path`` names (and
+  ``admin.token_file``, when :meth:`Config.admin_token` is called).
+* Everything is validated once, into frozen dataclasses (one per section, units in
+  comments); the tables inside them are read-only mappings.
+* Every failure is a :class:`relay.errors.ConfigError` naming the key, the value and
+  where it came from (the file path, the variable name, or ``command line``): an
+  unknown section or key, a bad value, a TOML syntax error (its message gives the
+  line), a missing file, or a variable written ``RELAY_SECTION_KEY`` with a single
+  underscore where two belong.
+* Text form, used by environment variables and by string values given on the command
+  line for keys that are not strings: lists are comma-separated, booleans are
+  ``true``/``false``/``1``/``0``/``yes``/``no``/``on``/``off``, and
+  ``policy.install_undefined`` lists the kinds that are on. Other tables
+  (``limits.schedule``, ``agent.actions``) are file-only.
+* Secrets (``admin.token``, and any key named like a token, secret or password) never
+  appear in an error message or a ``repr``.
+* Sizes: bytes, or ``KB``/``MB``/``GB`` (powers of 1000) or ``KiB``/``MiB``/``GiB``
+  (powers of 1024); durations: seconds, or ``s``/``m``/``h``/``d``; rates: sizes per
+  second. ``inf`` and ``nan`` are refused everywhere.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from relay._internal.units import parse_duration, parse_rate, parse_size
 from relay.errors import ConfigError
 
 ENV_PREFIX = "RELAY_"
+COMMAND_LINE = "command line"
+DEFAULTS = "built-in defaults"
 DELTA_FORMATS = ("zstd", "bsdiff4")
 KINDS = ("software", "content", "config")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+DEFER_DAYS = (0, 1, 3, 7)
+
+LogFormat = Literal["text", "json"]
+PrefetchMode = Literal["policy", "all", "none"]
+PolicyMode = Literal["autonomous", "replica"]
+RolloutName = Literal["forced", "on-demand"]
+DeltaFormatName = Literal["zstd", "bsdiff4"]
+
+# Variables that start like a configuration variable but belong to another command:
+# `relay admin` (the client) reads its bearer token from RELAY_ADMIN_TOKEN.
+_NOT_CONFIG_VARIABLES = frozenset({"RELAY_ADMIN_TOKEN"})
+_SECRET_WORDS = ("token", "secret", "password")
+_HIDDEN = "<hidden>"
+
+
+def _install_undefined_defaults() -> Mapping[str, bool]:
+    return MappingProxyType({"software": False, "content": True, "config": False})
+
+
+def _no_actions() -> Mapping[str, str]:
+    return MappingProxyType({})
 
 
 # -- sections -----------------------------------------------------------------------
@@ -43,30 +81,30 @@ _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 class RelaySettings:
     """``[relay]``: the process itself."""
 
-    listen: str = "127.0.0.1:8080"  # HOST:PORT
-    data_dir: Path = Path("relay-data")  # metadata/, blobs/, deltas/, state/ live here
-    log_format: str = "text"  # text | json
+    listen: str = "127.0.0.1:8080"  # HOST:PORT; [::1]:8080 for IPv6; :8080 = all interfaces
+    data_dir: Path = Path("relay-data")  # relative to the current directory
+    log_format: LogFormat = "text"  # text | json (one object per line)
     access_log: bool = True  # one line per request
-    public_url: str = ""  # URL advertised to agents; "" = http://<listen>/
+    public_url: str = ""  # URL advertised to agents; "" = derived from listen
 
     @property
     def metadata_dir(self) -> Path:
-        """Verified metadata, byte-exact."""
+        """Verified TUF metadata, byte-exact: ``<data_dir>/metadata``."""
         return self.data_dir / "metadata"
 
     @property
     def blobs_dir(self) -> Path:
-        """The content-addressed blob store."""
+        """The content-addressed blob store: ``<data_dir>/blobs``."""
         return self.data_dir / "blobs"
 
     @property
     def deltas_dir(self) -> Path:
-        """Computed patches."""
+        """Computed patches: ``<data_dir>/deltas``."""
         return self.data_dir / "deltas"
 
     @property
     def state_dir(self) -> Path:
-        """diskcache: agents, approvals, settings, audit log."""
+        """The state database (approvals, agents, audit log, counters): ``<data_dir>/state``."""
         return self.data_dir / "state"
 
 
@@ -74,21 +112,21 @@ class RelaySettings:
 class UpstreamSettings:
     """``[upstream]``: where metadata and targets come from."""
 
-    urls: tuple[str, ...] = ()  # tried in order
-    trusted_root: Path = Path()  # the pinned root.json
-    connect_timeout: float = 10.0  # seconds
-    read_timeout: float = 30.0  # seconds: the longest gap between bytes
+    urls: tuple[str, ...] = ()  # http(s) base URLs, tried in order
+    trusted_root: Path = Path()  # the pinned root.json; Path() = not set
+    connect_timeout: float = 10.0  # seconds, > 0
+    read_timeout: float = 30.0  # seconds, > 0: the longest gap between bytes
     retries: int = 3  # extra attempts per upstream
-    retry_backoff: float = 0.5  # seconds, doubling
+    retry_backoff: float = 0.5  # seconds before the first retry, doubling
 
 
 @dataclass(frozen=True, slots=True)
 class SyncSettings:
     """``[sync]``: metadata polling and prefetch."""
 
-    interval: float = 300.0  # seconds
-    jitter: float = 30.0  # seconds, added at random to each interval
-    prefetch: str = "policy"  # policy (what would be offered) | all | none
+    interval: float = 300.0  # seconds between polls, > 0
+    jitter: float = 30.0  # seconds, at most, added at random to each interval
+    prefetch: PrefetchMode = "policy"  # policy: what some group would be offered | all | none
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +135,7 @@ class StoreSettings:
 
     max_bytes: int = 0  # bytes; 0 = unlimited
     keep_versions: int = 3  # newest versions of each product pinned
-    scrub_interval: float = 86400.0  # seconds; 0 = off
+    scrub_interval: float = 86400.0  # seconds between re-hashes of every blob; 0 = off
     retry_after: float = 30.0  # seconds, told to clients when the store is full
 
 
@@ -105,12 +143,12 @@ class StoreSettings:
 class ScheduleEntry:
     """A time-of-day window with its own rates (bytes/s; ``None`` = the base rate)."""
 
-    start: str  # HH:MM
-    end: str  # HH:MM (before start: the window wraps midnight)
-    days: tuple[str, ...] = ()  # mon..sun; empty = every day
-    upstream: int | None = None
-    egress: int | None = None
-    per_agent: int | None = None
+    start: str  # HH:MM, local time
+    end: str  # HH:MM; before start: wraps midnight; equal to start: all day
+    days: tuple[str, ...] = ()  # mon..sun, the days the window opens on; () = every day
+    upstream: int | None = None  # bytes/s
+    egress: int | None = None  # bytes/s
+    per_agent: int | None = None  # bytes/s
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,11 +156,11 @@ class LimitsSettings:
     """``[limits]``: bandwidth and concurrency."""
 
     upstream: int = 0  # bytes/s, all upstream fetches together; 0 = unlimited
-    egress: int = 0  # bytes/s, all responses together
-    per_agent: int = 0  # bytes/s per agent
+    egress: int = 0  # bytes/s, all responses together; 0 = unlimited
+    per_agent: int = 0  # bytes/s per agent; 0 = unlimited
     max_transfers: int = 1024  # concurrent blob responses; 0 = unlimited
-    max_transfers_per_agent: int = 8
-    chunk_bytes: int = 64 * 1024  # bytes per paced write
+    max_transfers_per_agent: int = 8  # concurrent blob responses per agent; 0 = unlimited
+    chunk_bytes: int = 64 * 1024  # bytes per paced write, >= 1
     retry_after: float = 5.0  # seconds, told to clients past the limits
     schedule: tuple[ScheduleEntry, ...] = ()
 
@@ -132,69 +170,67 @@ class DeltaSettings:
     """``[delta]``: relay-computed patches."""
 
     enabled: bool = True
-    # Preference order; bsdiff4 first from benchmarks/RESULTS.md (zstd's median patch is
-    # 1.42x bsdiff4's, over the 1.25x the rule allows, although it diffs 80x faster).
-    formats: tuple[str, ...] = ("bsdiff4", "zstd")
+    # Preference order, no repeats; bsdiff4 first from benchmarks/RESULTS.md (zstd's
+    # median patch is 1.42x bsdiff4's, over the 1.25x the rule allows).
+    formats: tuple[DeltaFormatName, ...] = ("bsdiff4", "zstd")
     bases: int = 3  # older versions diffed against each new one
     workers: int = 1  # diff processes
     max_memory: int = 2 * 1024**3  # bytes a diff may need
-    max_seconds: float = 300.0  # a longer diff is killed
-    max_ratio: float = 0.5  # a patch larger than this share of the target is dropped
-    zstd_level: int = 3
+    max_seconds: float = 300.0  # seconds, > 0: a longer diff is killed
+    max_ratio: float = 0.5  # 0 < r <= 1: a patch over this share of the target is dropped
+    zstd_level: int = 3  # 1..22; 3, not 19: benchmarks/RESULTS.md (19 took 67 s on 26 MB)
 
 
 @dataclass(frozen=True, slots=True)
 class PolicySettings:
     """``[policy]``: approvals and rollout defaults."""
 
-    mode: str = "autonomous"  # autonomous | replica
-    parent_url: str = ""  # replica: the parent relay
+    mode: PolicyMode = "autonomous"  # replica: approvals and settings from parent_url
+    parent_url: str = ""  # replica: the parent relay's base URL
     parent_token_file: Path = Path()  # replica: bearer token for the parent's admin API
     auto_approve_critical: bool = True
-    install_undefined: Mapping[str, bool] = field(
-        default_factory=lambda: {"software": False, "content": True, "config": False}
-    )
+    install_undefined: Mapping[str, bool] = field(default_factory=_install_undefined_defaults)
     beta_groups: tuple[str, ...] = ()
-    rollout_mode: str = "forced"  # forced | on-demand
-    deferral_days: tuple[int, ...] = (1, 3, 7)
-    relays_only: bool = False
-    poll_seconds: int = 3600  # told to agents
-    origin_url: str = ""  # told to agents unless relays_only; "" = the first upstream
-    relays: tuple[str, ...] = ()  # more relays advertised to agents
+    rollout_mode: RolloutName = "forced"
+    deferral_days: tuple[int, ...] = (1, 3, 7)  # days an agent may defer; at least one
+    relays_only: bool = False  # agents never fall back to the origin
+    poll_seconds: int = 3600  # seconds between check-ins, told to agents
+    origin_url: str = ""  # told to agents unless relays_only; "" = the first upstream URL
+    relays: tuple[str, ...] = ()  # more relays advertised to agents, besides this one
 
 
 @dataclass(frozen=True, slots=True)
 class AdminSettings:
-    """``[admin]``: the admin API (off without a token)."""
+    """``[admin]``: the admin API (off when there is no token)."""
 
-    token_file: Path = Path()
-    token: str = field(default="", repr=False)
+    token_file: Path = Path()  # file holding the bearer token; Path() = not set
+    token: str = field(default="", repr=False)  # the token itself (prefer token_file)
 
 
 @dataclass(frozen=True, slots=True)
 class AgentSettings:
     """``[agent]``: the reference agent."""
 
-    id: str = ""
+    id: str = ""  # "" = the host name
     group: str = "default"
-    relays: tuple[str, ...] = ()
-    origin: str = ""
+    relays: tuple[str, ...] = ()  # relay base URLs, in order
+    origin: str = ""  # origin base URL, used only when relays_only is false
     relays_only: bool = False
-    trusted_root: Path = Path()
-    state_dir: Path = Path("agent-state")
+    trusted_root: Path = Path()  # the root.json the agent ships; Path() = not set
+    state_dir: Path = Path("agent-state")  # TUF metadata and agent state
     install_dir: Path = Path("agent-install")
-    install_command: str = ""
-    install_timeout: float = 300.0  # seconds
-    defer_days: int = 0  # 0, 1, 3 or 7
-    accept_delta: tuple[str, ...] = ("zstd", "bsdiff4")
-    poll_jitter: float = 60.0  # seconds
-    request_timeout: float = 30.0  # seconds
-    actions: Mapping[str, str] = field(default_factory=dict)  # action name -> command
+    install_command: str = ""  # a command line run after placing a file; "" = none
+    install_timeout: float = 300.0  # seconds, > 0
+    defer_days: int = 0  # 0, 1, 3 or 7: the deferral chosen for on-demand updates
+    accept_delta: tuple[DeltaFormatName, ...] = ("zstd", "bsdiff4")
+    poll_jitter: float = 60.0  # seconds, at most, added at random to each poll
+    request_timeout: float = 30.0  # seconds, > 0
+    actions: Mapping[str, str] = field(default_factory=_no_actions)  # name -> command line
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The whole configuration."""
+    """The whole configuration, validated."""
 
     relay: RelaySettings = field(default_factory=RelaySettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -205,33 +241,55 @@ class Config:
     policy: PolicySettings = field(default_factory=PolicySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
-    source: str = "built-in defaults"
+    source: str = DEFAULTS  # the file path, or "built-in defaults"; for messages
     # Where each key that is not a default came from: the file, a variable, the command line.
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    sources: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
 
     def source_of(self, key: str) -> str:
-        """Where ``key`` (``section.name``) got its value, for error messages."""
+        """Say where a key got its value, for error messages.
+
+        Args:
+            key: a dotted key such as ``limits.egress``.
+
+        Returns:
+            The file path, the variable name or ``command line`` that set the key; for
+            a key left at its default, :attr:`source` (the file the operator would edit).
+        """
         return self.sources.get(key, self.source)
 
     def admin_token(self) -> str:
-        """The admin bearer token ("" = admin API off).
+        """Return the admin bearer token: ``admin.token``, else ``admin.token_file``.
+
+        This reads a file: call it off the event loop.
+
+        Returns:
+            The token, stripped of surrounding whitespace; ``""`` means the admin API
+            is off.
 
         Raises:
             ConfigError: ``admin.token_file`` is set but cannot be read.
         """
         if self.admin.token:
             return self.admin.token
-        if str(self.admin.token_file) in ("", "."):
+        if not _is_set(self.admin.token_file):
             return ""
         try:
-            return self.admin.token_file.read_text().strip()
-        except OSError as e:
+            return self.admin.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
             raise ConfigError(
                 "admin.token_file",
                 str(self.admin.token_file),
                 self.source_of("admin.token_file"),
-                f"cannot be read: {e.strerror}",
+                f"cannot be read: {reason}",
             ) from e
+
+
+def _is_set(path: Path) -> bool:
+    # Path("") is Path("."): an empty path in the file means "not set".
+    return str(path) not in ("", ".")
 
 
 _SECTIONS: dict[str, type] = {
@@ -248,182 +306,208 @@ _SECTIONS: dict[str, type] = {
 
 
 # -- value parsers -----------------------------------------------------------------
+# Each takes (value, text): ``text`` is true when a string is in the text form of an
+# environment variable or a command-line flag. Each returns the typed value or raises
+# ValueError with the reason; _parse turns that into a ConfigError.
 
-Parser = Callable[[Any, bool], Any]  # (value, from_env) -> typed value
+Parser = Callable[[Any, bool], Any]
+
+_INT = re.compile(r"\s*-?[0-9]+\s*")
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+# HOST:PORT, or [IPv6]:PORT; an empty host listens on every interface.
+_LISTEN = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[A-Za-z0-9._-]*)):(?P<port>[0-9]{1,5})")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
-def _bool(value: Any, from_env: bool) -> bool:
+def _finite(value: Any) -> Any:
+    # TOML has inf and nan; neither is a size, a rate or a duration.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    return value
+
+
+def _bool(value: Any, text: bool) -> bool:
     if isinstance(value, bool):
         return value
-    if from_env and isinstance(value, str):
+    if text and isinstance(value, str):
         low = value.strip().lower()
-        if low in ("1", "true", "yes", "on"):
+        if low in _TRUE:
             return True
-        if low in ("0", "false", "no", "off"):
+        if low in _FALSE:
             return False
+        raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
     raise ValueError("expected true or false")
 
 
 def _int(minimum: int = 0, maximum: int | None = None) -> Parser:
-    def parse(value: Any, from_env: bool) -> int:
-        if from_env and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    def parse(value: Any, text: bool) -> int:
+        if text and isinstance(value, str) and _INT.fullmatch(value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("expected an integer")
         if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
             raise ValueError(f"must be {bound}")
         return value
 
     return parse
 
 
-def _float_between(low: float, high: float) -> Parser:
-    def parse(value: Any, from_env: bool) -> float:
-        if from_env and isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError("expected a number") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError("expected a number")
-        if not low < value <= high:
-            raise ValueError(f"must be > {low} and <= {high}")
-        return float(value)
+def _ratio(value: Any, text: bool) -> float:
+    if text and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError("expected a number") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("expected a number")
+    if not 0 < value <= 1:  # also refuses nan
+        raise ValueError("must be more than 0 and at most 1")
+    return float(value)
+
+
+def _size(minimum: int = 0) -> Parser:
+    def parse(value: Any, _text: bool) -> int:
+        n = parse_size(_finite(value))
+        if n < minimum:
+            raise ValueError(f"must be at least {minimum} (bytes)")
+        return n
 
     return parse
 
 
-def _size(value: Any, _env: bool) -> int:
-    return parse_size(value)
+def _rate(value: Any, _text: bool) -> int:
+    return parse_rate(_finite(value))
 
 
-def _rate(value: Any, _env: bool) -> int:
-    return parse_rate(value)
+def _duration(*, positive: bool = False) -> Parser:
+    def parse(value: Any, _text: bool) -> float:
+        seconds = parse_duration(_finite(value))
+        if positive and seconds <= 0:
+            raise ValueError("must be more than 0 seconds")
+        return seconds
+
+    return parse
 
 
-def _duration(value: Any, _env: bool) -> float:
-    return parse_duration(value)
-
-
-def _str(value: Any, _env: bool) -> str:
+def _str(value: Any, _text: bool) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a string")
     return value
 
 
-def _path(value: Any, _env: bool) -> Path:
+def _path(value: Any, _text: bool) -> Path:
     if not isinstance(value, str | Path):
-        raise ValueError("expected a path")
+        raise ValueError("expected a path (a string)")
+    if "\0" in str(value):
+        raise ValueError("a path cannot contain a NUL character")
     return Path(value)
 
 
 def _choice(*choices: str) -> Parser:
-    def parse(value: Any, _env: bool) -> str:
-        if value not in choices:
+    def parse(value: Any, text: bool) -> str:
+        if text and isinstance(value, str):
+            value = value.strip()
+        if not isinstance(value, str) or value not in choices:
             raise ValueError(f"expected one of {', '.join(choices)}")
-        return str(value)
+        return value
 
     return parse
 
 
-def _url(value: Any, _env: bool) -> str:
+def _url(value: Any, _text: bool) -> str:
     if not isinstance(value, str):
-        raise ValueError("expected a URL")
-    if value == "":
-        return value
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError("expected an http:// or https:// URL")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected an http:// or https:// URL with a host")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError("a URL cannot contain spaces or control characters")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when asked
+    except ValueError:
+        raise ValueError("the port must be a number from 0 to 65535") from None
+    if parts.query or parts.fragment:
+        raise ValueError("a base URL has no ?query or #fragment")
     return value
 
 
-def _list(item: Parser) -> Parser:
-    def parse(value: Any, from_env: bool) -> tuple[Any, ...]:
-        if from_env and isinstance(value, str):
+def _optional_url(value: Any, text: bool) -> str:
+    return "" if value == "" else _url(value, text)
+
+
+def _list(item: Parser, *, unique: bool = False, non_empty: bool = False) -> Parser:
+    def parse(value: Any, text: bool) -> tuple[Any, ...]:
+        if text and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
-            raise ValueError("expected a list")
-        out = []
+            form = "a comma-separated list" if text else "a list such as [...]"
+            raise ValueError(f"expected {form}")
+        out: list[Any] = []
         for i, v in enumerate(value):
             try:
-                out.append(item(v, from_env))
+                parsed = item(v, text)
             except ValueError as e:
                 raise ValueError(f"item {i} ({v!r}): {e}") from None
+            if unique and parsed in out:
+                raise ValueError(f"item {i} ({v!r}) is repeated")
+            out.append(parsed)
+        if non_empty and not out:
+            raise ValueError("needs at least one item")
         return tuple(out)
 
     return parse
 
 
-def _listen(value: Any, _env: bool) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected HOST:PORT")
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError("expected HOST:PORT with a port from 0 to 65535")
-    if host.startswith("[") != host.endswith("]"):
-        raise ValueError("an IPv6 host is written [::1]:8080")
-    return value
+def _listen(value: Any, _text: bool) -> str:
+    match = _LISTEN.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError("expected HOST:PORT, such as 127.0.0.1:8080, [::1]:8080 or :8080")
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["v6"])
+        except ValueError:
+            raise ValueError(f"{match['v6']!r} in brackets is not an IPv6 address") from None
+    if int(match["port"]) > 65535:
+        raise ValueError("the port must be from 0 to 65535")
+    return str(value)
 
 
-def _install_undefined(value: Any, from_env: bool) -> Mapping[str, bool]:
-    if from_env and isinstance(value, str):
-        kinds = {k.strip() for k in value.split(",") if k.strip()}
-        unknown = kinds - set(KINDS)
+def _install_undefined(value: Any, text: bool) -> Mapping[str, bool]:
+    if text and isinstance(value, str):
+        # The text form lists the kinds that are on; the others are off.
+        on = {k.strip() for k in value.split(",") if k.strip()}
+        unknown = on - set(KINDS)
         if unknown:
             raise ValueError(f"unknown kind {min(unknown)!r} (use {', '.join(KINDS)})")
-        return {k: k in kinds for k in KINDS}
-    if not isinstance(value, dict):
+        return MappingProxyType({k: k in on for k in KINDS})
+    if not isinstance(value, Mapping):
         raise ValueError("expected a table such as {software = false, content = true}")
-    out = dict(PolicySettings().install_undefined)
+    out = dict(_install_undefined_defaults())
     for kind, on in value.items():
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r} (use {', '.join(KINDS)})")
         if not isinstance(on, bool):
             raise ValueError(f"{kind}: expected true or false")
         out[kind] = on
-    return out
+    return MappingProxyType(out)
 
 
-def _actions(value: Any, from_env: bool) -> Mapping[str, str]:
-    if from_env:
-        raise ValueError("a table: set it in the configuration file")
-    if not isinstance(value, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+def _actions(value: Any, text: bool) -> Mapping[str, str]:
+    if text and isinstance(value, str):
+        raise ValueError("a table: set it in the configuration file ([agent.actions])")
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and k and isinstance(v, str) for k, v in value.items()
     ):
         raise ValueError("expected a table of action name = command line")
-    return dict(value)
+    return MappingProxyType(dict(value))
 
 
 def _hhmm(value: Any) -> str:
-    if not isinstance(value, str) or not _HHMM.match(value):
-        raise ValueError("expected HH:MM (24-hour)")
+    if not isinstance(value, str) or not _HHMM.fullmatch(value):
+        raise ValueError(f"{value!r} is not HH:MM (24-hour, such as 08:00)")
     return value
-
-
-def _schedule(value: Any, from_env: bool) -> tuple[ScheduleEntry, ...]:
-    if from_env:
-        raise ValueError("an array of tables: set it in the configuration file")
-    if not isinstance(value, list):
-        raise ValueError("expected an array of tables [[limits.schedule]]")
-    entries = []
-    for i, raw in enumerate(value):
-        if not isinstance(raw, dict):
-            raise ValueError(f"entry {i}: expected a table")
-        unknown = set(raw) - {"start", "end", "days", "upstream", "egress", "per_agent"}
-        if unknown:
-            raise ValueError(f"entry {i}: unknown key {min(unknown)!r}")
-        try:
-            days = _days(raw.get("days", ()))
-            rates = {k: parse_rate(raw[k]) for k in ("upstream", "egress", "per_agent") if k in raw}
-            entries.append(
-                ScheduleEntry(
-                    start=_hhmm(raw.get("start")), end=_hhmm(raw.get("end")), days=days, **rates
-                )
-            )
-        except ValueError as e:
-            raise ValueError(f"entry {i}: {e}") from None
-    return tuple(entries)
 
 
 def _days(value: Any) -> tuple[str, ...]:
@@ -431,15 +515,59 @@ def _days(value: Any) -> tuple[str, ...]:
         raise ValueError("days: expected a list such as ['mon', 'tue']")
     bad = [d for d in value if d not in DAYS]
     if bad:
-        raise ValueError(f"unknown day {bad[0]!r} (use {', '.join(DAYS)})")
+        raise ValueError(f"days: unknown day {bad[0]!r} (use {', '.join(DAYS)})")
     return tuple(value)
 
 
-def _defer(value: Any, from_env: bool) -> int:
-    n = _int(0)(value, from_env)
-    if n not in (0, 1, 3, 7):
-        raise ValueError("expected 0, 1, 3 or 7")
-    return int(n)
+_SCHEDULE_RATES = ("upstream", "egress", "per_agent")
+_SCHEDULE_KEYS = ("start", "end", "days", *_SCHEDULE_RATES)
+
+
+def _schedule(value: Any, text: bool) -> tuple[ScheduleEntry, ...]:
+    if text and isinstance(value, str):
+        raise ValueError(
+            "an array of tables: set it in the configuration file ([[limits.schedule]])"
+        )
+    if not isinstance(value, list | tuple):
+        raise ValueError("expected an array of tables [[limits.schedule]]")
+    entries = []
+    for i, raw in enumerate(value):
+        try:
+            if not isinstance(raw, Mapping):
+                raise ValueError("expected a table")
+            unknown = set(raw) - set(_SCHEDULE_KEYS)
+            if unknown:
+                raise ValueError(
+                    f"unknown key {min(unknown)!r} (known: {', '.join(_SCHEDULE_KEYS)})"
+                )
+            for needed in ("start", "end"):
+                if needed not in raw:
+                    raise ValueError(f"{needed} is required")
+            rates = {}
+            for key in _SCHEDULE_RATES:
+                if key in raw:
+                    try:
+                        rates[key] = _rate(raw[key], text)
+                    except ValueError as e:
+                        raise ValueError(f"{key}: {e}") from None
+            entries.append(
+                ScheduleEntry(
+                    start=_hhmm(raw["start"]),
+                    end=_hhmm(raw["end"]),
+                    days=_days(raw.get("days", ())),
+                    **rates,
+                )
+            )
+        except ValueError as e:
+            raise ValueError(f"entry {i}: {e}") from None
+    return tuple(entries)
+
+
+def _defer(value: Any, text: bool) -> int:
+    n: int = _int(0)(value, text)
+    if n not in DEFER_DAYS:
+        raise ValueError(f"expected one of {', '.join(map(str, DEFER_DAYS))}")
+    return n
 
 
 _FIELDS: dict[str, dict[str, Parser]] = {
@@ -448,26 +576,26 @@ _FIELDS: dict[str, dict[str, Parser]] = {
         "data_dir": _path,
         "log_format": _choice("text", "json"),
         "access_log": _bool,
-        "public_url": _url,
+        "public_url": _optional_url,
     },
     "upstream": {
         "urls": _list(_url),
         "trusted_root": _path,
-        "connect_timeout": _duration,
-        "read_timeout": _duration,
+        "connect_timeout": _duration(positive=True),
+        "read_timeout": _duration(positive=True),
         "retries": _int(0, 100),
-        "retry_backoff": _duration,
+        "retry_backoff": _duration(),
     },
     "sync": {
-        "interval": _duration,
-        "jitter": _duration,
-        "prefetch": _choice("all", "none", "policy"),
+        "interval": _duration(positive=True),
+        "jitter": _duration(),
+        "prefetch": _choice("policy", "all", "none"),
     },
     "store": {
-        "max_bytes": _size,
+        "max_bytes": _size(),
         "keep_versions": _int(0),
-        "scrub_interval": _duration,
-        "retry_after": _duration,
+        "scrub_interval": _duration(),
+        "retry_after": _duration(),
     },
     "limits": {
         "upstream": _rate,
@@ -475,32 +603,32 @@ _FIELDS: dict[str, dict[str, Parser]] = {
         "per_agent": _rate,
         "max_transfers": _int(0),
         "max_transfers_per_agent": _int(0),
-        "chunk_bytes": _size,
-        "retry_after": _duration,
+        "chunk_bytes": _size(1),
+        "retry_after": _duration(),
         "schedule": _schedule,
     },
     "delta": {
         "enabled": _bool,
-        "formats": _list(_choice(*DELTA_FORMATS)),
+        "formats": _list(_choice(*DELTA_FORMATS), unique=True, non_empty=True),
         "bases": _int(0, 64),
         "workers": _int(1, 64),
-        "max_memory": _size,
-        "max_seconds": _duration,
-        "max_ratio": _float_between(0.0, 1.0),
+        "max_memory": _size(),
+        "max_seconds": _duration(positive=True),
+        "max_ratio": _ratio,
         "zstd_level": _int(1, 22),
     },
     "policy": {
         "mode": _choice("autonomous", "replica"),
-        "parent_url": _url,
+        "parent_url": _optional_url,
         "parent_token_file": _path,
         "auto_approve_critical": _bool,
         "install_undefined": _install_undefined,
-        "beta_groups": _list(_str),
+        "beta_groups": _list(_str, unique=True),
         "rollout_mode": _choice("forced", "on-demand"),
-        "deferral_days": _list(_int(1, 365)),
+        "deferral_days": _list(_int(1, 365), unique=True, non_empty=True),
         "relays_only": _bool,
         "poll_seconds": _int(1),
-        "origin_url": _url,
+        "origin_url": _optional_url,
         "relays": _list(_url),
     },
     "admin": {"token_file": _path, "token": _str},
@@ -508,17 +636,17 @@ _FIELDS: dict[str, dict[str, Parser]] = {
         "id": _str,
         "group": _str,
         "relays": _list(_url),
-        "origin": _url,
+        "origin": _optional_url,
         "relays_only": _bool,
         "trusted_root": _path,
         "state_dir": _path,
         "install_dir": _path,
         "install_command": _str,
-        "install_timeout": _duration,
+        "install_timeout": _duration(positive=True),
         "defer_days": _defer,
-        "accept_delta": _list(_choice(*DELTA_FORMATS)),
-        "poll_jitter": _duration,
-        "request_timeout": _duration,
+        "accept_delta": _list(_choice(*DELTA_FORMATS), unique=True),
+        "poll_jitter": _duration(),
+        "request_timeout": _duration(positive=True),
         "actions": _actions,
     },
 }
@@ -528,12 +656,12 @@ _FIELDS: dict[str, dict[str, Parser]] = {
 
 
 def default_config() -> Config:
-    """The built-in defaults."""
+    """Return the built-in defaults (what an empty file gives).
+
+    Returns:
+        A :class:`Config` with every key at its default.
+    """
     return Config()
-
-
-def _shown(key: str, value: Any) -> Any:
-    return "<hidden>" if key == "admin.token" else value
 
 
 def load_config(
@@ -541,89 +669,131 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
 ) -> Config:
-    """Load and validate the configuration.
+    """Load and validate the configuration, layer by layer.
 
     Args:
-        path: the TOML file given by ``--config`` (``None``: defaults only).
-        environ: environment variables; only ``RELAY_<SECTION>__<KEY>`` are read.
-        overrides: dotted keys from command-line flags (``{"upstream.urls": [...]}``).
+        path: the TOML file given by ``--config``; ``None``: no file.
+        environ: environment variables (pass ``os.environ`` explicitly); only names
+            that start with ``RELAY_`` are looked at.
+        overrides: dotted keys from command-line flags, such as
+            ``{"upstream.urls": ["http://a"], "limits.egress": "10MB"}``; strings for
+            keys that are not strings are read in the text form.
 
     Returns:
         The validated configuration.
 
     Raises:
-        ConfigError: the file is missing or not TOML, or a section, key or value is
-            unknown or malformed; the message names the key, the value and the source.
+        ConfigError: the file is missing, unreadable or not TOML; or a section, key or
+            value is unknown or malformed; or a rule across keys is broken (replica
+            without a parent). The message names the key, the value and the source.
     """
     values: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
     sources: dict[str, str] = {}
-    source = "built-in defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError("--config", str(path), str(path), "no such file") from None
-        except OSError as e:
-            raise ConfigError(
-                "--config", str(path), str(path), f"cannot read: {e.strerror}"
-            ) from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError("--config", None, str(path), f"not valid TOML: {e}") from None
-        for section, table in raw.items():
-            if section not in _SECTIONS:
-                raise ConfigError(
-                    section,
-                    None,
-                    str(path),
-                    f"unknown section (known: {', '.join(_SECTIONS)})",
-                )
-            if not isinstance(table, dict):
-                raise ConfigError(section, table, str(path), "expected a table [section]")
-            for key, value in table.items():
-                values[section][key] = _parse(section, key, value, str(path), from_env=False)
-                sources[f"{section}.{key}"] = str(path)
-    for name, value in sorted((environ or {}).items()):
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        section, _, key = name[len(ENV_PREFIX) :].partition("__")
-        section, key = section.lower(), key.lower()
+
+    def put(section: str, key: str, value: Any, source: str, *, text: bool) -> None:
         if section not in _SECTIONS:
             raise ConfigError(
-                f"{section}.{key}",
-                value,
-                name,
+                f"{section}.{key}" if key else section,
+                _shown(section, key, value),
+                source,
                 f"unknown section (known: {', '.join(_SECTIONS)})",
             )
-        values[section][key] = _parse(section, key, value, name, from_env=True)
-        sources[f"{section}.{key}"] = name
+        values[section][key] = _parse(section, key, value, source, text=text)
+        sources[f"{section}.{key}"] = source
+
+    source = DEFAULTS
+    if path is not None:
+        source = str(path)
+        for section, table in _read_toml(path).items():
+            if section not in _SECTIONS:
+                raise ConfigError(
+                    section, None, source, f"unknown section (known: {', '.join(_SECTIONS)})"
+                )
+            if not isinstance(table, dict):
+                raise ConfigError(section, table, source, f"expected a table [{section}]")
+            for key, value in table.items():
+                put(section, key, value, source, text=False)
+
+    for name, value in sorted((environ or {}).items()):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :]
+        if "__" not in rest:
+            _check_single_underscore(name, rest, value)
+            continue
+        section, _, key = rest.partition("__")
+        put(section.lower(), key.lower(), value, name, text=True)
+
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
-        if section not in _SECTIONS:
-            raise ConfigError(dotted, value, "command line", "unknown section")
-        values[section][key] = _parse(section, key, value, "command line", from_env=False)
-        sources[dotted] = "command line"
+        put(section, key, value, COMMAND_LINE, text=isinstance(value, str))
+
     built = {s: _SECTIONS[s](**v) for s, v in values.items()}
-    config = Config(**built, source=source, sources=sources)
+    config = Config(**built, source=source, sources=MappingProxyType(sources))
     _check_rules(config)
     return config
 
 
-def _parse(section: str, key: str, value: Any, source: str, *, from_env: bool) -> Any:
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError("--config", str(path), str(path), "no such file") from None
+    except OSError as e:
+        raise ConfigError("--config", str(path), str(path), f"cannot read: {e.strerror}") from None
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        reason = f"not UTF-8 text (byte {e.start})"
+        raise ConfigError("--config", None, str(path), reason) from None
+    except tomllib.TOMLDecodeError as e:
+        # tomllib's message ends with "(at line L, column C)".
+        raise ConfigError("--config", None, str(path), f"not valid TOML: {e}") from None
+
+
+def _check_single_underscore(name: str, rest: str, value: str) -> None:
+    # RELAY_LIMITS_EGRESS is a typo for RELAY_LIMITS__EGRESS: ignoring it would leave the
+    # operator believing the limit is set.
+    if name in _NOT_CONFIG_VARIABLES:
+        return
+    low = rest.lower()
+    for section, fields in _FIELDS.items():
+        key = low.removeprefix(f"{section}_")
+        if key != low and key in fields:
+            raise ConfigError(
+                f"{section}.{key}",
+                _shown(section, key, value),
+                name,
+                f"not read: write {ENV_PREFIX}{section.upper()}__{key.upper()}"
+                " (two underscores between section and key)",
+            )
+
+
+def _is_secret(section: str, key: str) -> bool:
+    if key.endswith("_file"):
+        return False
+    return section == "admin" or any(word in key for word in _SECRET_WORDS)
+
+
+def _shown(section: str, key: str, value: Any) -> Any:
+    return _HIDDEN if _is_secret(section, key) else value
+
+
+def _parse(section: str, key: str, value: Any, source: str, *, text: bool) -> Any:
     fields = _FIELDS[section]
     dotted = f"{section}.{key}"
     parser = fields.get(key)
     if parser is None:
         raise ConfigError(
             dotted,
-            _shown(dotted, value),
+            _shown(section, key, value),
             source,
             f"unknown key (known in [{section}]: {', '.join(fields)})",
         )
     try:
-        return parser(value, from_env)
+        return parser(value, text)
     except ValueError as e:
-        raise ConfigError(dotted, _shown(dotted, value), source, str(e)) from None
+        raise ConfigError(dotted, _shown(section, key, value), source, str(e)) from None
 
 
 def _check_rules(config: Config) -> None:
@@ -636,7 +806,23 @@ def _check_rules(config: Config) -> None:
         )
 
 
-def with_overrides(config: Config, section: str, **changes: Any) -> Config:
-    """Return ``config`` with fields of one section replaced (already-typed values)."""
-    current = getattr(config, section)
-    return dataclasses.replace(config, **{section: dataclasses.replace(current, **changes)})
+__all__ = [
+    "DAYS",
+    "DEFER_DAYS",
+    "DELTA_FORMATS",
+    "ENV_PREFIX",
+    "KINDS",
+    "AdminSettings",
+    "AgentSettings",
+    "Config",
+    "DeltaSettings",
+    "LimitsSettings",
+    "PolicySettings",
+    "RelaySettings",
+    "ScheduleEntry",
+    "StoreSettings",
+    "SyncSettings",
+    "UpstreamSettings",
+    "default_config",
+    "load_config",
+]
