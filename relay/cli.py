@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import logging
 import os
 import sys
@@ -100,8 +101,6 @@ def _admin_parser(subparsers: _SubParsers) -> None:
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:
-    import json  # noqa: PLC0415
-
     from relay import admin_cli  # noqa: PLC0415
 
     if args.token_file is not None:
@@ -216,7 +215,9 @@ def _publish_parser(subparsers: _SubParsers) -> None:
     p = subparsers.add_parser(
         "publish",
         help="create and sign a TUF repository (the vendor side)",
-        description="Create and sign the TUF repository that relays mirror.",
+        description="Create and sign the TUF repository that relays mirror. Serve REPO/public "
+        "with any static web server; private keys stay in REPO/keys.",
+        epilog="A failed command prints one line, exits 1 and leaves REPO unchanged.",
     )
     sub = p.add_subparsers(dest="publish_command", metavar="ACTION", required=True)
 
@@ -233,11 +234,11 @@ def _publish_parser(subparsers: _SubParsers) -> None:
         default=[],
         metavar="ROLE=DURATION",
         help="expiry period of a role, e.g. timestamp=1d (root 365d, targets 90d, "
-        "snapshot 30d, timestamp 1d)",
+        "snapshot 30d, timestamp 1d); kept in REPO for later signings",
     )
     init.set_defaults(func=_cmd_publish_init)
 
-    add = sub.add_parser("add", help="add a target and re-sign")
+    add = sub.add_parser("add", help="add a target <product>/<version>/<file name> and re-sign")
     add.add_argument("repo", type=Path)
     add.add_argument("file", type=Path)
     add.add_argument("--product", required=True)
@@ -268,7 +269,9 @@ def _publish_parser(subparsers: _SubParsers) -> None:
     ref.add_argument("repo", type=Path)
     ref.set_defaults(func=_cmd_publish_refresh)
 
-    rot = sub.add_parser("rotate", help="replace the keys of a role")
+    rot = sub.add_parser(
+        "rotate", help="replace the keys of a role (signs a new root with a renewed expiry)"
+    )
     rot.add_argument("repo", type=Path)
     rot.add_argument("--role", required=True, choices=["root", "targets", "snapshot", "timestamp"])
     rot.set_defaults(func=_cmd_publish_rotate)
@@ -281,7 +284,9 @@ def _cmd_publish_init(args: argparse.Namespace) -> int:
         root_threshold=args.root_threshold,
         expires=dict(args.expires),
     )
-    print(f"created {repo.path}: serve {repo.public_dir}; keys in {repo.keys_dir}")
+    print(f"created {repo.path}: serve {repo.public_dir}")
+    print(f"root keys in {repo.keys_dir / 'root'} (keep them offline when not signing)")
+    print(f"relays and agents pin {repo.metadata_dir / '1.root.json'}")
     return EXIT_OK
 
 
@@ -302,7 +307,8 @@ def _cmd_publish_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish_list(args: argparse.Namespace) -> int:
-    print(format_table(Repository.open(args.repo).targets()))
+    targets = Repository.open(args.repo).targets()
+    print(format_table(targets) if targets else f"no targets in {args.repo}")
     return EXIT_OK
 
 
@@ -313,13 +319,26 @@ def _cmd_publish_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish_refresh(args: argparse.Namespace) -> int:
-    Repository.open(args.repo).refresh()
+    repo = Repository.open(args.repo)
+    repo.refresh()
+    expiry = repo.expiry()
+    print(f"timestamp re-signed; expires {expiry['timestamp'].isoformat()}")
+    # refresh signs the timestamp only: say so when another role will expire first.
+    for role in ("snapshot", "targets", "root"):
+        if expiry[role] <= expiry["timestamp"]:
+            print(
+                f"relay publish: warning: {role} metadata expires {expiry[role].isoformat()}, "
+                "before this timestamp; re-sign it (add, remove or rotate)",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 
 def _cmd_publish_rotate(args: argparse.Namespace) -> int:
-    Repository.open(args.repo).rotate(args.role)
-    print(f"rotated {args.role} keys")
+    repo = Repository.open(args.repo)
+    repo.rotate(args.role)
+    version = json.loads(repo.root_bytes())["signed"]["version"]
+    print(f"rotated the {args.role} keys; published {version}.root.json")
     return EXIT_OK
 
 
@@ -495,7 +514,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"relay: configuration error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except PublishError as e:
-        print(f"relay publish: error: {e}", file=sys.stderr)
+        # One line, whatever the message holds: scripts and cron mail read the first line.
+        print(f"relay publish: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return EXIT_FAILURE
     except RelayError as e:
         print(f"relay: error: {e}", file=sys.stderr)
