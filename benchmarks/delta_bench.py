@@ -5,10 +5,15 @@ Inputs (fetched into benchmarks/_work/delta, then reused):
     (`pip download --no-deps --only-binary=:all:`), diffed old -> new, same file name;
   * a signature-database-like text file (hex digests and names, ~26 MB) and its next
     version with ~1 % of lines changed or added.
-For each pair: patch size as % of the new file, diff time and peak memory (each diff in a
-fresh process; peak = its ru_maxrss), apply time; for bsdiff4 and zstd as the relay makes
-them, beside `zstd -19 --long --patch-from` and `xdelta3 -9` (Debian packages zstd, xdelta3).
-Then the event loop's worst stall while the relay's DeltaEngine diffs the largest pair.
+For each pair: patch size as % of the new file, diff time and peak memory, apply time and
+peak memory (each diff and each apply in a fresh process; peak = its ru_maxrss); for bsdiff4
+and zstd as the relay makes them (`relay.diff.make_patch`, applied with
+`relay.diff.apply_patch_file`, the agent's path), zstd also at level 19, beside
+`zstd -3 --long=N --patch-from` and `xdelta3 -9`. Then the event loop's worst stall while the
+relay's DeltaEngine diffs the largest pair.
+
+Tools: /usr/bin/zstd and xdelta3 are Debian packages: `apt-get install -y zstd xdelta3`.
+pip (for the wheels) comes with the venv; PyPI must be reachable on the first run.
 
 Run:  python benchmarks/delta_bench.py
 """
@@ -36,12 +41,14 @@ from relay.diff import (  # noqa: E402
     DeltaBudget,
     DeltaEngine,
     DeltaFormat,
-    apply_patch_bytes,
+    DeltaOutcome,
+    apply_patch_file,
     make_patch,
 )
 
 DIR = WORK / "delta"
-LEVEL = 3  # the relay's default (delta.zstd_level); level 19 measured slower AND larger with a raw prefix
+LEVEL = 3  # the relay's default (delta.zstd_level)
+HIGH_LEVEL = 19  # measured beside it
 # (package, old version, new version, library file name inside the wheel)
 RELEASES = [
     ("pydantic-core", "2.27.1", "2.27.2", "_pydantic_core"),
@@ -113,21 +120,26 @@ def signature_db() -> tuple[Path, Path]:
     return old, new
 
 
-def worker(mode: str, fmt: str, old: Path, new: Path, patch: Path) -> None:
+def worker(mode: str, fmt: str, old: Path, new: Path, patch: Path, level: int) -> None:
     """Run in a fresh process: diff or apply once, print seconds and peak RSS."""
-    o = old.read_bytes()
-    t0 = time.perf_counter()
     if mode == "diff":
-        p = make_patch(o, new.read_bytes(), DeltaFormat(fmt), LEVEL)
-        patch.write_bytes(p)
+        o, n = old.read_bytes(), new.read_bytes()
+        t0 = time.perf_counter()
+        patch.write_bytes(make_patch(o, n, DeltaFormat(fmt), level))
     else:
-        n = new.read_bytes()
-        apply_patch_bytes(
-            o,
-            patch.read_bytes(),
-            DeltaFormat(fmt),
-            expected_length=len(n),
-            expected_sha256=hashlib.sha256(n).hexdigest(),
+        # The agent's path: signed length and sha256 known, the patch and the old file
+        # on disk, the output streamed into a file.
+        with new.open("rb") as f:  # streamed: the new file is not held in this process
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        size = new.stat().st_size
+        t0 = time.perf_counter()
+        apply_patch_file(
+            old,
+            patch,
+            DIR / "out.relay",
+            fmt=DeltaFormat(fmt),
+            expected_length=size,
+            expected_sha256=digest,
         )
     seconds = time.perf_counter() - t0
     print(
@@ -140,9 +152,19 @@ def worker(mode: str, fmt: str, old: Path, new: Path, patch: Path) -> None:
     )
 
 
-def run_worker(mode: str, fmt: str, old: Path, new: Path, patch: Path) -> dict:
+def run_worker(mode: str, fmt: str, old: Path, new: Path, patch: Path, level: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", mode, fmt, str(old), str(new), str(patch)],
+        [
+            sys.executable,
+            __file__,
+            "--worker",
+            mode,
+            fmt,
+            str(old),
+            str(new),
+            str(patch),
+            str(level),
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -171,22 +193,27 @@ def long_flag(old: Path, new: Path) -> str:
 def measure_pair(name: str, old: Path, new: Path) -> dict:
     size = new.stat().st_size
     row: dict = {"name": name, "old_bytes": old.stat().st_size, "new_bytes": size}
-    for fmt in ("bsdiff4", "zstd"):
-        patch = DIR / f"{name}.{fmt}"
-        d = run_worker("diff", fmt, old, new, patch)
-        a = run_worker("apply", fmt, old, new, patch)
-        row[fmt] = {
+    for tool, fmt, level in (
+        ("bsdiff4", "bsdiff4", 0),
+        ("zstd", "zstd", LEVEL),
+        (f"zstd-{HIGH_LEVEL}", "zstd", HIGH_LEVEL),
+    ):
+        patch = DIR / f"{name}.{tool}"
+        d = run_worker("diff", fmt, old, new, patch, level)
+        a = run_worker("apply", fmt, old, new, patch, level)
+        row[tool] = {
             "pct": 100 * patch.stat().st_size / size,
             "diff_s": d["seconds"],
             "diff_peak_mb": d["maxrss"] / 2**20,
             "apply_s": a["seconds"],
+            "apply_peak_mb": a["maxrss"] / 2**20,
         }
     zp = DIR / f"{name}.zstdcli"
     lf = long_flag(old, new)
     secs, rss = timed(
         ["zstd", "-q", "-f", f"-{LEVEL}", lf, f"--patch-from={old}", str(new), "-o", str(zp)]
     )
-    asecs, _ = timed(
+    asecs, arss = timed(
         ["zstd", "-q", "-f", "-d", lf, f"--patch-from={old}", str(zp), "-o", str(DIR / "out.zstd")]
     )
     row["zstd-cli"] = {
@@ -194,17 +221,21 @@ def measure_pair(name: str, old: Path, new: Path) -> dict:
         "diff_s": secs,
         "diff_peak_mb": rss / 2**20,
         "apply_s": asecs,
+        "apply_peak_mb": arss / 2**20,
     }
     if shutil.which("xdelta3"):
         xp = DIR / f"{name}.xdelta3"
         secs, rss = timed(["xdelta3", "-f", "-9", "-e", "-s", str(old), str(new), str(xp)])
-        asecs, _ = timed(["xdelta3", "-f", "-d", "-s", str(old), str(xp), str(DIR / "out.xd")])
+        asecs, arss = timed(["xdelta3", "-f", "-d", "-s", str(old), str(xp), str(DIR / "out.xd")])
         row["xdelta3"] = {
             "pct": 100 * xp.stat().st_size / size,
             "diff_s": secs,
             "diff_peak_mb": rss / 2**20,
             "apply_s": asecs,
+            "apply_peak_mb": arss / 2**20,
         }
+    else:
+        print("xdelta3 not found: apt-get install -y xdelta3 (row left out)")
     return row
 
 
@@ -225,17 +256,19 @@ async def loop_stall(old: Path, new: Path, fmt: DeltaFormat) -> tuple[float, flo
             gaps.append(now - last - 0.01)
             last = now
 
+    data = await asyncio.to_thread(new.read_bytes)
+    digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
     t = asyncio.create_task(ticker())
     t0 = loop.time()
-    data = new.read_bytes()
-    await engine.compute(
+    result = await engine.compute(
         old,
         new,
         fmt=fmt,
-        new_sha256=hashlib.sha256(data).hexdigest(),
+        new_sha256=digest,
         new_length=len(data),
         dest=DIR / f"stall.{fmt}",
     )
+    assert result.outcome is DeltaOutcome.COMPUTED, result
     took = loop.time() - t0
     t.cancel()
     return max(gaps), took
@@ -243,11 +276,11 @@ async def loop_stall(old: Path, new: Path, fmt: DeltaFormat) -> tuple[float, flo
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", nargs=5)
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        mode, fmt, old, new, patch = args.worker
-        worker(mode, fmt, Path(old), Path(new), Path(patch))
+        mode, fmt, old, new, patch, level = args.worker
+        worker(mode, fmt, Path(old), Path(new), Path(patch), int(level))
         return
     DIR.mkdir(parents=True, exist_ok=True)
     pairs = []
@@ -289,14 +322,17 @@ def main() -> None:
     save("delta", results)
     print(f"machine: {results['machine']}")
     print(
-        f"{'pair':<34}{'tool':<10}{'new MB':>8}{'patch %':>9}{'diff s':>8}{'peak MB':>9}{'apply s':>9}"
+        f"{'pair':<34}{'tool':<10}{'new MB':>8}{'patch %':>9}{'diff s':>8}{'peak MB':>9}"
+        f"{'apply s':>9}{'peak MB':>9}"
     )
     for r in rows:
-        for tool in ("bsdiff4", "zstd", "zstd-cli", "xdelta3"):
+        for tool in ("bsdiff4", "zstd", f"zstd-{HIGH_LEVEL}", "zstd-cli", "xdelta3"):
             if tool in r:
                 m = r[tool]
                 print(
-                    f"{r['label']:<34}{tool:<10}{r['new_bytes'] / 1e6:>8.1f}{m['pct']:>9.2f}{m['diff_s']:>8.2f}{m['diff_peak_mb']:>9.0f}{m['apply_s']:>9.2f}"
+                    f"{r['label']:<34}{tool:<10}{r['new_bytes'] / 1e6:>8.1f}{m['pct']:>9.2f}"
+                    f"{m['diff_s']:>8.2f}{m['diff_peak_mb']:>9.0f}{m['apply_s']:>9.2f}"
+                    f"{m['apply_peak_mb']:>9.0f}"
                 )
     for fmt, s in stalls.items():
         print(
