@@ -153,7 +153,7 @@ def relay_process(upstream: str, root_file: Path, data_dir: Path, port: int, env
         [
             sys.executable,
             "-m",
-            "relay.cli",
+            "relay.cli.main",
             "serve",
             "--upstream",
             upstream,

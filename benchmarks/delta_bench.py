@@ -7,8 +7,8 @@ Inputs (fetched into benchmarks/_work/delta, then reused):
     version with ~1 % of lines changed or added.
 For each pair: patch size as % of the new file, diff time and peak memory, apply time and
 peak memory (each diff and each apply in a fresh process; peak = its ru_maxrss); for bsdiff4
-and zstd as the relay makes them (`relay.diff.make_patch`, applied with
-`relay.diff.apply_patch_file`, the agent's path), zstd also at level 19, beside
+and zstd as the relay makes them (`relay.deltas.engine.make_patch`, applied with
+`relay.deltas.engine.apply_patch_file`, the agent's path), zstd also at level 19, beside
 `zstd -3 --long=N --patch-from` and `xdelta3 -9`. Then the event loop's worst stall while the
 relay's DeltaEngine diffs the largest pair.
 
@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import WORK, machine, save  # noqa: E402
-from relay.diff import (  # noqa: E402
+from relay.deltas.engine import (  # noqa: E402
     DeltaBudget,
     DeltaEngine,
     DeltaFormat,

@@ -30,7 +30,7 @@ from benchmarks._common import (  # noqa: E402
     save,
     wrk,
 )
-from relay.publish import Repository  # noqa: E402
+from relay.publisher.repository import Repository  # noqa: E402
 
 CONNECTIONS = 64
 MIB = 1024 * 1024

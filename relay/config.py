@@ -42,7 +42,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from relay._internal.units import parse_duration, parse_rate, parse_size
+from relay.core.units import parse_duration, parse_rate, parse_size
 from relay.errors import ConfigError
 
 ENV_PREFIX = "RELAY_"

@@ -269,7 +269,7 @@ async def start_relay_process(args, port, env=None, preexec_fn=None):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "relay.cli",
+        "relay.cli.main",
         "serve",
         *args,
         "--listen",

@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from relay.agent import Agent, AgentConfig
-from relay.diff import DeltaFormat
-from relay.publish import Repository
+from relay.agent.updater import Agent, AgentConfig
+from relay.deltas.engine import DeltaFormat
+from relay.publisher.repository import Repository
 from tests.support import Fault, relay_config, relay_state, settle, start_relay, write_root
 
 
@@ -226,7 +226,7 @@ async def test_post_install_action_runs_once(tmp_path, repo, relay):
 
 
 async def test_relay_agent_cli_from_flags_alone(tmp_path, repo, relay, capsys):
-    from relay.cli import main
+    from relay.cli.main import main
 
     root = tmp_path / "root.json"
     root.write_bytes(repo.root_bytes(1))

@@ -8,8 +8,8 @@ import re
 import aiohttp
 import pytest
 
-from relay.agent import Agent, AgentConfig
-from relay.publish import Repository
+from relay.agent.updater import Agent, AgentConfig
+from relay.publisher.repository import Repository
 from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
 
 TOKEN = "t0ken-for-tests"
@@ -230,7 +230,7 @@ async def test_replica_follows_parent_and_refuses_local_changes(
 
 
 async def test_admin_cli_tables(tmp_path, relay, capsys, monkeypatch):
-    from relay.cli import main
+    from relay.cli.main import main
 
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)

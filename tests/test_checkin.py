@@ -8,7 +8,7 @@ import json
 import aiohttp
 import pytest
 
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from tests.support import relay_config, relay_state, settle, start_relay, write_root
 
 V1 = b"v1" * 1000

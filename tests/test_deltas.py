@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from relay.diff import (
+from relay.deltas.engine import (
     MEDIA_TYPES,
     DeltaBudget,
     DeltaEngine,
@@ -23,7 +23,7 @@ from relay.diff import (
     make_patch,
 )
 from relay.errors import PatchRejectedError
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
 
 

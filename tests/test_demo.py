@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from relay.demo import run_demo
+from relay.cli.demo import run_demo
 
 
 @pytest.mark.timeout(240)

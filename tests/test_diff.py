@@ -13,8 +13,8 @@ import tracemalloc
 import bsdiff4
 import pytest
 
-import relay.diff as rd
-from relay.diff import (
+import relay.deltas.engine as rd
+from relay.deltas.engine import (
     DeltaBudget,
     DeltaEngine,
     DeltaFormat,

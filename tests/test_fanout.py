@@ -9,7 +9,7 @@ import os
 import aiohttp
 import pytest
 
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from tests.support import Fault, relay_config, relay_state, settle, start_relay, write_root
 
 SIZE = 2 * 1024 * 1024

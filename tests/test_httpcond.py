@@ -1,4 +1,4 @@
-"""RFC 9110 range and conditional decisions (relay._internal.httpcond), table-driven.
+"""RFC 9110 range and conditional decisions (relay.core.rfc9110), table-driven.
 
 Each row is one rule; the rows marked "aiohttp" are cases aiohttp's FileResponse gets
 wrong (NOTES.md, "HTTP details real clients depend on"). The last tests feed random and
@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from relay._internal.httpcond import (
+from relay.core.rfc9110 import (
     MAX_HEADER,
     Decision,
     Outcome,

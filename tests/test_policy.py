@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relay.errors import EulaNotAcceptedError
-from relay.model import Kind, Target, UpdateInfo
-from relay.policy import (
+from relay.core.model import Kind, Target, UpdateInfo
+from relay.core.policy import (
     Action,
     AgentView,
     Approval,
@@ -31,6 +30,7 @@ from relay.policy import (
     reset,
     should_prefetch,
 )
+from relay.errors import EulaNotAcceptedError
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 LICENCE = "legal/1.0.0/eula.txt"

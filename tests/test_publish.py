@@ -12,10 +12,10 @@ import threading
 import pytest
 from tuf.api.metadata import Metadata
 
-from relay import publish
-from relay.cli import main
+from relay.publisher import repository as publish
+from relay.cli.main import main
 from relay.errors import PublishError
-from relay.publish import DEFAULT_EXPIRES, Repository, format_table
+from relay.publisher.repository import DEFAULT_EXPIRES, Repository, format_table
 
 
 def _signed(path):

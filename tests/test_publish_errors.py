@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.cli import main
+from relay.cli.main import main
 
 
 def tree_state(path):

@@ -14,8 +14,8 @@ import pytest
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata
 
-from relay.cli import main
-from relay.publish import Repository
+from relay.cli.main import main
+from relay.publisher.repository import Repository
 from tests.support import TufClient
 
 

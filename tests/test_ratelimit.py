@@ -12,7 +12,7 @@ import datetime as dt
 import pytest
 
 from relay.config import ScheduleEntry
-from relay.ratelimit import (
+from relay.server.bandwidth import (
     MAX_GAP,
     MIN_CHUNK,
     BandwidthLimiter,
@@ -643,7 +643,7 @@ async def test_idle_agent_buckets_are_dropped():
 
 
 async def test_schedule_window_applies_in_a_running_relay(tmp_path, aiohttp_server, serve_origin):
-    from relay.publish import Repository
+    from relay.publisher.repository import Repository
     from tests.support import relay_config, relay_state, start_relay, write_root
 
     repo = Repository.init(tmp_path / "repo")

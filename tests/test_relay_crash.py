@@ -10,7 +10,7 @@ import signal
 import aiohttp
 import pytest
 
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from tests.support import Fault, Origin, free_port, start_relay_process, write_root
 
 SIZE = 3 * 1024 * 1024

@@ -10,7 +10,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import DelegatedRole, Delegations, Metadata, MetaFile, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from tests.support import TufClient, relay_config, relay_state, settle, start_relay, write_root
 
 BLOB = os.urandom(50_000)

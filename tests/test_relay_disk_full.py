@@ -11,7 +11,7 @@ import signal
 import aiohttp
 import pytest
 
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from tests.support import Origin, free_port, start_relay_process, write_root
 
 LIMIT = 1024 * 1024

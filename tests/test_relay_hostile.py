@@ -12,7 +12,7 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from relay.server import make_app
 from tests.support import (
     Fault,

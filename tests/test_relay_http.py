@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
 
 BLOB = os.urandom(10_000)

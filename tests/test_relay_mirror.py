@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from relay.publish import Repository
+from relay.publisher.repository import Repository
 from tests.support import (
     Fault,
     Origin,

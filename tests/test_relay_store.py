@@ -8,8 +8,8 @@ import os
 import aiohttp
 import pytest
 
-from relay.publish import Repository
-from relay.store import ScrubOutcome
+from relay.cache.store import ScrubOutcome
+from relay.publisher.repository import Repository
 from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
 
 SIZE = 100_000

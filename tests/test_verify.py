@@ -13,9 +13,9 @@ import pytest
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
+from relay.core.verify import TimestampOutcome, TrustSession, root_version
 from relay.errors import MetadataRejectedError
-from relay.publish import Repository
-from relay.verify import TimestampOutcome, TrustSession, root_version
+from relay.publisher.repository import Repository
 
 
 @pytest.fixture

@@ -18,8 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from relay.errors import EulaNotAcceptedError, ReplicaReadOnlyError
-from relay.policy import (
+from relay.core.policy import (
     RolloutMode,
     Settings,
     Status,
@@ -30,6 +29,7 @@ from relay.policy import (
     explicit_approval,
     reset,
 )
+from relay.errors import EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.server.agents import BodyError, bad_request, read_json_body
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def _field(body: dict[str, Any], key: str) -> str:
 
 
 def _now() -> str:
-    from relay.approvals import utc_now  # noqa: PLC0415
+    from relay.fleet.approvals import utc_now  # noqa: PLC0415
 
     return utc_now()
 

@@ -21,10 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.diff import DeltaFormat
-from relay.model import is_sha256
-from relay.policy import Action, AgentView, InstalledItem
-from relay.policy import offers as policy_offers
+from relay.core.model import is_sha256
+from relay.core.policy import Action, AgentView, InstalledItem
+from relay.core.policy import offers as policy_offers
+from relay.deltas.engine import DeltaFormat
 
 logger = logging.getLogger(__name__)
 
@@ -338,7 +338,7 @@ async def checkin(request: web.Request) -> web.StreamResponse:
 
 async def reports(request: web.Request) -> web.StreamResponse:
     """``POST /v1/reports``: agents' outcome events."""
-    from relay.registry import AgentRecord  # noqa: PLC0415
+    from relay.fleet.registry import AgentRecord  # noqa: PLC0415
     from relay.server.app import STATE  # noqa: PLC0415
 
     state = request.app[STATE]

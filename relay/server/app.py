@@ -23,29 +23,29 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from relay._internal.kv import KV
-from relay.approvals import PolicyStore, settings_from_config
+from relay.cache.mirror import Mirror, Prefetch
+from relay.cache.store import Fill, FsBlobStore
+from relay.cache.upstream import AiohttpFetcher, Upstream, UpstreamHealth
 from relay.config import Config
-from relay.deltas import DeltaService
-from relay.diff import DeltaBudget, DeltaEngine, DeltaFormat
-from relay.errors import ConfigError
-from relay.metrics import RelayMetrics
-from relay.mirror import Mirror, Prefetch
-from relay.model import Target
-from relay.policy import (
+from relay.core.model import Target
+from relay.core.policy import (
     PolicyState,
     Settings,
     declined_everywhere,
     pinned_digests,
     should_prefetch,
 )
-from relay.ratelimit import BandwidthLimiter, RateSchedule, schedule_from_config
-from relay.registry import Registry
+from relay.core.verify import VerifiedMetadata
+from relay.deltas.engine import DeltaBudget, DeltaEngine, DeltaFormat
+from relay.deltas.service import DeltaService
+from relay.errors import ConfigError
+from relay.fleet.approvals import PolicyStore, settings_from_config
+from relay.fleet.registry import Registry
+from relay.metrics import RelayMetrics
 from relay.server.admin import ADMIN_TOKEN
+from relay.server.bandwidth import BandwidthLimiter, RateSchedule, schedule_from_config
 from relay.server.blobs import OpenFileCache
-from relay.store import Fill, FsBlobStore
-from relay.upstream import AiohttpFetcher, Upstream, UpstreamHealth
-from relay.verify import VerifiedMetadata
+from relay.storage.kv import KV
 
 logger = logging.getLogger(__name__)
 

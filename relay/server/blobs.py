@@ -2,7 +2,7 @@
 
 Rules:
 
-* One synchronous decision per request (:func:`relay._internal.httpcond.decide`)
+* One synchronous decision per request (:func:`relay.core.rfc9110.decide`)
   gives the status, the byte range and the headers; the rest is I/O.
 * A stored blob sent unthrottled goes out with ``loop.sendfile`` from a small cache
   of open files (like nginx's ``open_file_cache``): a hot blob costs no thread-pool
@@ -28,10 +28,10 @@ from typing import IO
 
 from aiohttp import web
 
-from relay._internal.httpcond import Outcome, decide, format_http_date
+from relay.cache.store import Fill, FillState
+from relay.core.rfc9110 import Outcome, decide, format_http_date
 from relay.errors import StoreError
-from relay.ratelimit import Pacer
-from relay.store import Fill, FillState
+from relay.server.bandwidth import Pacer
 
 logger = logging.getLogger(__name__)
 

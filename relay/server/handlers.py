@@ -21,17 +21,18 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from aiohttp import web
 
-from relay._internal.httpcond import Outcome
-from relay.deltas import formats_from_accept
-from relay.diff import MEDIA_TYPES
+from relay.cache.mirror import StoredBlob
+from relay.cache.store import Fill
+from relay.core.model import is_sha256
+from relay.core.rfc9110 import Outcome
+from relay.deltas.engine import MEDIA_TYPES
+from relay.deltas.service import formats_from_accept
 from relay.errors import StoreError, StoreFullError
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
-from relay.mirror import StoredBlob
-from relay.model import is_sha256
-from relay.ratelimit import Pacer
 from relay.server.admin import add_admin_routes
 from relay.server.agents import checkin, reports
 from relay.server.app import METRICS, STATE, RelayState
+from relay.server.bandwidth import Pacer
 from relay.server.blobs import (
     IMMUTABLE,
     AbortedTransferError,
@@ -41,7 +42,6 @@ from relay.server.blobs import (
     send_file_range,
     send_from_fill,
 )
-from relay.store import Fill
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,10 @@ from pathlib import Path
 
 import aiohttp
 
-from relay.diff import (
+from relay.cache.store import Fill, FsBlobStore
+from relay.core.model import Target, is_sha256
+from relay.core.verify import VerifiedMetadata
+from relay.deltas.engine import (
     MEDIA_TYPES,
     DeltaEngine,
     DeltaFormat,
@@ -36,9 +39,6 @@ from relay.diff import (
 )
 from relay.errors import PatchRejectedError
 from relay.metrics import RelayMetrics
-from relay.model import Target, is_sha256
-from relay.store import Fill, FsBlobStore
-from relay.verify import VerifiedMetadata
 
 logger = logging.getLogger(__name__)
 

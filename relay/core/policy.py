@@ -64,9 +64,9 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
-from relay._internal.semver import Version, is_valid
+from relay.core.model import Channel, Kind, Severity, Target
+from relay.core.semver import Version, is_valid
 from relay.errors import EulaNotAcceptedError
-from relay.model import Channel, Kind, Severity, Target
 
 DEFAULT_GROUP = "default"
 

@@ -48,8 +48,8 @@ from typing import Any
 import bsdiff4
 import bsdiff4.core
 
-from relay._internal.fsio import write_atomic
 from relay.errors import PatchRejectedError
+from relay.storage.fsio import write_atomic
 
 if sys.version_info >= (3, 14):
     from compression import zstd

@@ -65,9 +65,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from relay._internal.fsio import fsync_dir, write_atomic
+from relay.core.model import Target, UpdateInfo, check_product
 from relay.errors import PublishError
-from relay.model import Target, UpdateInfo, check_product
+from relay.storage.fsio import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 

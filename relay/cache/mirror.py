@@ -6,12 +6,12 @@ Rules:
   verified before (re-verifying signatures as of the time it was verified), so an
   upstream cannot roll it back even across restarts.
 * A sync run walks roots, then timestamp, snapshot, targets and delegated targets
-  through :class:`relay.verify.TrustSession`. Only a complete, verified generation
+  through :class:`relay.core.verify.TrustSession`. Only a complete, verified generation
   replaces the served one; a failed or hostile sync leaves the previous good state
   serving. New files are written versioned first and ``timestamp.json`` last, each
   through a temp file, fsync and ``os.replace``.
 * One upstream fill per blob (single-flight): :meth:`Mirror.open_blob` returns
-  either the stored file or the running :class:`relay.store.Fill`. A fill runs as
+  either the stored file or the running :class:`relay.cache.store.Fill`. A fill runs as
   a task of its own; a requester that disconnects does not cancel it.
 * A target is served only if the verified metadata names its path and sha256.
 """
@@ -30,7 +30,18 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from relay._internal.fsio import fsync_dir, write_atomic
+from relay.cache.store import Fill, FsBlobStore, ScrubOutcome
+from relay.cache.upstream import Upstream
+from relay.core.model import Target
+from relay.core.verify import (
+    MAX_ROOT_ROTATIONS,
+    ROOT_MAX_LENGTH,
+    TIMESTAMP_MAX_LENGTH,
+    TimestampOutcome,
+    TrustSession,
+    VerifiedMetadata,
+    root_version,
+)
 from relay.errors import (
     MetadataRejectedError,
     RelayError,
@@ -41,18 +52,7 @@ from relay.errors import (
     UpstreamHTTPError,
 )
 from relay.metrics import RelayMetrics
-from relay.model import Target
-from relay.store import Fill, FsBlobStore, ScrubOutcome
-from relay.upstream import Upstream
-from relay.verify import (
-    MAX_ROOT_ROTATIONS,
-    ROOT_MAX_LENGTH,
-    TIMESTAMP_MAX_LENGTH,
-    TimestampOutcome,
-    TrustSession,
-    VerifiedMetadata,
-    root_version,
-)
+from relay.storage.fsio import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from relay._internal.semver import Version
+from relay.core.semver import Version
 
 if TYPE_CHECKING:
     from tuf.api.metadata import TargetFile

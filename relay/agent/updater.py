@@ -48,7 +48,7 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from relay.diff import DeltaFormat, apply_patch_file
+from relay.deltas.engine import DeltaFormat, apply_patch_file
 from relay.errors import AgentError, InstallError, PatchRejectedError
 
 logger = logging.getLogger(__name__)
@@ -371,7 +371,7 @@ class Agent:
     def _origin_offers(self) -> list[dict[str, Any]]:
         from tuf.api.metadata import Metadata, Targets  # noqa: PLC0415
 
-        from relay.model import Channel, Target  # noqa: PLC0415
+        from relay.core.model import Channel, Target  # noqa: PLC0415
 
         md = Metadata[Targets].from_file(str(self.config.state_dir / "metadata" / "targets.json"))
         newest: dict[str, Target] = {}

@@ -22,10 +22,10 @@ from typing import TextIO
 
 from aiohttp import web
 
-from relay.agent import Agent, AgentConfig
+from relay.agent.updater import Agent, AgentConfig
 from relay.config import load_config
-from relay.diff import DeltaFormat
-from relay.publish import Repository
+from relay.deltas.engine import DeltaFormat
+from relay.publisher.repository import Repository
 from relay.server import make_app
 from relay.server.app import STATE, RelayState
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from relay._internal.kv import KV
+from relay.storage.kv import KV
 
 _PREFIX = "agent:"
 

@@ -37,8 +37,8 @@ from enum import Enum
 from pathlib import Path
 from typing import TypeVar
 
-from relay._internal.fsio import fsync_dir
 from relay.errors import HashMismatchError, LengthMismatchError, StoreError, StoreFullError
+from relay.storage.fsio import fsync_dir
 
 logger = logging.getLogger(__name__)
 

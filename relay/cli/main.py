@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from relay import __version__
-from relay._internal.units import parse_duration
 from relay.config import load_config
+from relay.core.units import parse_duration
 from relay.errors import ConfigError, PublishError, RelayError
-from relay.publish import Repository, format_table
+from relay.publisher.repository import Repository, format_table
 
 if TYPE_CHECKING:
     _SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]  # noqa: SLF001
@@ -101,7 +101,7 @@ def _admin_parser(subparsers: _SubParsers) -> None:
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:
-    from relay import admin_cli  # noqa: PLC0415
+    from relay.cli import admin as admin_cli  # noqa: PLC0415
 
     if args.token_file is not None:
         try:
@@ -189,7 +189,7 @@ def _demo_parser(subparsers: _SubParsers) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from relay.demo import run_demo  # noqa: PLC0415
+    from relay.cli.demo import run_demo  # noqa: PLC0415
 
     if args.agents < 1:
         msg = "--agents must be at least 1"
@@ -432,7 +432,7 @@ def _agent_overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
-    from relay.agent import Agent, AgentConfig, default_agent_id  # noqa: PLC0415
+    from relay.agent.updater import Agent, AgentConfig, default_agent_id  # noqa: PLC0415
 
     config = load_config(args.config, os.environ, _agent_overrides(args))
     a = config.agent

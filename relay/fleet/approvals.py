@@ -2,7 +2,7 @@
 
 Rules:
 
-* The pure decisions live in :mod:`relay.policy`; this module only loads, saves
+* The pure decisions live in :mod:`relay.core.policy`; this module only loads, saves
   and records them. Every change is saved before it is answered, and appended to
   the audit log with when, what and from where.
 * A relay in ``replica`` mode takes state and settings whole from its parent and
@@ -14,11 +14,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from relay._internal.kv import KV
 from relay.config import PolicySettings
+from relay.core.model import Kind
+from relay.core.policy import PolicyState, RolloutMode, Settings
 from relay.errors import ReplicaReadOnlyError
-from relay.model import Kind
-from relay.policy import PolicyState, RolloutMode, Settings
+from relay.storage.kv import KV
 
 _STATE = "policy:state"
 _SETTINGS = "policy:settings"

@@ -31,8 +31,8 @@ from tuf.api.metadata import Root, Snapshot, Targets, Timestamp
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
+from relay.core.model import Target
 from relay.errors import MetadataRejectedError
-from relay.model import Target
 
 if TYPE_CHECKING:
     import datetime as dt

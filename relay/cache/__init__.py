@@ -1,0 +1,1 @@
+"""The verified cache: upstream fetcher, content-addressed blob store, mirror."""

@@ -1,0 +1,1 @@
+"""Binary deltas: patch formats, safe application, the diff engine, the service."""

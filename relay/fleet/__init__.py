@@ -1,0 +1,1 @@
+"""The fleet: approvals and settings, the agent registry."""

@@ -1,0 +1,5 @@
+"""The vendor side: keys, signing, the static TUF repository."""
+
+from relay.publisher.repository import Repository, format_table
+
+__all__ = ["Repository", "format_table"]

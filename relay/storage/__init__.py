@@ -1,0 +1,1 @@
+"""Storage primitives: durable file writes and the embedded key-value store."""
