@@ -37,10 +37,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import WORK, machine, save  # noqa: E402
+from relay.core.protocol import DeltaFormat  # noqa: E402
 from relay.deltas.engine import (  # noqa: E402
     DeltaBudget,
     DeltaEngine,
-    DeltaFormat,
     DeltaOutcome,
     apply_patch_file,
     make_patch,

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from relay.agent.updater import Agent, AgentConfig
-from relay.deltas.engine import DeltaFormat
+from relay.core.protocol import DeltaFormat
 from relay.publisher.repository import Repository
 from tests.support import Fault, relay_config, relay_state, settle, start_relay, write_root
 

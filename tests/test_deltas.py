@@ -11,11 +11,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from relay.core.protocol import MEDIA_TYPES, DeltaFormat
 from relay.deltas.engine import (
-    MEDIA_TYPES,
     DeltaBudget,
     DeltaEngine,
-    DeltaFormat,
     DeltaOutcome,
     apply_patch_bytes,
     apply_patch_file,

@@ -14,10 +14,10 @@ import bsdiff4
 import pytest
 
 import relay.deltas.engine as rd
+from relay.core.protocol import DeltaFormat
 from relay.deltas.engine import (
     DeltaBudget,
     DeltaEngine,
-    DeltaFormat,
     DeltaOutcome,
     apply_patch,
     apply_patch_bytes,

@@ -12,9 +12,9 @@ import threading
 import pytest
 from tuf.api.metadata import Metadata
 
-from relay.publisher import repository as publish
 from relay.cli.main import main
 from relay.errors import PublishError
+from relay.publisher import repository as publish
 from relay.publisher.repository import DEFAULT_EXPIRES, Repository, format_table
 
 

@@ -48,17 +48,13 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from relay.deltas.engine import DeltaFormat, apply_patch_file
+from relay.core.protocol import AGENT_ID_HEADER, DeltaFormat, now_rfc3339
+from relay.deltas.engine import apply_patch_file
 from relay.errors import AgentError, InstallError, PatchRejectedError
 
 logger = logging.getLogger(__name__)
 
-AGENT_HEADER = "Relay-Agent-Id"
 STATE_FILE = "agent.json"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +89,7 @@ class Outcome:
     bytes: int = 0
     reason: str = ""
     message: str = ""
-    at: str = field(default_factory=_now)
+    at: str = field(default_factory=now_rfc3339)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -135,7 +131,7 @@ class RelayFetcher(FetcherInterface):
                 "GET",
                 url,
                 preload_content=False,
-                headers={AGENT_HEADER: self._agent_id, "Accept-Encoding": "identity"},
+                headers={AGENT_ID_HEADER: self._agent_id, "Accept-Encoding": "identity"},
                 timeout=urllib3.Timeout(connect=self._timeout, read=self._timeout),
                 retries=False,
             )
@@ -208,7 +204,7 @@ class Agent:
             "POST",
             url,
             body=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", AGENT_HEADER: self.config.agent_id},
+            headers={"Content-Type": "application/json", AGENT_ID_HEADER: self.config.agent_id},
             timeout=urllib3.Timeout(
                 connect=self.config.request_timeout, read=self.config.request_timeout
             ),
@@ -511,7 +507,7 @@ class Agent:
             "GET",
             str(delta["url"]),
             preload_content=False,
-            headers={AGENT_HEADER: self.config.agent_id, "Accept-Encoding": "identity"},
+            headers={AGENT_ID_HEADER: self.config.agent_id, "Accept-Encoding": "identity"},
             timeout=urllib3.Timeout(
                 connect=self.config.request_timeout, read=self.config.request_timeout
             ),

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from relay.agent.updater import Agent, AgentConfig
 from relay.config import load_config
-from relay.deltas.engine import DeltaFormat
+from relay.core.protocol import DeltaFormat
 from relay.publisher.repository import Repository
 from relay.server import make_app
 from relay.server.app import STATE, RelayState

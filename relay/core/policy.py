@@ -65,6 +65,7 @@ from enum import StrEnum
 from typing import Any
 
 from relay.core.model import Channel, Kind, Severity, Target
+from relay.core.protocol import InstalledItem
 from relay.core.semver import Version, is_valid
 from relay.errors import EulaNotAcceptedError
 
@@ -299,15 +300,6 @@ class Settings:
 
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-@dataclass(frozen=True, slots=True)
-class InstalledItem:
-    """A product as an agent has it."""
-
-    product: str
-    version: str
-    sha256: str
 
 
 @dataclass(frozen=True, slots=True)

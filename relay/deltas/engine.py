@@ -41,13 +41,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import bsdiff4
 import bsdiff4.core
 
+from relay.core.protocol import DeltaFormat
 from relay.errors import PatchRejectedError
 from relay.storage.fsio import write_atomic
 
@@ -55,19 +56,6 @@ if sys.version_info >= (3, 14):
     from compression import zstd
 else:
     from backports import zstd
-
-
-class DeltaFormat(StrEnum):
-    """Patch formats."""
-
-    BSDIFF4 = "bsdiff4"
-    ZSTD = "zstd"
-
-
-MEDIA_TYPES = {
-    DeltaFormat.BSDIFF4: "application/vnd.relay.bsdiff4",
-    DeltaFormat.ZSTD: "application/vnd.relay.zstd-patch",
-}
 
 
 class DeltaOutcome(Enum):

@@ -29,11 +29,10 @@ import aiohttp
 
 from relay.cache.store import Fill, FsBlobStore
 from relay.core.model import Target, is_sha256
+from relay.core.protocol import MEDIA_TYPES, DeltaFormat
 from relay.core.verify import VerifiedMetadata
 from relay.deltas.engine import (
-    MEDIA_TYPES,
     DeltaEngine,
-    DeltaFormat,
     DeltaOutcome,
     apply_patch_bytes,
 )
@@ -41,8 +40,6 @@ from relay.errors import PatchRejectedError
 from relay.metrics import RelayMetrics
 
 logger = logging.getLogger(__name__)
-
-_FORMAT_BY_MEDIA = {v: k for k, v in MEDIA_TYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,21 +49,6 @@ class PatchFile:
     path: Path
     length: int
     format: DeltaFormat
-
-
-def formats_from_accept(header: str | None) -> list[DeltaFormat] | None:
-    """Delta formats named by an ``Accept`` header, in its order (``None``: no preference)."""
-    if not header:
-        return None
-    out = []
-    for part in header.split(","):
-        media = part.split(";", 1)[0].strip().lower()
-        if media in ("*/*", "application/*"):
-            return None
-        fmt = _FORMAT_BY_MEDIA.get(media)
-        if fmt is not None and fmt not in out:
-            out.append(fmt)
-    return out
 
 
 class DeltaService:

@@ -11,12 +11,12 @@ Rules:
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 from relay.config import PolicySettings
 from relay.core.model import Kind
 from relay.core.policy import PolicyState, RolloutMode, Settings
+from relay.core.protocol import now_rfc3339
 from relay.errors import ReplicaReadOnlyError
 from relay.storage.kv import KV
 
@@ -34,11 +34,6 @@ def settings_from_config(policy: PolicySettings) -> Settings:
         deferral_days=tuple(sorted(policy.deferral_days)),
         relays_only=policy.relays_only,
     )
-
-
-def utc_now() -> str:
-    """RFC 3339 UTC time, to the second."""
-    return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 class PolicyStore:
@@ -95,7 +90,7 @@ class PolicyStore:
             await self._kv.set(_SETTINGS, settings.to_dict())
         self.version += 1
         if audit is not None:
-            await self._kv.append_log({"at": utc_now(), **audit})
+            await self._kv.append_log({"at": now_rfc3339(), **audit})
 
     async def audit_log(self, limit: int = 1000) -> list[Any]:
         """The newest audit entries, oldest first."""

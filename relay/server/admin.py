@@ -29,6 +29,7 @@ from relay.core.policy import (
     explicit_approval,
     reset,
 )
+from relay.core.protocol import now_rfc3339
 from relay.errors import EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.server.agents import BodyError, bad_request, read_json_body
 
@@ -143,9 +144,9 @@ async def set_approval(request: web.Request) -> web.Response:
     try:
         policy.check_writable()
         if status is Status.APPROVED:
-            new = approve(policy.state, target, group=group, mode=mode, at=_now(), by=who)
+            new = approve(policy.state, target, group=group, mode=mode, at=now_rfc3339(), by=who)
         elif status is Status.DECLINED:
-            new = decline(policy.state, target, group=group, at=_now(), by=who)
+            new = decline(policy.state, target, group=group, at=now_rfc3339(), by=who)
         else:
             new = reset(policy.state, target, group=group)
         await policy.update(
@@ -270,12 +271,6 @@ def _field(body: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value:
         raise BodyError(f"{key}: expected a non-empty string")
     return value
-
-
-def _now() -> str:
-    from relay.fleet.approvals import utc_now  # noqa: PLC0415
-
-    return utc_now()
 
 
 def _after_change(state: RelayState) -> None:

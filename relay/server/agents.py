@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,33 +21,34 @@ from typing import Any
 from aiohttp import web
 
 from relay.core.model import is_sha256
-from relay.core.policy import Action, AgentView, InstalledItem
+from relay.core.policy import Action, AgentView
 from relay.core.policy import offers as policy_offers
-from relay.deltas.engine import DeltaFormat
+from relay.core.protocol import (
+    AGENT_ID_RULE,
+    DEFAULT_GROUP,
+    GROUP_RULE,
+    DeltaFormat,
+    Event,
+    InstalledItem,
+    ReportEvent,
+    Via,
+    delta_formats,
+    is_agent_id,
+    is_group,
+    now_rfc3339,
+    rfc3339,
+    utc_now,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
 MAX_INSTALLED = 1000
 MAX_EVENTS = 1000
-_AGENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-_GROUP = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-DELTA_FORMATS = ("bsdiff4", "zstd")
-EVENTS = ("checked", "downloaded", "installed", "failed")
-VIA = ("delta", "full")
 
 
 class BodyError(ValueError):
     """A request body is malformed; the message names the field."""
-
-
-@dataclass(frozen=True, slots=True)
-class InstalledEntry:
-    """One installed product as an agent reports it."""
-
-    product: str
-    version: str
-    sha256: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,24 +57,9 @@ class CheckinRequest:
 
     agent_id: str
     group: str
-    installed: tuple[InstalledEntry, ...]
-    accept_delta: tuple[str, ...]
+    installed: tuple[InstalledItem, ...]
+    accept_delta: tuple[DeltaFormat, ...]
     defer_days: int
-
-
-@dataclass(frozen=True, slots=True)
-class ReportEvent:
-    """One validated outcome event."""
-
-    product: str
-    from_version: str
-    to_version: str
-    event: str
-    via: str
-    bytes: int
-    reason: str
-    message: str
-    at: str
 
 
 def _str(
@@ -90,8 +75,8 @@ def _str(
 
 def _agent_id(data: dict[str, Any]) -> str:
     agent_id = _str(data, "agent_id", "")
-    if not _AGENT_ID.match(agent_id):
-        raise BodyError("agent_id: 1-128 characters of letters, digits and ._:@-")
+    if not is_agent_id(agent_id):
+        raise BodyError(f"agent_id: {AGENT_ID_RULE}")
     return agent_id
 
 
@@ -110,16 +95,18 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
-def parse_checkin(data: dict[str, Any]) -> CheckinRequest:
-    """Validate a check-in body.
+def parse_checkin(
+    data: dict[str, Any], deferral_days: tuple[int, ...] = (1, 3, 7)
+) -> CheckinRequest:
+    """Validate a check-in body; ``defer_days`` must be 0 or one of ``deferral_days``.
 
     Raises:
         BodyError: a field is missing or malformed (the message names it).
     """
     agent_id = _agent_id(data)
-    group = _str(data, "group", "", default="default")
-    if not _GROUP.match(group):
-        raise BodyError("group: 1-64 characters of letters, digits and ._-")
+    group = _str(data, "group", "", default=DEFAULT_GROUP)
+    if not is_group(group):
+        raise BodyError(f"group: {GROUP_RULE}")
     installed_raw = data.get("installed", [])
     if not isinstance(installed_raw, list):
         raise BodyError("installed: expected a list")
@@ -134,16 +121,16 @@ def parse_checkin(data: dict[str, Any]) -> CheckinRequest:
         if not is_sha256(sha):
             raise BodyError(f"{where}sha256: expected 64 lowercase hex digits")
         installed.append(
-            InstalledEntry(_str(item, "product", where), _str(item, "version", where), sha)
+            InstalledItem(_str(item, "product", where), _str(item, "version", where), sha)
         )
     accept_raw = data.get("accept_delta", [])
     if not isinstance(accept_raw, list) or not all(isinstance(f, str) for f in accept_raw):
         raise BodyError("accept_delta: expected a list of format names")
-    # Unknown formats are ignored: a newer agent may know formats this relay does not.
-    accept = tuple(f for f in accept_raw if f in DELTA_FORMATS)
+    accept = delta_formats(accept_raw)
     defer = data.get("defer_days", 0)
-    if isinstance(defer, bool) or not isinstance(defer, int) or defer not in (0, 1, 3, 7):
-        raise BodyError("defer_days: expected 0, 1, 3 or 7")
+    allowed = (0, *deferral_days)
+    if isinstance(defer, bool) or not isinstance(defer, int) or defer not in allowed:
+        raise BodyError(f"defer_days: expected one of {', '.join(map(str, allowed))}")
     return CheckinRequest(agent_id, group, tuple(installed), accept, defer)
 
 
@@ -165,11 +152,11 @@ def parse_reports(data: dict[str, Any]) -> tuple[str, list[ReportEvent]]:
         if not isinstance(item, dict):
             raise BodyError(f"events[{i}]: expected an object")
         event = _str(item, "event", where)
-        if event not in EVENTS:
-            raise BodyError(f"{where}event: expected one of {', '.join(EVENTS)}")
-        via = _str(item, "via", where, default="full")
-        if via not in VIA:
-            raise BodyError(f"{where}via: expected delta or full")
+        if event not in Event.__members__.values():
+            raise BodyError(f"{where}event: expected one of {', '.join(Event)}")
+        via = _str(item, "via", where, default=Via.FULL)
+        if via not in Via.__members__.values():
+            raise BodyError(f"{where}via: expected one of {', '.join(Via)}")
         nbytes = item.get("bytes", 0)
         if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
             raise BodyError(f"{where}bytes: expected a non-negative integer")
@@ -184,12 +171,12 @@ def parse_reports(data: dict[str, Any]) -> tuple[str, list[ReportEvent]]:
                 product=_str(item, "product", where),
                 from_version=_str(item, "from_version", where, default=""),
                 to_version=_str(item, "to_version", where, default=""),
-                event=event,
-                via=via,
+                event=Event(event),
+                via=Via(via),
                 bytes=nbytes,
                 reason=_str(item, "reason", where, default="", max_len=64),
                 message=_str(item, "message", where, default="", max_len=2000),
-                at=at,
+                at=at or now_rfc3339(),
             )
         )
     return agent_id, events
@@ -218,19 +205,6 @@ async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
         return bad_request(str(e))
 
 
-def rfc3339(ts: float | dt.datetime | None) -> str | None:
-    """Format a time as RFC 3339 UTC (``None`` stays ``None``)."""
-    if ts is None:
-        return None
-    when = ts if isinstance(ts, dt.datetime) else dt.datetime.fromtimestamp(ts, dt.UTC)
-    return when.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
-
-
-def now_utc() -> dt.datetime:
-    """The current time (UTC)."""
-    return dt.datetime.fromtimestamp(time.time(), dt.UTC)
-
-
 # -- handlers --------------------------------------------------------------------
 
 
@@ -254,7 +228,7 @@ async def checkin(request: web.Request) -> web.StreamResponse:
     if isinstance(body, web.Response):
         return body
     try:
-        req = parse_checkin(body)
+        req = parse_checkin(body, state.policy.settings.deferral_days)
     except BodyError as e:
         return bad_request(str(e))
     current = state.mirror.current
@@ -266,16 +240,14 @@ async def checkin(request: web.Request) -> web.StreamResponse:
         req.agent_id,
         group=req.group,
         address=request.remote or "",
-        installed=[
-            {"product": i.product, "version": i.version, "sha256": i.sha256} for i in req.installed
-        ],
+        installed=[i.to_dict() for i in req.installed],
         defer_days=req.defer_days,
     )
-    now = now_utc()
+    now = utc_now()
     view = AgentView(
         agent_id=req.agent_id,
         group=req.group,
-        installed=tuple(InstalledItem(i.product, i.version, i.sha256) for i in req.installed),
+        installed=req.installed,
         first_offered={
             _product_version(k): dt.datetime.fromtimestamp(v, dt.UTC)
             for k, v in record.first_offered.items()
@@ -295,7 +267,7 @@ async def checkin(request: web.Request) -> web.StreamResponse:
             record.first_offered.setdefault(f"{offer.product}@{target.version}", now.timestamp())
             src = installed_sha.get(offer.product)
             if src is not None and src != target.sha256 and state.deltas is not None:
-                accept = [DeltaFormat(f) for f in req.accept_delta]
+                accept = list(req.accept_delta)
                 patch = state.deltas.lookup(src, target.sha256, accept) if accept else None
                 if patch is not None:
                     delta = {
@@ -356,17 +328,7 @@ async def reports(request: web.Request) -> web.StreamResponse:
         state.metrics.agent_events.labels(event.event, event.reason or "").inc()
         if event.event == "failed":
             record.failures += 1
-        record.last_outcome = {
-            "product": event.product,
-            "from_version": event.from_version,
-            "to_version": event.to_version,
-            "event": event.event,
-            "via": event.via,
-            "bytes": event.bytes,
-            "reason": event.reason,
-            "message": event.message,
-            "at": event.at or rfc3339(time.time()),
-        }
+        record.last_outcome = event.to_dict()
         if event.event == "failed":
             logger.warning(
                 "agent %s: %s %s -> %s failed (%s): %s",

@@ -35,8 +35,12 @@ from relay.core.policy import (
     pinned_digests,
     should_prefetch,
 )
+from relay.core.protocol import DeltaFormat
 from relay.core.verify import VerifiedMetadata
-from relay.deltas.engine import DeltaBudget, DeltaEngine, DeltaFormat
+from relay.deltas.engine import (
+    DeltaBudget,
+    DeltaEngine,
+)
 from relay.deltas.service import DeltaService
 from relay.errors import ConfigError
 from relay.fleet.approvals import PolicyStore, settings_from_config

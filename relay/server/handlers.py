@@ -24,9 +24,8 @@ from aiohttp import web
 from relay.cache.mirror import StoredBlob
 from relay.cache.store import Fill
 from relay.core.model import is_sha256
+from relay.core.protocol import AGENT_ID_HEADER, MEDIA_TYPES, formats_from_accept, is_agent_id
 from relay.core.rfc9110 import Outcome
-from relay.deltas.engine import MEDIA_TYPES
-from relay.deltas.service import formats_from_accept
 from relay.errors import StoreError, StoreFullError
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
 from relay.server.admin import add_admin_routes
@@ -47,16 +46,14 @@ logger = logging.getLogger(__name__)
 
 _METADATA_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,250}\.json$")
 _TIMESTAMP_MAX_AGE = "public, max-age=10"
-AGENT_HEADER = "Relay-Agent-Id"
-_AGENT_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def agent_key(request: web.Request) -> str:
     """The agent a request counts against: its ``Relay-Agent-Id``, else its address."""
-    header = request.headers.get(AGENT_HEADER)
-    if header is not None and _AGENT_ID.match(header):
+    header = request.headers.get(AGENT_ID_HEADER)
+    if header is not None and is_agent_id(header):
         return header
     return request.remote or "unknown"
 
