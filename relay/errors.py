@@ -40,6 +40,13 @@ class ConfigError(RelayError):
         super().__init__(f"{source}: {key}{shown}: {reason}")
 
 
+# --- requests -------------------------------------------------------------
+
+
+class BodyError(RelayError, ValueError):
+    """A request body is malformed; the message names the field."""
+
+
 # --- publisher ------------------------------------------------------------
 
 

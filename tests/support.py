@@ -227,7 +227,7 @@ def metadata_json(path: Path) -> dict[str, Any]:
 async def start_relay(aiohttp_server: Any, config: Config) -> Any:
     """Start a relay on loopback and wait for its first verified sync."""
     from relay.server import make_app
-    from relay.server.app import STATE
+    from relay.server.state import STATE
 
     app = make_app(config)
     server = await aiohttp_server(app)
@@ -240,7 +240,7 @@ async def start_relay(aiohttp_server: Any, config: Config) -> Any:
 
 
 def relay_state(server: Any) -> Any:
-    from relay.server.app import STATE
+    from relay.server.state import STATE
 
     return server.app[STATE]
 

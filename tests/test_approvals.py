@@ -209,7 +209,7 @@ async def test_replica_follows_parent_and_refuses_local_changes(
         "/v1/admin/approvals",
         {"product": "app", "version": "1.0.0", "status": "approved"},
     )
-    from relay.server.app import pull_parent_policy
+    from relay.server.replica import pull_parent_policy
 
     rstate = relay_state(replica)
     async with aiohttp.ClientSession() as session:

@@ -25,10 +25,11 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 from relay.cache.store import Fill, FsBlobStore, ScrubOutcome
 from relay.cache.upstream import Upstream
@@ -133,6 +134,26 @@ def _version_of(name: str) -> int:
     return int(head) if head.isdigit() else -1
 
 
+class Retention(Protocol):
+    """What the relay fetches ahead and keeps: decided above the cache."""
+
+    def wanted(self, target: Target) -> bool:
+        """Whether to fetch ``target`` before anyone asks for it."""
+        ...
+
+    def pins(self) -> set[str]:
+        """The digests the store must not evict."""
+        ...
+
+
+class _KeepEverything:
+    def wanted(self, _target: Target) -> bool:
+        return True
+
+    def pins(self) -> set[str]:
+        return set()
+
+
 class Mirror:
     """Mirror of one upstream TUF repository with a verified blob cache.
 
@@ -143,8 +164,11 @@ class Mirror:
         metadata_dir: where verified metadata is kept.
         metrics: the application's metrics.
         prefetch: which blobs to fetch ahead of requests.
-        keep_versions: newest versions of each product pinned in the store.
-        extra_pins: more digests to pin (approved or offered versions, delta bases).
+        retention: what to fetch ahead and what the store must keep (decided
+            above the cache, by the policy and the delta service); without one,
+            everything is prefetched (as ``prefetch`` allows) and nothing pinned.
+        delta_fill: tried before the upstream's full target (rebuilds it from a
+            parent relay's patch); returns whether the fill holds the target.
     """
 
     def __init__(
@@ -156,20 +180,15 @@ class Mirror:
         metadata_dir: Path,
         metrics: RelayMetrics,
         prefetch: Prefetch = Prefetch.ALL,
-        keep_versions: int = 3,
-        extra_pins: Callable[[], Iterable[str]] | None = None,
-        should_prefetch: Callable[[Target], bool] | None = None,
-        is_declined: Callable[[Target], bool] | None = None,
+        retention: Retention | None = None,
+        delta_fill: Callable[[Target, Fill], Awaitable[bool]] | None = None,
     ) -> None:
         self._pinned_root = trusted_root
         self.upstream = upstream
         self.store = store
         self.metrics = metrics
         self.prefetch = prefetch
-        self.keep_versions = keep_versions
-        self._extra_pins = extra_pins or (lambda: ())
-        self._should_prefetch = should_prefetch or (lambda _t: True)
-        self._is_declined = is_declined or (lambda _t: False)
+        self._retention = retention or _KeepEverything()
         self._metadata = MetadataDir(metadata_dir)
         self.current: VerifiedMetadata | None = None
         self._served: dict[str, bytes] = {}
@@ -183,8 +202,7 @@ class Mirror:
         self.last_sync_error: str = ""
         self.last_sync_failed_at: float | None = None
         self.listeners: list[Callable[[VerifiedMetadata], Awaitable[None]]] = []
-        # Tried before the upstream's full target (a parent relay's patch).
-        self.delta_fill: Callable[[Target, Fill], Awaitable[bool]] | None = None
+        self.delta_fill = delta_fill
         metrics.bind(metrics.last_sync_age, self._sync_age)
         metrics.bind(metrics.timestamp_expiry, self.seconds_until_expiry)
         metrics.bind(metrics.cache_bytes, lambda: float(store.used_bytes))
@@ -206,16 +224,6 @@ class Mirror:
     def metadata_file(self, name: str) -> bytes | None:
         """The exact bytes of a served metadata file, or ``None``."""
         return self._served.get(name)
-
-    def pinned(self) -> set[str]:
-        """Digests the store must not evict."""
-        pins = set(self._extra_pins())
-        if self.current is not None:
-            for versions in self.current.products().values():
-                kept = [t for t in versions if not self._is_declined(t)]
-                if self.keep_versions:
-                    pins.update(t.sha256 for t in kept[-self.keep_versions :])
-        return pins
 
     # -- start-up -----------------------------------------------------------
 
@@ -553,7 +561,7 @@ class Mirror:
             t
             for t in self.current.targets.values()
             if not self.store.contains(t.sha256)
-            and (self.prefetch is Prefetch.ALL or self._should_prefetch(t))
+            and (self.prefetch is Prefetch.ALL or self._retention.wanted(t))
         ]
         gate = asyncio.Semaphore(concurrency)
         fetched = 0
@@ -578,8 +586,9 @@ class Mirror:
         for outcome, n in counts.items():
             self.metrics.scrub.labels(outcome.value).inc(n)
         if counts.get(ScrubOutcome.QUARANTINED) and self.current is not None:
+            pins = self._retention.pins()
             for target in self.current.targets.values():
-                if not self.store.contains(target.sha256) and target.sha256 in self.pinned():
+                if not self.store.contains(target.sha256) and target.sha256 in pins:
                     with contextlib.suppress(StoreError):
                         await self.ensure(target)
             await self.prefetch_now()

@@ -219,7 +219,7 @@ class Upstream:
         *,
         retries: int = 3,
         backoff: float = 0.5,
-        throttle: Callable[[int], Awaitable[None]] | None = None,
+        throttle: Callable[[int], Awaitable[object]] | None = None,
     ) -> None:
         if not base_urls:
             raise ValueError("at least one upstream URL is needed")

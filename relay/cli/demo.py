@@ -27,7 +27,7 @@ from relay.config import load_config
 from relay.core.protocol import DeltaFormat
 from relay.publisher.repository import Repository
 from relay.server import make_app
-from relay.server.app import STATE, RelayState
+from relay.server.state import STATE, RelayState
 
 PRODUCT = "endpoint-agent"
 FILE = "agent-core.bin"

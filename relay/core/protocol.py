@@ -11,10 +11,15 @@ Rules:
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
+
+from relay.core.model import is_sha256
+from relay.errors import BodyError
 
 AGENT_ID_HEADER = "Relay-Agent-Id"
 """The header an agent sends on every request (its own id, as in its check-in)."""
@@ -159,3 +164,142 @@ class ReportEvent:
             "message": self.message,
             "at": self.at,
         }
+
+
+# -- request bodies (check-in and reports) ------------------------------------
+
+MAX_INSTALLED = 1000
+MAX_EVENTS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class CheckinRequest:
+    """A validated check-in body."""
+
+    agent_id: str
+    group: str
+    installed: tuple[InstalledItem, ...]
+    accept_delta: tuple[DeltaFormat, ...]
+    defer_days: int
+
+
+def _str(
+    obj: dict[str, Any], key: str, where: str, *, default: str | None = None, max_len: int = 256
+) -> str:
+    value = obj.get(key, default)
+    if not isinstance(value, str):
+        raise BodyError(f"{where}{key}: expected a string")
+    if len(value) > max_len:
+        raise BodyError(f"{where}{key}: longer than {max_len} characters")
+    return value
+
+
+def _agent_id(data: dict[str, Any]) -> str:
+    agent_id = _str(data, "agent_id", "")
+    if not is_agent_id(agent_id):
+        raise BodyError(f"agent_id: {AGENT_ID_RULE}")
+    return agent_id
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a JSON object.
+
+    Raises:
+        BodyError: not UTF-8 JSON, or not an object.
+    """
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BodyError(f"body: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BodyError("body: nested too deeply") from None
+    if not isinstance(data, dict):
+        raise BodyError("body: expected a JSON object")
+    return data
+
+
+def parse_checkin(
+    data: dict[str, Any], deferral_days: tuple[int, ...] = (1, 3, 7)
+) -> CheckinRequest:
+    """Validate a check-in body; ``defer_days`` must be 0 or one of ``deferral_days``.
+
+    Raises:
+        BodyError: a field is missing or malformed (the message names it).
+    """
+    agent_id = _agent_id(data)
+    group = _str(data, "group", "", default=DEFAULT_GROUP)
+    if not is_group(group):
+        raise BodyError(f"group: {GROUP_RULE}")
+    installed_raw = data.get("installed", [])
+    if not isinstance(installed_raw, list):
+        raise BodyError("installed: expected a list")
+    if len(installed_raw) > MAX_INSTALLED:
+        raise BodyError(f"installed: more than {MAX_INSTALLED} entries")
+    installed = []
+    for i, item in enumerate(installed_raw):
+        where = f"installed[{i}]."
+        if not isinstance(item, dict):
+            raise BodyError(f"installed[{i}]: expected an object")
+        sha = _str(item, "sha256", where)
+        if not is_sha256(sha):
+            raise BodyError(f"{where}sha256: expected 64 lowercase hex digits")
+        installed.append(
+            InstalledItem(_str(item, "product", where), _str(item, "version", where), sha)
+        )
+    accept_raw = data.get("accept_delta", [])
+    if not isinstance(accept_raw, list) or not all(isinstance(f, str) for f in accept_raw):
+        raise BodyError("accept_delta: expected a list of format names")
+    accept = delta_formats(accept_raw)
+    defer = data.get("defer_days", 0)
+    allowed = (0, *deferral_days)
+    if isinstance(defer, bool) or not isinstance(defer, int) or defer not in allowed:
+        raise BodyError(f"defer_days: expected one of {', '.join(map(str, allowed))}")
+    return CheckinRequest(agent_id, group, tuple(installed), accept, defer)
+
+
+def parse_reports(data: dict[str, Any]) -> tuple[str, list[ReportEvent]]:
+    """Validate a reports body.
+
+    Raises:
+        BodyError: a field is missing or malformed (the message names it).
+    """
+    agent_id = _agent_id(data)
+    events_raw = data.get("events")
+    if not isinstance(events_raw, list):
+        raise BodyError("events: expected a list")
+    if len(events_raw) > MAX_EVENTS:
+        raise BodyError(f"events: more than {MAX_EVENTS} entries")
+    events = []
+    for i, item in enumerate(events_raw):
+        where = f"events[{i}]."
+        if not isinstance(item, dict):
+            raise BodyError(f"events[{i}]: expected an object")
+        event = _str(item, "event", where)
+        if event not in Event.__members__.values():
+            raise BodyError(f"{where}event: expected one of {', '.join(Event)}")
+        via = _str(item, "via", where, default=Via.FULL)
+        if via not in Via.__members__.values():
+            raise BodyError(f"{where}via: expected one of {', '.join(Via)}")
+        nbytes = item.get("bytes", 0)
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise BodyError(f"{where}bytes: expected a non-negative integer")
+        at = _str(item, "at", where, default="")
+        if at:
+            try:
+                dt.datetime.fromisoformat(at)
+            except ValueError:
+                raise BodyError(f"{where}at: expected an RFC 3339 time") from None
+        events.append(
+            ReportEvent(
+                product=_str(item, "product", where),
+                from_version=_str(item, "from_version", where, default=""),
+                to_version=_str(item, "to_version", where, default=""),
+                event=Event(event),
+                via=Via(via),
+                bytes=nbytes,
+                reason=_str(item, "reason", where, default="", max_len=64),
+                message=_str(item, "message", where, default="", max_len=2000),
+                at=at or now_rfc3339(),
+            )
+        )
+    return agent_id, events

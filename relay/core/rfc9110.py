@@ -99,7 +99,13 @@ class Decision:
     end: int
     headers: tuple[tuple[str, str], ...] = ()
 
+    @property
+    def bodiless(self) -> bool:
+        """Whether the answer carries no body (304, 412, 416)."""
+        return self.outcome in _BODILESS
 
+
+_BODILESS = frozenset({Outcome.NOT_MODIFIED, Outcome.UNSATISFIABLE, Outcome.PRECONDITION_FAILED})
 _NOT_MODIFIED = Decision(Outcome.NOT_MODIFIED, 304, 0, 0)
 _PRECONDITION_FAILED = Decision(Outcome.PRECONDITION_FAILED, 412, 0, 0)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
@@ -30,15 +30,12 @@ from relay.core.policy import (
     reset,
 )
 from relay.core.protocol import now_rfc3339
-from relay.errors import EulaNotAcceptedError, ReplicaReadOnlyError
-from relay.server.agents import BodyError, bad_request, read_json_body
-
-if TYPE_CHECKING:
-    from relay.server.app import RelayState
+from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
+from relay.fleet.groups import known_groups
+from relay.server.http import bad_request, read_json_body
+from relay.server.state import ADMIN_TOKEN, STATE, RelayState
 
 logger = logging.getLogger(__name__)
-
-ADMIN_TOKEN = web.AppKey("admin_token", str)
 
 
 def _authorised(request: web.Request) -> None:
@@ -56,8 +53,6 @@ def _authorised(request: web.Request) -> None:
 
 
 def _state(request: web.Request) -> RelayState:
-    from relay.server.app import STATE  # noqa: PLC0415
-
     _authorised(request)
     return request.app[STATE]
 
@@ -66,19 +61,13 @@ def _conflict(message: str) -> web.Response:
     return web.json_response({"error": message}, status=409)
 
 
-def _groups(state: RelayState) -> list[str]:
-    groups = {"default"} | {r.group for r in state.registry.all()}
-    groups |= {g for (_p, _v, g) in state.policy.state.approvals if g is not None}
-    return sorted(groups)
-
-
 async def list_updates(request: web.Request) -> web.Response:
     """``GET /v1/admin/updates``: every target with its status per group."""
     state = _state(request)
     current = state.mirror.current
     policy = state.policy
     out = []
-    groups = _groups(state)
+    groups = known_groups(state.registry, state.policy.state)
     for target in sorted(
         current.targets.values() if current else [], key=lambda t: (t.product, t.info.semver)
     ):

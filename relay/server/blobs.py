@@ -1,18 +1,29 @@
-"""Sending blobs: RFC 9110 decisions, sendfile fast path, streaming from fills.
+"""Serving blobs and patches: one request path each, top-down.
+
+``GET /targets/{dir}/{sha256}.{name}`` reads in order:
+
+1. **resolve**: the path must name a target of the verified metadata (else 404;
+   503 before the first verified sync); nothing is proxied blindly.
+2. **open**: the stored blob, or the running single-flight fill (a miss starts
+   one); a full store is 503 with ``Retry-After`` and hits keep being served.
+3. **decide**: one synchronous RFC 9110 decision gives the status, the byte
+   range and the headers (:mod:`relay.core.rfc9110`).
+4. **gate**: a transfer slot in total and per agent, else 503 ``Retry-After``.
+5. **send**: ``loop.sendfile`` from the open-file cache (stored, unthrottled), paced
+   chunks (throttled), or the growing fill's bytes as they arrive (followers).
+
+``GET /deltas/{from}/{to}`` is the same path over the relay-made patches; a 404
+means "fetch the full target" and asks the delta service to make the patch
+for next time (never awaited by the request).
 
 Rules:
 
-* One synchronous decision per request (:func:`relay.core.rfc9110.decide`)
-  gives the status, the byte range and the headers; the rest is I/O.
-* A stored blob sent unthrottled goes out with ``loop.sendfile`` from a small cache
-  of open files (like nginx's ``open_file_cache``): a hot blob costs no thread-pool
-  hop at all; a cold one costs one (the ``open``).
-* A throttled response, or one that follows a fill, is written in small chunks
-  read with ``os.pread`` in a thread, each chunk paced by the limiter first, so no
-  client waits long between bytes.
-* A follower of a fill that fails (wrong hash) has its connection aborted: the
-  client sees a short read, never a complete-looking corrupt body.
+* A follower of a fill that fails has its connection aborted: the client sees a
+  short read, never a complete-looking corrupt body. The last byte of a body
+  from a fill is held back until the fill is verified and committed.
 * ``Content-Length`` is always set (no chunked encoding for files).
+* Every chunk of a throttled response is paced by the limiter before it is
+  read, so no client waits long between bytes.
 """
 
 from __future__ import annotations
@@ -21,17 +32,20 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections import OrderedDict
-from collections.abc import Callable
-from pathlib import Path
-from typing import IO
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
 
+from relay.cache.mirror import StoredBlob
 from relay.cache.store import Fill, FillState
-from relay.core.rfc9110 import Outcome, decide, format_http_date
-from relay.errors import StoreError
+from relay.core.model import is_sha256
+from relay.core.protocol import MEDIA_TYPES, formats_from_accept
+from relay.core.rfc9110 import Decision, format_http_date
+from relay.errors import StoreError, StoreFullError
 from relay.server.bandwidth import Pacer
+from relay.server.http import agent_key, decide_for, unavailable
+from relay.server.state import STATE, RelayState
+from relay.transfer.openfiles import OpenFile
 
 logger = logging.getLogger(__name__)
 
@@ -39,138 +53,240 @@ CHUNK = 64 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
 
 
-class _OpenFile:
-    __slots__ = ("evicted", "file", "users")
-
-    def __init__(self, file: IO[bytes]) -> None:
-        self.file = file
-        self.users = 0
-        self.evicted = False
+class AbortedTransferError(Exception):
+    """The source failed mid-body: the connection was aborted on purpose."""
 
 
-class OpenFileCache:
-    """Open read-only files of hot blobs, keyed by digest, least recently used out.
-
-    A file is closed only when it has left the cache and no response uses it.
-    """
-
-    def __init__(self, size: int = 256) -> None:
-        self._size = size
-        self._files: OrderedDict[str, _OpenFile] = OrderedDict()
-
-    async def acquire(self, sha256: str, path: Path) -> _OpenFile:
-        """Return the open file of ``sha256`` (opening it in a thread if needed).
-
-        Raises:
-            OSError: the file cannot be opened.
-        """
-        entry = self._files.get(sha256)
-        if entry is None:
-            file = await asyncio.get_running_loop().run_in_executor(None, path.open, "rb")
-            entry = self._files.get(sha256)  # another request may have opened it meanwhile
-            if entry is None:
-                entry = _OpenFile(file)
-                self._files[sha256] = entry
-                self._trim()
-            else:
-                _close_later(file)
-        self._files.move_to_end(sha256)
-        entry.users += 1
-        return entry
-
-    def release(self, entry: _OpenFile) -> None:
-        """Stop using ``entry``."""
-        entry.users -= 1
-        if entry.evicted and entry.users == 0:
-            _close_later(entry.file)
-
-    def forget(self, sha256: str) -> None:
-        """Drop ``sha256`` (evicted or quarantined blob)."""
-        entry = self._files.pop(sha256, None)
-        if entry is not None:
-            entry.evicted = True
-            if entry.users == 0:
-                _close_later(entry.file)
-
-    def _trim(self) -> None:
-        while len(self._files) > self._size:
-            _, entry = self._files.popitem(last=False)
-            entry.evicted = True
-            if entry.users == 0:
-                _close_later(entry.file)
-
-    def close(self) -> None:
-        """Close every file (at shutdown)."""
-        for entry in self._files.values():
-            with contextlib.suppress(OSError):
-                entry.file.close()
-        self._files.clear()
+# -- GET /targets/{dir}/{sha256}.{name} -------------------------------------------
 
 
-def _close_later(file: IO[bytes]) -> None:
-    with contextlib.suppress(RuntimeError):
-        # Fire and forget: closing a read-only regular file needs no result.
-        _ = asyncio.get_running_loop().run_in_executor(None, file.close)
-
-
-def blob_headers(sha256: str, last_modified: float) -> dict[str, str]:
-    """Validators and caching headers of a content-addressed blob."""
-    return {
-        "ETag": f'"{sha256}"',
+async def target(request: web.Request) -> web.StreamResponse:
+    """``GET/HEAD /targets/{dir}/{sha256}.{name}``: a verified blob, fetched on a miss."""
+    state = request.app[STATE]
+    mirror = state.mirror
+    # 1. resolve
+    tail = request.match_info["tail"]
+    if not is_sha256(tail.rpartition("/")[2].partition(".")[0]):
+        raise web.HTTPNotFound(text="target paths are <dir>/<sha256>.<name>\n")
+    tgt = mirror.resolve(tail)
+    if tgt is None:
+        if mirror.current is None:
+            return unavailable("no_verified_metadata", 5, state.metrics)
+        raise web.HTTPNotFound(text="not in the verified metadata\n")
+    # 2. open
+    try:
+        source = await mirror.open_blob(tgt)
+    except StoreFullError:
+        return unavailable("store_full", state.config.store.retry_after, state.metrics)
+    except StoreError as e:
+        logger.error("cannot serve %s: %s", tgt.path, e)  # noqa: TRY400 - no traceback needed
+        return unavailable("store_error", state.config.store.retry_after, state.metrics)
+    last_modified = source.started if isinstance(source, Fill) else mirror.store.mtime(tgt.sha256)
+    # 3. decide
+    decision = decide_for(
+        request, length=tgt.length, etag=f'"{tgt.sha256}"', last_modified=last_modified
+    )
+    headers = {
+        "ETag": f'"{tgt.sha256}"',
         "Last-Modified": format_http_date(last_modified),
         "Cache-Control": IMMUTABLE,
         "Accept-Ranges": "bytes",
+        "Content-Type": "application/octet-stream",
+        **dict(decision.headers),
     }
+    if decision.bodiless:
+        return web.Response(status=decision.status, headers=headers)
+    if request.method == "HEAD":
+        return await _head(request, decision, headers)
+    # 4. gate, 5. send
+    agent = agent_key(request)
+    refused = _admit(state, agent)
+    if refused is not None:
+        return refused
+    with _paced_slot(state, agent) as pace:
+        resp = web.StreamResponse(status=decision.status, headers=headers)
+        resp.content_length = decision.end - decision.start
+        try:
+            if isinstance(source, Fill):
+                await _send_fill(request, resp, state, source, decision, pace)
+            else:
+                await _send_stored(request, resp, state, tgt.sha256, source, decision, pace)
+        except AbortedTransferError as e:
+            logger.warning("aborted %s for %s: %s", tgt.path, agent, e)
+            raise web.HTTPBadGateway from None  # the transport is already aborted
+    return resp
 
 
-def decide_for(
-    request: web.Request, *, length: int, etag: str, last_modified: float
-) -> tuple[Outcome, int, int, int, tuple[tuple[str, str], ...]]:
-    """Run the RFC 9110 decision for ``request``; return (outcome, status, start, end, headers)."""
-    h = request.headers
-    d = decide(
-        method=request.method,
-        length=length,
-        etag=etag,
-        last_modified=last_modified,
-        range_header=h.get("Range"),
-        if_range=h.get("If-Range"),
-        if_none_match=h.get("If-None-Match"),
-        if_modified_since=h.get("If-Modified-Since"),
-        if_match=h.get("If-Match"),
-        if_unmodified_since=h.get("If-Unmodified-Since"),
-    )
-    return d.outcome, d.status, d.start, d.end, d.headers
+async def _send_fill(
+    request: web.Request,
+    resp: web.StreamResponse,
+    state: RelayState,
+    fill: Fill,
+    decision: Decision,
+    pace: Pacer | None,
+) -> None:
+    fill.attach()
+    try:
+        await resp.prepare(request)
+        await stream_from_fill(
+            request, resp, fill, decision.start, decision.end, pace, _counter(state, "upstream")
+        )
+    finally:
+        fill.detach()
+    await resp.write_eof()
 
 
-def bodiless(status: int, headers: dict[str, str]) -> web.Response:
-    """A response without a body (304, 412, 416) with ``headers``."""
-    return web.Response(status=status, headers=headers)
+async def _send_stored(
+    request: web.Request,
+    resp: web.StreamResponse,
+    state: RelayState,
+    sha256: str,
+    blob: StoredBlob,
+    decision: Decision,
+    pace: Pacer | None,
+) -> None:
+    with state.mirror.store.serving(sha256):
+        entry = await state.files.acquire(sha256, blob.path)
+        try:
+            await resp.prepare(request)
+            await send_file_range(
+                request, resp, entry, decision.start, decision.end, pace, _counter(state, "cache")
+            )
+        finally:
+            state.files.release(entry)
+    await resp.write_eof()
 
 
-class AbortedTransferError(Exception):
-    """The source failed mid-body: the connection was aborted on purpose."""
+# -- GET /deltas/{from}/{to} --------------------------------------------------------
+
+
+async def delta(request: web.Request) -> web.StreamResponse:
+    """``GET/HEAD /deltas/{from}/{to}``: a relay-made patch; 404 means "use the full target"."""
+    state = request.app[STATE]
+    deltas = state.deltas
+    # 1. resolve
+    src, dst = request.match_info["src"], request.match_info["dst"]
+    if not (is_sha256(src) and is_sha256(dst)):
+        raise web.HTTPNotFound(text="delta paths are /deltas/<from sha256>/<to sha256>\n")
+    current = state.mirror.current
+    tgt = current.by_sha256.get(dst) if current is not None else None
+    if tgt is None:
+        raise web.HTTPNotFound(text="the target is not in the verified metadata\n")
+    # 2. open
+    patch = deltas.lookup(src, dst, formats_from_accept(request.headers.get("Accept")))
+    if patch is None:
+        if state.config.delta.enabled:
+            deltas.request(src, dst)  # compute it for next time; never wait for it here
+        raise web.HTTPNotFound(text="no delta for this pair: fetch the full target\n")
+    # 3. decide
+    etag = f'"delta-{src[:16]}-{dst[:16]}-{patch.format}"'
+    decision = decide_for(request, length=patch.length, etag=etag, last_modified=state.started)
+    headers = {
+        "Relay-Delta-Format": str(patch.format),
+        "Relay-Target-Sha256": tgt.sha256,
+        "Relay-Target-Length": str(tgt.length),
+        "Content-Type": MEDIA_TYPES[patch.format],
+        "ETag": etag,
+        "Cache-Control": IMMUTABLE,
+        "Vary": "Accept",
+        "Accept-Ranges": "bytes",
+        **dict(decision.headers),
+    }
+    if decision.bodiless:
+        return web.Response(status=decision.status, headers=headers)
+    if request.method == "HEAD":
+        return await _head(request, decision, headers)
+    # 4. gate, 5. send
+    agent = agent_key(request)
+    refused = _admit(state, agent)
+    if refused is not None:
+        return refused
+    with _paced_slot(state, agent) as pace:
+        try:
+            entry = await state.files.acquire(f"delta:{src}:{dst}:{patch.format}", patch.path)
+        except FileNotFoundError:
+            raise web.HTTPNotFound(text="delta vanished: fetch the full target\n") from None
+        resp = web.StreamResponse(status=decision.status, headers=headers)
+        resp.content_length = decision.end - decision.start
+        try:
+            await resp.prepare(request)
+            await send_file_range(
+                request, resp, entry, decision.start, decision.end, pace, _counter(state, "delta")
+            )
+        finally:
+            state.files.release(entry)
+        await resp.write_eof()
+    if decision.status == 200:
+        state.metrics.delta_bytes_served.labels(str(patch.format)).inc(patch.length)
+        state.metrics.delta_full_bytes.labels(str(patch.format)).inc(tgt.length)
+    return resp
+
+
+# -- shared steps -------------------------------------------------------------------
+
+
+async def _head(
+    request: web.Request, decision: Decision, headers: dict[str, str]
+) -> web.StreamResponse:
+    # HEAD carries the real length (BITS needs it) and no body.
+    head = web.StreamResponse(status=decision.status, headers=headers)
+    head.content_length = decision.end - decision.start
+    await head.prepare(request)
+    return head
+
+
+def _admit(state: RelayState, agent: str) -> web.Response | None:
+    """Take a transfer slot for ``agent``; return the 503 to answer when there is none."""
+    refused = state.gate.try_enter(agent)
+    if refused is None:
+        return None
+    return unavailable(refused, state.config.limits.retry_after, state.metrics)
+
+
+@contextlib.contextmanager
+def _paced_slot(state: RelayState, agent: str) -> Iterator[Pacer | None]:
+    """Hold the slot :func:`_admit` took, with the agent's pacer when egress is limited."""
+    try:
+        if state.limiter.limited:
+            with Pacer(state.limiter, agent) as pace:
+                yield pace
+        else:
+            yield None
+    finally:
+        state.gate.leave(agent)
+
+
+def _counter(state: RelayState, source: str) -> Callable[[int], None]:
+    key = (source,)
+    values = state.metrics.bytes_served.values
+
+    def count(n: int) -> None:
+        values[key] += n
+
+    return count
+
+
+# -- sending bytes ------------------------------------------------------------------
 
 
 async def send_file_range(
     request: web.Request,
     resp: web.StreamResponse,
-    entry: _OpenFile,
+    entry: OpenFile,
     start: int,
     end: int,
     pace: Pacer | None,
     on_bytes: Callable[[int], None],
 ) -> None:
     """Send ``[start, end)`` of an open stored file after ``resp`` is prepared."""
-    if end <= start or request.method == "HEAD":
+    if end <= start:
         return
     if pace is None:
         transport = request.transport
         if transport is None:
             raise ConnectionResetError("connection lost")
-        loop = asyncio.get_running_loop()
         try:
-            await loop.sendfile(transport, entry.file, start, end - start)
+            await asyncio.get_running_loop().sendfile(transport, entry.file, start, end - start)
         except NotImplementedError:
             await _stream_file(resp, entry.file.fileno(), start, end, None, on_bytes)
             return
@@ -201,7 +317,7 @@ async def _stream_file(
         on_bytes(len(data))
 
 
-async def send_from_fill(
+async def stream_from_fill(
     request: web.Request,
     resp: web.StreamResponse,
     fill: Fill,
@@ -219,8 +335,6 @@ async def send_from_fill(
     Raises:
         AbortedTransferError: the fill failed; the connection has been aborted.
     """
-    if request.method == "HEAD":
-        return
     offset = start
     while offset < end:
         state = fill.state

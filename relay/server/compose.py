@@ -1,0 +1,247 @@
+"""The composition root: builds one relay's components, runs its background work.
+
+Rules:
+
+* Every component is built here, once, as a named object, and handed what it
+  needs through its constructor; nothing reaches into another's private state.
+* Everything with a lifetime (the client session, the state store, the delta
+  engine's processes, background tasks) is opened and closed by
+  :func:`components`, the application's ``cleanup_ctx``.
+* Configuration is passed in as a :class:`relay.config.Config`; nothing is read
+  from the environment here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from relay.cache.mirror import Mirror, Prefetch
+from relay.cache.store import Fill, FsBlobStore
+from relay.cache.upstream import AiohttpFetcher, Upstream, UpstreamHealth
+from relay.config import Config
+from relay.core.model import Target
+from relay.core.protocol import DeltaFormat
+from relay.core.verify import VerifiedMetadata
+from relay.deltas.engine import DeltaBudget, DeltaEngine
+from relay.deltas.service import DeltaService
+from relay.errors import ConfigError
+from relay.fleet.approvals import PolicyStore, settings_from_config
+from relay.fleet.registry import Registry
+from relay.server.bandwidth import BandwidthLimiter, RateSchedule, schedule_from_config
+from relay.server.replica import follow_parent
+from relay.server.retention import PinPolicy
+from relay.server.state import ADMIN_TOKEN, CONFIG, METRICS, STATE, RelayState
+from relay.storage.kv import KV
+from relay.transfer.gate import TransferGate
+from relay.transfer.openfiles import OpenFileCache
+
+logger = logging.getLogger(__name__)
+
+
+def read_trusted_root(config: Config) -> bytes:
+    """Read the pinned root named by ``upstream.trusted_root``.
+
+    Raises:
+        ConfigError: the key is empty or the file cannot be read.
+    """
+    path = config.upstream.trusted_root
+    if not str(path):
+        raise ConfigError(
+            "upstream.trusted_root", None, config.source_of("upstream.trusted_root"), "is required"
+        )
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            "upstream.trusted_root",
+            str(path),
+            config.source_of("upstream.trusted_root"),
+            f"cannot be read: {e.strerror}",
+        ) from e
+
+
+async def _apply_schedule(
+    schedule: RateSchedule, limiter: BandwidthLimiter, upstream: BandwidthLimiter
+) -> None:
+    """Re-evaluate time-of-day rates every 30 seconds."""
+    while True:
+        rates = schedule.rates_at(dt.datetime.now().astimezone())
+        limiter.set_rates(rates.egress, rates.per_agent)
+        upstream.set_rates(rates.upstream, 0)
+        await asyncio.sleep(30)
+
+
+def _up(health: UpstreamHealth) -> Callable[[], float]:
+    return lambda: 0.0 if health.failing_since is not None else 1.0
+
+
+class _ParentDeltas:
+    """Rebuilds a target from a parent relay's patch before the full download."""
+
+    def __init__(
+        self, deltas: DeltaService, session: aiohttp.ClientSession, upstream: Upstream
+    ) -> None:
+        self._deltas = deltas
+        self._session = session
+        self._upstream = upstream
+        self.current: VerifiedMetadata | None = None
+
+    async def fill(self, target: Target, fill: Fill) -> bool:
+        return await self._deltas.fill_from_parent(
+            target, fill, self._session, self._upstream.base_urls, self.current
+        )
+
+
+async def components(app: web.Application) -> AsyncIterator[None]:
+    """Build the relay's components into ``app[STATE]``; close them at shutdown.
+
+    Raises:
+        ConfigError: no upstream URL, or the trusted root cannot be read.
+    """
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    if not config.upstream.urls:
+        raise ConfigError(
+            "upstream.urls", None, config.source_of("upstream.urls"), "at least one URL is required"
+        )
+    root = await asyncio.to_thread(read_trusted_root, config)
+
+    # -- the upstream side: one session, one fetcher, one ingress limiter
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+        auto_decompress=False,
+        headers={"User-Agent": "relay"},
+    )
+    limits = config.limits
+    schedule = schedule_from_config(
+        limits.upstream, limits.egress, limits.per_agent, limits.schedule
+    )
+    rates = schedule.rates_at(dt.datetime.now().astimezone())
+    egress_limiter = BandwidthLimiter(rates.egress, rates.per_agent)
+    upstream_limiter = BandwidthLimiter(rates.upstream)
+    egress_limiter.on_throttle = metrics.throttled_seconds.labels("egress").inc
+    upstream_limiter.on_throttle = metrics.throttled_seconds.labels("upstream").inc
+    upstream = Upstream(
+        AiohttpFetcher(
+            session,
+            connect_timeout=config.upstream.connect_timeout,
+            read_timeout=config.upstream.read_timeout,
+        ),
+        list(config.upstream.urls),
+        retries=config.upstream.retries,
+        backoff=config.upstream.retry_backoff,
+        throttle=partial(upstream_limiter.acquire, None)
+        if schedule.windows or rates.upstream
+        else None,
+    )
+    upstream.on_bytes(lambda base, n: metrics.upstream_bytes.labels(base).inc(n))
+    for base in upstream.base_urls:
+        metrics.upstream_up.labels(base).set_function(_up(upstream.health[base]))
+
+    # -- the fleet: state store, registry, approvals and settings
+    kv = await asyncio.to_thread(KV, config.relay.state_dir)  # opens SQLite
+    registry = Registry(kv)
+    await registry.load()
+    policy = PolicyStore(
+        kv, settings_from_config(config.policy), replica=config.policy.mode == "replica"
+    )
+    await policy.load()
+
+    # -- the cache and the deltas, with the pin policy between them
+    pins = PinPolicy(policy=policy, registry=registry, keep_versions=config.store.keep_versions)
+    store = FsBlobStore(config.relay.blobs_dir, max_bytes=config.store.max_bytes, pinned=pins.pins)
+    dcfg = config.delta
+    deltas = DeltaService(
+        directory=config.relay.deltas_dir,
+        engine=DeltaEngine(
+            workers=dcfg.workers,
+            budget=DeltaBudget(dcfg.max_memory, dcfg.max_seconds, dcfg.max_ratio, dcfg.zstd_level),
+        ),
+        store=store,
+        metrics=metrics,
+        formats=[DeltaFormat(f) for f in dcfg.formats],
+        bases=dcfg.bases,
+    )
+    pins.deltas = deltas
+    parent_deltas = _ParentDeltas(deltas, session, upstream) if dcfg.enabled else None
+    mirror = Mirror(
+        trusted_root=root,
+        upstream=upstream,
+        store=store,
+        metadata_dir=config.relay.metadata_dir,
+        metrics=metrics,
+        prefetch=Prefetch(config.sync.prefetch),
+        retention=pins,
+        delta_fill=parent_deltas.fill if parent_deltas is not None else None,
+    )
+    await mirror.open()
+    await deltas.open()
+
+    state = RelayState(
+        config=config,
+        metrics=metrics,
+        upstream=upstream,
+        mirror=mirror,
+        deltas=deltas,
+        registry=registry,
+        policy=policy,
+        files=OpenFileCache(),
+        gate=TransferGate(limits.max_transfers, limits.max_transfers_per_agent),
+        limiter=egress_limiter,
+        upstream_limiter=upstream_limiter,
+    )
+    app[STATE] = state
+    app[ADMIN_TOKEN] = await asyncio.to_thread(config.admin_token)  # may read a file
+    metrics.bind(metrics.active_transfers, lambda: float(state.gate.active))
+    store.on_removed.append(state.files.forget)
+    store.on_evicted.append(lambda _sha, _size: metrics.evictions.inc())
+
+    def track(verified: VerifiedMetadata | None) -> None:
+        pins.current = deltas.current = verified
+        if parent_deltas is not None:
+            parent_deltas.current = verified
+
+    async def prefetch_then_diff(verified: VerifiedMetadata) -> None:
+        if mirror.prefetch is not Prefetch.NONE:
+            await mirror.prefetch_now()
+        if dcfg.enabled:
+            await deltas.compute_all(verified)
+
+    async def after_sync(verified: VerifiedMetadata) -> None:
+        track(verified)
+        state.spawn(prefetch_then_diff(verified), "prefetch")
+
+    track(mirror.current)
+    mirror.listeners.append(after_sync)
+
+    # -- background work
+    state.spawn(mirror.run_sync_loop(config.sync.interval, config.sync.jitter), "sync")
+    if config.store.scrub_interval:
+        state.spawn(mirror.run_scrub_loop(config.store.scrub_interval), "scrub")
+    if policy.replica:
+        state.spawn(follow_parent(config, session, policy, state.on_policy_change), "replica")
+    if schedule.windows:
+        state.spawn(_apply_schedule(schedule, egress_limiter, upstream_limiter), "rate-schedule")
+    try:
+        yield
+    finally:
+        tasks = list(state.tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        await deltas.close()
+        await mirror.close()
+        state.files.close()
+        await session.close()
+        kv.close()

@@ -1,0 +1,101 @@
+"""HTTP helpers every handler shares: who is asking, bounded JSON bodies, refusals.
+
+Rules:
+
+* A client's mistake is a 4xx with a JSON ``{"error": ...}`` naming the field;
+  an overload is ``503`` with ``Retry-After``; never a 500.
+* A body larger than :data:`MAX_BODY` is refused (``413``) from its
+  ``Content-Length`` before it is read, and while it is read.
+* Requests are counted by a handler wrapper (:func:`counted`), cheaper than a
+  middleware on the hot paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from relay.core.protocol import AGENT_ID_HEADER, is_agent_id, parse_json_object
+from relay.core.rfc9110 import Decision, decide
+from relay.errors import BodyError
+from relay.metrics import RelayMetrics
+
+MAX_BODY = 256 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+COUNTS = web.AppKey("request_counts", dict[tuple[str, ...], float])
+
+
+def agent_key(request: web.Request) -> str:
+    """The agent a request counts against: its ``Relay-Agent-Id``, else its address."""
+    header = request.headers.get(AGENT_ID_HEADER)
+    if header is not None and is_agent_id(header):
+        return header
+    return request.remote or "unknown"
+
+
+def bad_request(message: str) -> web.Response:
+    """``400`` with a JSON error."""
+    return web.json_response({"error": message}, status=400)
+
+
+def unavailable(reason: str, retry_after: float, metrics: RelayMetrics) -> web.Response:
+    """``503`` with ``Retry-After``, counted by reason."""
+    metrics.rejected.labels(reason).inc()
+    return web.json_response(
+        {"error": f"unavailable: {reason}"},
+        status=503,
+        headers={"Retry-After": str(max(1, int(retry_after)))},
+    )
+
+
+async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
+    """Read a bounded JSON object body, or return the error response."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return web.json_response({"error": f"body: larger than {MAX_BODY} bytes"}, status=413)
+    ctype = request.content_type
+    if ctype not in ("application/json", "application/octet-stream", ""):
+        return web.json_response({"error": "body: expected application/json"}, status=415)
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            return web.json_response({"error": f"body: larger than {MAX_BODY} bytes"}, status=413)
+    try:
+        return parse_json_object(bytes(raw))
+    except BodyError as e:
+        return bad_request(str(e))
+
+
+def decide_for(request: web.Request, *, length: int, etag: str, last_modified: float) -> Decision:
+    """Run the RFC 9110 decision (preconditions, Range, If-Range) for ``request``."""
+    h = request.headers
+    return decide(
+        method=request.method,
+        length=length,
+        etag=etag,
+        last_modified=last_modified,
+        range_header=h.get("Range"),
+        if_range=h.get("If-Range"),
+        if_none_match=h.get("If-None-Match"),
+        if_modified_since=h.get("If-Modified-Since"),
+        if_match=h.get("If-Match"),
+        if_unmodified_since=h.get("If-Unmodified-Since"),
+    )
+
+
+def counted(name: str, handler: Handler) -> Handler:
+    """Wrap ``handler`` to count its answers by status."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        counts = request.app[COUNTS]
+        try:
+            resp = await handler(request)
+        except web.HTTPException as e:
+            counts[name, str(e.status)] += 1
+            raise
+        counts[name, str(resp.status)] += 1
+        return resp
+
+    return wrapped
