@@ -60,6 +60,14 @@ class HotCounter(Collector):
 __all__ = ["CONTENT_TYPE_LATEST", "RelayMetrics"]
 
 
+def _counter(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Counter:
+    return Counter(name, doc, list(labels), registry=registry)
+
+
+def _gauge(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Gauge:
+    return Gauge(name, doc, list(labels), registry=registry)
+
+
 class RelayMetrics:
     """Every metric of one relay, in its own registry."""
 
@@ -76,22 +84,16 @@ class RelayMetrics:
             ("source",),
         )
         r.register(self.bytes_served)
-        self.upstream_bytes = Counter(
-            "relay_upstream_bytes",
-            "Body bytes received from upstreams.",
-            ["upstream"],
-            registry=r,
+        self.upstream_bytes = _counter(
+            r, "relay_upstream_bytes", "Body bytes received from upstreams.", "upstream"
         )
-        self.cache_bytes = Gauge(
-            "relay_cache_bytes", "Bytes in the blob store (with fills reserved).", registry=r
+        self.cache_bytes = _gauge(
+            r, "relay_cache_bytes", "Bytes in the blob store (with fills reserved)."
         )
-        self.cache_objects = Gauge("relay_cache_objects", "Blobs in the store.", registry=r)
-        self.evictions = Counter("relay_evictions", "Blobs evicted for space.", registry=r)
-        self.fills = Counter(
-            "relay_fills",
-            "Upstream blob fills by result (ok or an error name).",
-            ["result"],
-            registry=r,
+        self.cache_objects = _gauge(r, "relay_cache_objects", "Blobs in the store.")
+        self.evictions = _counter(r, "relay_evictions", "Blobs evicted for space.")
+        self.fills = _counter(
+            r, "relay_fills", "Upstream blob fills by result (ok or an error name).", "result"
         )
         self.fill_waiters = Histogram(
             "relay_fill_waiters",
@@ -99,94 +101,71 @@ class RelayMetrics:
             buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
             registry=r,
         )
-        self.coalesced_bytes = Counter(
-            "relay_coalesced_bytes",
-            "Upstream bytes saved because waiters shared one fill.",
-            registry=r,
+        self.coalesced_bytes = _counter(
+            r, "relay_coalesced_bytes", "Upstream bytes saved because waiters shared one fill."
         )
-        self.sync_runs = Counter(
-            "relay_sync_runs",
-            "Metadata sync runs by result (new, unchanged, failed).",
-            ["result"],
-            registry=r,
+        self.sync_runs = _counter(
+            r, "relay_sync_runs", "Metadata sync runs by result (new, unchanged, failed).", "result"
         )
-        self.sync_failures = Counter(
-            "relay_sync_failures", "Failed sync runs by reason.", ["reason"], registry=r
+        self.sync_failures = _counter(
+            r, "relay_sync_failures", "Failed sync runs by reason.", "reason"
         )
-        self.last_sync_age = Gauge(
-            "relay_seconds_since_last_sync",
-            "Seconds since the last successful sync.",
-            registry=r,
+        self.last_sync_age = _gauge(
+            r, "relay_seconds_since_last_sync", "Seconds since the last successful sync."
         )
-        self.timestamp_expiry = Gauge(
+        self.timestamp_expiry = _gauge(
+            r,
             "relay_timestamp_expiry_seconds",
             "Seconds until the served metadata expires (negative: already expired).",
-            registry=r,
         )
-        self.upstream_up = Gauge(
-            "relay_upstream_up",
-            "1 if the upstream's last request succeeded.",
-            ["upstream"],
-            registry=r,
+        self.upstream_up = _gauge(
+            r, "relay_upstream_up", "1 if the upstream's last request succeeded.", "upstream"
         )
-        self.scrub = Counter(
-            "relay_scrub_blobs",
-            "Blobs re-hashed by the scrub, by outcome.",
-            ["outcome"],
-            registry=r,
+        self.scrub = _counter(
+            r, "relay_scrub_blobs", "Blobs re-hashed by the scrub, by outcome.", "outcome"
         )
-        self.active_transfers = Gauge(
-            "relay_active_transfers", "Blob and delta responses in progress.", registry=r
+        self.active_transfers = _gauge(
+            r, "relay_active_transfers", "Blob and delta responses in progress."
         )
-        self.rejected = Counter(
-            "relay_rejected", "Requests answered 503, by reason.", ["reason"], registry=r
-        )
-        self.throttled_seconds = Counter(
+        self.rejected = _counter(r, "relay_rejected", "Requests answered 503, by reason.", "reason")
+        self.throttled_seconds = _counter(
+            r,
             "relay_throttled_seconds",
             "Seconds spent waiting for a bandwidth limiter.",
-            ["limiter"],
-            registry=r,
+            "limiter",
         )
-        self.delta_patches = Counter(
+        self.delta_patches = _counter(
+            r,
             "relay_delta_patches",
             "Delta computations by outcome and format.",
-            ["outcome", "format"],
-            registry=r,
+            "outcome",
+            "format",
         )
-        self.delta_seconds = Counter(
-            "relay_delta_compute_seconds",
-            "Seconds spent computing deltas.",
-            ["format"],
-            registry=r,
+        self.delta_seconds = _counter(
+            r, "relay_delta_compute_seconds", "Seconds spent computing deltas.", "format"
         )
-        self.delta_bytes_served = Counter(
-            "relay_delta_bytes_served", "Patch bytes served.", ["format"], registry=r
+        self.delta_bytes_served = _counter(
+            r, "relay_delta_bytes_served", "Patch bytes served.", "format"
         )
-        self.delta_full_bytes = Counter(
+        self.delta_full_bytes = _counter(
+            r,
             "relay_delta_full_bytes_replaced",
             "Full target bytes that served patches replaced.",
-            ["format"],
-            registry=r,
+            "format",
         )
-        self.delta_wan_saved = Counter(
+        self.delta_wan_saved = _counter(
+            r,
             "relay_delta_wan_bytes_saved",
             "Upstream bytes saved by rebuilding targets from a parent relay's patch.",
-            registry=r,
         )
-        self.delta_rejected = Counter(
-            "relay_delta_rejected",
-            "Patches refused on apply, by reason.",
-            ["reason"],
-            registry=r,
+        self.delta_rejected = _counter(
+            r, "relay_delta_rejected", "Patches refused on apply, by reason.", "reason"
         )
-        self.agent_events = Counter(
-            "relay_agent_events",
-            "Agent outcome reports by event and reason.",
-            ["event", "reason"],
-            registry=r,
+        self.agent_events = _counter(
+            r, "relay_agent_events", "Agent outcome reports by event and reason.", "event", "reason"
         )
-        self.agents = Gauge("relay_agents", "Agents known to the registry.", registry=r)
-        self.checkins = Counter("relay_checkins", "Agent check-ins.", registry=r)
+        self.agents = _gauge(r, "relay_agents", "Agents known to the registry.")
+        self.checkins = _counter(r, "relay_checkins", "Agent check-ins.")
 
     def bind(self, gauge: Gauge, func: Callable[[], float]) -> None:
         """Have ``gauge`` report ``func()`` at scrape time."""

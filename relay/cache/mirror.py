@@ -65,16 +65,22 @@ class SyncResult(Enum):
     """Outcome of one sync run."""
 
     NEW = "new"
+    """A new generation was verified and published."""
     UNCHANGED = "unchanged"
+    """The upstream has nothing newer."""
     FAILED = "failed"
+    """Nothing was published; the previous generation is still served."""
 
 
 class Prefetch(Enum):
     """Which blobs are fetched ahead of requests."""
 
     ALL = "all"
+    """Every target of each new generation."""
     NONE = "none"
+    """Nothing: blobs are fetched on the first request."""
     POLICY = "policy"
+    """What some group would be offered now."""
 
 
 @dataclass(frozen=True, slots=True)

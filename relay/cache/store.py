@@ -50,16 +50,22 @@ class FillState(Enum):
     """Where a fill stands."""
 
     FILLING = "filling"
+    """Bytes are arriving; followers read what is written."""
     COMPLETE = "complete"
+    """Verified and committed to its final path."""
     FAILED = "failed"
+    """Wrong hash, broken transfer or write error: followers are aborted."""
 
 
 class ScrubOutcome(Enum):
     """Result of re-hashing one blob."""
 
     OK = "ok"
+    """The bytes match their name."""
     QUARANTINED = "quarantined"
+    """The bytes do not match: moved aside, fetched again when needed."""
     VANISHED = "vanished"
+    """The file is gone from disk."""
 
 
 async def _run(func: Callable[..., T], *args: object) -> T:

@@ -29,14 +29,18 @@ class Kind(StrEnum):
     """What an update is; decides the "install undefined" default."""
 
     SOFTWARE = "software"
+    """Programs: wait for approval by default."""
     CONTENT = "content"
+    """Signatures and other data: flow without approval by default."""
     CONFIG = "config"
+    """Configuration files: may be limited to once a day."""
 
 
 class Severity(StrEnum):
     """Critical updates may be approved automatically."""
 
     CRITICAL = "critical"
+    """Approved automatically while "auto-approve critical" is on."""
     NORMAL = "normal"
 
 
@@ -45,6 +49,7 @@ class Channel(StrEnum):
 
     STABLE = "stable"
     BETA = "beta"
+    """Offered only to groups that opt into beta."""
 
 
 def is_sha256(text: str) -> bool:

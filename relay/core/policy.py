@@ -65,34 +65,40 @@ from enum import StrEnum
 from typing import Any
 
 from relay.core.model import Channel, Kind, Severity, Target
-from relay.core.protocol import InstalledItem
+from relay.core.protocol import DEFAULT_GROUP, InstalledItem
 from relay.core.semver import Version, is_valid
 from relay.errors import EulaNotAcceptedError
-
-DEFAULT_GROUP = "default"
 
 
 class Status(StrEnum):
     """An administrator's decision on an update."""
 
     UNDEFINED = "undefined"
+    """No decision: offered where "install undefined" is on for its kind."""
     APPROVED = "approved"
+    """Offered."""
     DECLINED = "declined"
+    """Never offered; agents that have it move back to the newest approved version."""
 
 
 class RolloutMode(StrEnum):
     """How an offered update is to be installed."""
 
     FORCED = "forced"
+    """Install now."""
     ON_DEMAND = "on-demand"
+    """The user may defer by one of ``deferral_days``; forced past the deadline."""
 
 
 class Action(StrEnum):
     """What an offer tells the agent to do."""
 
     INSTALL = "install"
+    """Install the offered (newer) version."""
     ROLLBACK = "rollback"
+    """Move back to the offered older version: the installed one is declined."""
     NONE = "none"
+    """Nothing to do."""
 
 
 ApprovalKey = tuple[str, str, str | None]  # (product, version, group or None = every group)

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -194,6 +195,21 @@ def _str(
     return value
 
 
+def _objects(
+    data: dict[str, Any], key: str, limit: int, *, default: list[Any] | None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The objects of the list ``data[key]`` with their place (``key[i].``) for messages."""
+    items = data.get(key, default)
+    if not isinstance(items, list):
+        raise BodyError(f"{key}: expected a list")
+    if len(items) > limit:
+        raise BodyError(f"{key}: more than {limit} entries")
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise BodyError(f"{key}[{i}]: expected an object")
+        yield f"{key}[{i}].", item
+
+
 def _agent_id(data: dict[str, Any]) -> str:
     agent_id = _str(data, "agent_id", "")
     if not is_agent_id(agent_id):
@@ -230,16 +246,8 @@ def parse_checkin(
     group = _str(data, "group", "", default=DEFAULT_GROUP)
     if not is_group(group):
         raise BodyError(f"group: {GROUP_RULE}")
-    installed_raw = data.get("installed", [])
-    if not isinstance(installed_raw, list):
-        raise BodyError("installed: expected a list")
-    if len(installed_raw) > MAX_INSTALLED:
-        raise BodyError(f"installed: more than {MAX_INSTALLED} entries")
     installed = []
-    for i, item in enumerate(installed_raw):
-        where = f"installed[{i}]."
-        if not isinstance(item, dict):
-            raise BodyError(f"installed[{i}]: expected an object")
+    for where, item in _objects(data, "installed", MAX_INSTALLED, default=[]):
         sha = _str(item, "sha256", where)
         if not is_sha256(sha):
             raise BodyError(f"{where}sha256: expected 64 lowercase hex digits")
@@ -264,16 +272,8 @@ def parse_reports(data: dict[str, Any]) -> tuple[str, list[ReportEvent]]:
         BodyError: a field is missing or malformed (the message names it).
     """
     agent_id = _agent_id(data)
-    events_raw = data.get("events")
-    if not isinstance(events_raw, list):
-        raise BodyError("events: expected a list")
-    if len(events_raw) > MAX_EVENTS:
-        raise BodyError(f"events: more than {MAX_EVENTS} entries")
     events = []
-    for i, item in enumerate(events_raw):
-        where = f"events[{i}]."
-        if not isinstance(item, dict):
-            raise BodyError(f"events[{i}]: expected an object")
+    for where, item in _objects(data, "events", MAX_EVENTS, default=None):
         event = _str(item, "event", where)
         if event not in Event.__members__.values():
             raise BodyError(f"{where}event: expected one of {', '.join(Event)}")

@@ -25,6 +25,7 @@ _SIZE_UNITS = {
     "GIB": 1024**3,
     "TIB": 1024**4,
 }
+_SIZE_NAMES = "B, KB, MB, GB, KiB, MiB or GiB"
 _DURATION_UNITS = {"": 1.0, "S": 1.0, "M": 60.0, "H": 3600.0, "D": 86400.0}
 _NUMBER_UNIT = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
@@ -41,26 +42,7 @@ def parse_size(value: object) -> int:
     Raises:
         ValueError: the value is negative, not a number, or has an unknown unit.
     """
-    if isinstance(value, bool):
-        raise ValueError("expected a size such as 1048576, '10MB' or '1GiB', not a boolean")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, float):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return int(value)
-    if not isinstance(value, str):
-        raise ValueError("expected a size such as 1048576, '10MB' or '1GiB'")
-    match = _NUMBER_UNIT.match(value)
-    if match is None:
-        raise ValueError("expected a size such as 1048576, '10MB' or '1GiB'")
-    number, unit = match.groups()
-    factor = _SIZE_UNITS.get(unit.upper())
-    if factor is None:
-        raise ValueError(f"unknown size unit {unit!r} (use B, KB, MB, GB, KiB, MiB or GiB)")
-    return int(float(number) * factor)
+    return int(_quantity(value, "size", _SIZE_UNITS, "1048576, '10MB' or '1GiB'", _SIZE_NAMES))
 
 
 def parse_rate(value: object) -> int:
@@ -83,19 +65,26 @@ def parse_duration(value: object) -> float:
     Raises:
         ValueError: the value is negative, not a number, or has an unknown unit.
     """
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30, '30s', '5m', '2h' or '1d'")
+    return _quantity(
+        value, "duration", _DURATION_UNITS, "30, '30s', '5m', '2h' or '1d'", "s, m, h or d"
+    )
+
+
+def _quantity(
+    value: object, what: str, units: dict[str, float] | dict[str, int], example: str, names: str
+) -> float:
+    """A number with an optional unit, as a multiple of the base unit."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"expected a {what} such as {example}")
     if isinstance(value, int | float):
         if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if not isinstance(value, str):
-        raise ValueError("expected a duration such as 30, '30s', '5m', '2h' or '1d'")
+            raise ValueError(f"a {what} cannot be negative")
+        return value
     match = _NUMBER_UNIT.match(value)
     if match is None:
-        raise ValueError("expected a duration such as 30, '30s', '5m', '2h' or '1d'")
+        raise ValueError(f"expected a {what} such as {example}")
     number, unit = match.groups()
-    factor = _DURATION_UNITS.get(unit.upper())
+    factor = units.get(unit.upper())
     if factor is None:
-        raise ValueError(f"unknown duration unit {unit!r} (use s, m, h or d)")
+        raise ValueError(f"unknown {what} unit {unit!r} (use {names})")
     return float(number) * factor

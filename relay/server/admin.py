@@ -32,7 +32,7 @@ from relay.core.policy import (
 from relay.core.protocol import now_rfc3339
 from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.fleet.groups import known_groups
-from relay.server.http import bad_request, read_json_body
+from relay.server.http import bad_request, parse_body, read_json_body
 from relay.server.state import ADMIN_TOKEN, STATE, RelayState
 
 logger = logging.getLogger(__name__)
@@ -99,24 +99,29 @@ async def list_updates(request: web.Request) -> web.Response:
     return web.json_response({"updates": out})
 
 
+def _parse_approval(
+    body: dict[str, Any],
+) -> tuple[str, str, Status, str | None, RolloutMode]:
+    product = _field(body, "product")
+    version = _field(body, "version")
+    group = body.get("group")
+    if group is not None and not isinstance(group, str):
+        raise BodyError("group: expected a string or null")
+    try:
+        status = Status(_field(body, "status"))
+        mode = RolloutMode(body.get("mode", "forced"))
+    except ValueError as e:
+        raise BodyError(f"status or mode: {e}") from None
+    return product, version, status, group, mode
+
+
 async def set_approval(request: web.Request) -> web.Response:
     """``POST /v1/admin/approvals``: approve, decline or reset an update."""
     state = _state(request)
-    body = await read_json_body(request)
-    if isinstance(body, web.Response):
-        return body
-    try:
-        product = _field(body, "product")
-        version = _field(body, "version")
-        status = Status(_field(body, "status"))
-        group = body.get("group")
-        if group is not None and not isinstance(group, str):
-            raise BodyError("group: expected a string or null")
-        mode = RolloutMode(body.get("mode", "forced"))
-    except BodyError as e:
-        return bad_request(str(e))
-    except ValueError as e:
-        return bad_request(f"status or mode: {e}")
+    parsed = await parse_body(request, _parse_approval)
+    if isinstance(parsed, web.Response):
+        return parsed
+    product, version, status, group, mode = parsed
     current = state.mirror.current
     target = next(
         (
@@ -162,13 +167,9 @@ async def set_approval(request: web.Request) -> web.Response:
 async def accept(request: web.Request) -> web.Response:
     """``POST /v1/admin/eulas``: accept the EULA at a target path."""
     state = _state(request)
-    body = await read_json_body(request)
-    if isinstance(body, web.Response):
-        return body
-    try:
-        path = _field(body, "path")
-    except BodyError as e:
-        return bad_request(str(e))
+    path = await parse_body(request, lambda body: _field(body, "path"))
+    if isinstance(path, web.Response):
+        return path
     current = state.mirror.current
     if current is None or (
         path not in current.targets

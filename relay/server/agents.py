@@ -20,9 +20,8 @@ from aiohttp import web
 from relay.core.policy import Action, AgentView
 from relay.core.policy import offers as policy_offers
 from relay.core.protocol import parse_checkin, parse_reports, rfc3339, utc_now
-from relay.errors import BodyError
 from relay.fleet.registry import AgentRecord
-from relay.server.http import bad_request, read_json_body
+from relay.server.http import parse_body
 from relay.server.state import STATE
 
 logger = logging.getLogger(__name__)
@@ -44,13 +43,11 @@ def _base_url(request: web.Request, public_url: str) -> str:
 async def checkin(request: web.Request) -> web.StreamResponse:
     """``POST /v1/checkin``: inventory in, per-product offers out."""
     state = request.app[STATE]
-    body = await read_json_body(request)
-    if isinstance(body, web.Response):
-        return body
-    try:
-        req = parse_checkin(body, state.policy.settings.deferral_days)
-    except BodyError as e:
-        return bad_request(str(e))
+    req = await parse_body(
+        request, lambda body: parse_checkin(body, state.policy.settings.deferral_days)
+    )
+    if isinstance(req, web.Response):
+        return req
     current = state.mirror.current
     if current is None:
         return web.json_response(
@@ -131,13 +128,10 @@ async def checkin(request: web.Request) -> web.StreamResponse:
 async def reports(request: web.Request) -> web.StreamResponse:
     """``POST /v1/reports``: agents' outcome events."""
     state = request.app[STATE]
-    body = await read_json_body(request)
-    if isinstance(body, web.Response):
-        return body
-    try:
-        agent_id, events = parse_reports(body)
-    except BodyError as e:
-        return bad_request(str(e))
+    parsed = await parse_body(request, parse_reports)
+    if isinstance(parsed, web.Response):
+        return parsed
+    agent_id, events = parsed
     record = state.registry.get(agent_id) or AgentRecord(
         agent_id=agent_id, first_seen=time.time(), address=request.remote or ""
     )

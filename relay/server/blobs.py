@@ -33,10 +33,10 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from aiohttp import web
 
-from relay.cache.mirror import StoredBlob
 from relay.cache.store import Fill, FillState
 from relay.core.model import is_sha256
 from relay.core.protocol import MEDIA_TYPES, formats_from_accept
@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
+# Content-addressed URLs never change: any HTTP cache or CDN in front may keep them.
+_CONTENT_ADDRESSED = {"Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes"}
 
 
 class AbortedTransferError(Exception):
@@ -89,28 +91,26 @@ async def target(request: web.Request) -> web.StreamResponse:
     headers = {
         "ETag": f'"{tgt.sha256}"',
         "Last-Modified": format_http_date(last_modified),
-        "Cache-Control": IMMUTABLE,
-        "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
+        **_CONTENT_ADDRESSED,
         **dict(decision.headers),
     }
-    if decision.bodiless:
-        return web.Response(status=decision.status, headers=headers)
-    if request.method == "HEAD":
-        return await _head(request, decision, headers)
+    if decision.bodiless or request.method == "HEAD":
+        return await _without_body(request, decision, headers)
     # 4. gate, 5. send
     agent = agent_key(request)
-    refused = _admit(state, agent)
-    if refused is not None:
+    if (refused := _admit(state, agent)) is not None:
         return refused
+    resp = _body_response(decision, headers)
     with _paced_slot(state, agent) as pace:
-        resp = web.StreamResponse(status=decision.status, headers=headers)
-        resp.content_length = decision.end - decision.start
         try:
             if isinstance(source, Fill):
                 await _send_fill(request, resp, state, source, decision, pace)
             else:
-                await _send_stored(request, resp, state, tgt.sha256, source, decision, pace)
+                with mirror.store.serving(tgt.sha256):
+                    await _send_file(
+                        request, resp, state, (tgt.sha256, source.path), decision, pace, "cache"
+                    )
         except AbortedTransferError as e:
             logger.warning("aborted %s for %s: %s", tgt.path, agent, e)
             raise web.HTTPBadGateway from None  # the transport is already aborted
@@ -136,24 +136,24 @@ async def _send_fill(
     await resp.write_eof()
 
 
-async def _send_stored(
+async def _send_file(
     request: web.Request,
     resp: web.StreamResponse,
     state: RelayState,
-    sha256: str,
-    blob: StoredBlob,
+    file: tuple[str, Path],
     decision: Decision,
     pace: Pacer | None,
+    source: str,
 ) -> None:
-    with state.mirror.store.serving(sha256):
-        entry = await state.files.acquire(sha256, blob.path)
-        try:
-            await resp.prepare(request)
-            await send_file_range(
-                request, resp, entry, decision.start, decision.end, pace, _counter(state, "cache")
-            )
-        finally:
-            state.files.release(entry)
+    """Send the decided range of a stored file (``(cache key, path)``), counted by ``source``."""
+    entry = await state.files.acquire(*file)
+    try:
+        await resp.prepare(request)
+        await send_file_range(
+            request, resp, entry, decision.start, decision.end, pace, _counter(state, source)
+        )
+    finally:
+        state.files.release(entry)
     await resp.write_eof()
 
 
@@ -187,35 +187,23 @@ async def delta(request: web.Request) -> web.StreamResponse:
         "Relay-Target-Length": str(tgt.length),
         "Content-Type": MEDIA_TYPES[patch.format],
         "ETag": etag,
-        "Cache-Control": IMMUTABLE,
         "Vary": "Accept",
-        "Accept-Ranges": "bytes",
+        **_CONTENT_ADDRESSED,
         **dict(decision.headers),
     }
-    if decision.bodiless:
-        return web.Response(status=decision.status, headers=headers)
-    if request.method == "HEAD":
-        return await _head(request, decision, headers)
+    if decision.bodiless or request.method == "HEAD":
+        return await _without_body(request, decision, headers)
     # 4. gate, 5. send
     agent = agent_key(request)
-    refused = _admit(state, agent)
-    if refused is not None:
+    if (refused := _admit(state, agent)) is not None:
         return refused
+    resp = _body_response(decision, headers)
+    file = (f"delta:{src}:{dst}:{patch.format}", patch.path)
     with _paced_slot(state, agent) as pace:
         try:
-            entry = await state.files.acquire(f"delta:{src}:{dst}:{patch.format}", patch.path)
+            await _send_file(request, resp, state, file, decision, pace, "delta")
         except FileNotFoundError:
             raise web.HTTPNotFound(text="delta vanished: fetch the full target\n") from None
-        resp = web.StreamResponse(status=decision.status, headers=headers)
-        resp.content_length = decision.end - decision.start
-        try:
-            await resp.prepare(request)
-            await send_file_range(
-                request, resp, entry, decision.start, decision.end, pace, _counter(state, "delta")
-            )
-        finally:
-            state.files.release(entry)
-        await resp.write_eof()
     if decision.status == 200:
         state.metrics.delta_bytes_served.labels(str(patch.format)).inc(patch.length)
         state.metrics.delta_full_bytes.labels(str(patch.format)).inc(tgt.length)
@@ -225,14 +213,21 @@ async def delta(request: web.Request) -> web.StreamResponse:
 # -- shared steps -------------------------------------------------------------------
 
 
-async def _head(
+async def _without_body(
     request: web.Request, decision: Decision, headers: dict[str, str]
 ) -> web.StreamResponse:
-    # HEAD carries the real length (BITS needs it) and no body.
-    head = web.StreamResponse(status=decision.status, headers=headers)
-    head.content_length = decision.end - decision.start
+    """304, 412 and 416 as decided; HEAD with the real length (BITS needs it)."""
+    if decision.bodiless:
+        return web.Response(status=decision.status, headers=headers)
+    head = _body_response(decision, headers)
     await head.prepare(request)
     return head
+
+
+def _body_response(decision: Decision, headers: dict[str, str]) -> web.StreamResponse:
+    resp = web.StreamResponse(status=decision.status, headers=headers)
+    resp.content_length = decision.end - decision.start  # never chunked
+    return resp
 
 
 def _admit(state: RelayState, agent: str) -> web.Response | None:

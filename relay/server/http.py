@@ -13,7 +13,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -23,6 +23,7 @@ from relay.errors import BodyError
 from relay.metrics import RelayMetrics
 
 MAX_BODY = 256 * 1024
+T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COUNTS = web.AppKey("request_counts", dict[tuple[str, ...], float])
 
@@ -64,6 +65,19 @@ async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
             return web.json_response({"error": f"body: larger than {MAX_BODY} bytes"}, status=413)
     try:
         return parse_json_object(bytes(raw))
+    except BodyError as e:
+        return bad_request(str(e))
+
+
+async def parse_body(
+    request: web.Request, parse: Callable[[dict[str, Any]], T]
+) -> T | web.Response:
+    """Read a bounded JSON object body and ``parse`` it, or return the 4xx to answer."""
+    body = await read_json_body(request)
+    if isinstance(body, web.Response):
+        return body
+    try:
+        return parse(body)
     except BodyError as e:
         return bad_request(str(e))
 
