@@ -74,24 +74,38 @@ class MetadataRejectedError(UpstreamContentError):
         super().__init__(f"{role} metadata rejected: {reason}")
 
 
-class HashMismatchError(UpstreamContentError):
+class SignedValueMismatchError(UpstreamContentError):
+    """Downloaded bytes disagree with a value the metadata signed.
+
+    Attributes:
+        path: the target or file.
+        expected: the signed value.
+        observed: what the bytes gave.
+    """
+
+    def __init__(self, path: str, expected: object, observed: object, detail: str) -> None:
+        self.path = path
+        self.expected = expected
+        self.observed = observed
+        super().__init__(f"{path}: {detail}")
+
+
+class HashMismatchError(SignedValueMismatchError):
     """Downloaded bytes do not hash to the signed digest."""
 
     def __init__(self, path: str, expected: str, observed: str) -> None:
-        self.path = path
-        self.expected = expected
-        self.observed = observed
-        super().__init__(f"{path}: sha256 {observed} does not match signed {expected}")
+        super().__init__(
+            path, expected, observed, f"sha256 {observed} does not match signed {expected}"
+        )
 
 
-class LengthMismatchError(UpstreamContentError):
+class LengthMismatchError(SignedValueMismatchError):
     """Downloaded bytes are longer (or shorter) than the signed length."""
 
     def __init__(self, path: str, expected: int, observed: int) -> None:
-        self.path = path
-        self.expected = expected
-        self.observed = observed
-        super().__init__(f"{path}: got {observed} bytes, signed length is {expected}")
+        super().__init__(
+            path, expected, observed, f"got {observed} bytes, signed length is {expected}"
+        )
 
 
 # --- upstream: transport --------------------------------------------------

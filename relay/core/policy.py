@@ -675,11 +675,7 @@ def declined_everywhere(
 ) -> bool:
     """Return whether ``target`` is declined for every group the relay knows.
 
-    Args:
-        state: the decisions.
-        settings: the policy settings.
-        target: a verified target.
-        groups: the groups the relay knows (empty: the default group).
+    Args are those of :func:`should_prefetch`.
 
     Returns:
         ``True`` when no known group may receive it because it is declined; the

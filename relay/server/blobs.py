@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -95,26 +95,21 @@ async def target(request: web.Request) -> web.StreamResponse:
         **_CONTENT_ADDRESSED,
         **dict(decision.headers),
     }
-    if decision.bodiless or request.method == "HEAD":
-        return await _without_body(request, decision, headers)
+
     # 4. gate, 5. send
-    agent = agent_key(request)
-    if (refused := _admit(state, agent)) is not None:
-        return refused
-    resp = _body_response(decision, headers)
-    with _paced_slot(state, agent) as pace:
+    async def send(resp: web.StreamResponse, pace: Pacer | None) -> None:
         try:
             if isinstance(source, Fill):
                 await _send_fill(request, resp, state, source, decision, pace)
             else:
                 with mirror.store.serving(tgt.sha256):
-                    await _send_file(
-                        request, resp, state, (tgt.sha256, source.path), decision, pace, "cache"
-                    )
+                    file = (tgt.sha256, source.path)
+                    await _send_file(request, resp, state, file, decision, pace, "cache")
         except AbortedTransferError as e:
-            logger.warning("aborted %s for %s: %s", tgt.path, agent, e)
+            logger.warning("aborted %s for %s: %s", tgt.path, agent_key(request), e)
             raise web.HTTPBadGateway from None  # the transport is already aborted
-    return resp
+
+    return await _gate_and_send(request, state, decision, headers, send)
 
 
 async def _send_fill(
@@ -191,26 +186,41 @@ async def delta(request: web.Request) -> web.StreamResponse:
         **_CONTENT_ADDRESSED,
         **dict(decision.headers),
     }
-    if decision.bodiless or request.method == "HEAD":
-        return await _without_body(request, decision, headers)
+
     # 4. gate, 5. send
-    agent = agent_key(request)
-    if (refused := _admit(state, agent)) is not None:
-        return refused
-    resp = _body_response(decision, headers)
-    file = (f"delta:{src}:{dst}:{patch.format}", patch.path)
-    with _paced_slot(state, agent) as pace:
+    async def send(resp: web.StreamResponse, pace: Pacer | None) -> None:
+        file = (f"delta:{src}:{dst}:{patch.format}", patch.path)
         try:
             await _send_file(request, resp, state, file, decision, pace, "delta")
         except FileNotFoundError:
             raise web.HTTPNotFound(text="delta vanished: fetch the full target\n") from None
-    if decision.status == 200:
-        state.metrics.delta_bytes_served.labels(str(patch.format)).inc(patch.length)
-        state.metrics.delta_full_bytes.labels(str(patch.format)).inc(tgt.length)
-    return resp
+        if decision.status == 200:
+            state.metrics.delta_bytes_served.labels(str(patch.format)).inc(patch.length)
+            state.metrics.delta_full_bytes.labels(str(patch.format)).inc(tgt.length)
+
+    return await _gate_and_send(request, state, decision, headers, send)
 
 
 # -- shared steps -------------------------------------------------------------------
+
+
+async def _gate_and_send(
+    request: web.Request,
+    state: RelayState,
+    decision: Decision,
+    headers: dict[str, str],
+    send: Callable[[web.StreamResponse, Pacer | None], Awaitable[None]],
+) -> web.StreamResponse:
+    """Answer without a body (304, 412, 416, HEAD), or take a slot and ``send`` the body."""
+    if decision.bodiless or request.method == "HEAD":
+        return await _without_body(request, decision, headers)
+    agent = agent_key(request)
+    if (refused := _admit(state, agent)) is not None:
+        return refused
+    resp = _body_response(decision, headers)
+    with _paced_slot(state, agent) as pace:
+        await send(resp, pace)
+    return resp
 
 
 async def _without_body(
