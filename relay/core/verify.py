@@ -27,7 +27,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from tuf.api import exceptions as tuf_exceptions
-from tuf.api.metadata import Root, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
@@ -329,7 +329,8 @@ class TrustSession:
         by_sha: dict[str, Target] = {}
         invalid: list[str] = []
         expiries = [self._set.timestamp.expires, self._set.snapshot.expires]
-        for role_name in self._role_order():
+        paths: dict[str, None] = {}
+        for role_name in self._loaded_roles:
             role = self._set[role_name]
             assert isinstance(role, Targets)
             name = f"{role.version}.{role_name}.json"
@@ -338,22 +339,23 @@ class TrustSession:
                 raise MetadataRejectedError(role_name, f"no verified bytes for {name}")
             files[name] = role_data
             expiries.append(role.expires)
-            for path, tf in role.targets.items():
-                if path in targets or path in invalid:
-                    continue
-                if not self._trusted_for(role_name, path):
-                    # A delegated role may only sign paths its delegator gave it; TUF
-                    # clients would refuse the rest, so the relay does not offer them.
-                    continue
-                try:
-                    target = Target.from_targetfile(tf)
-                except ValueError:
-                    # A target without relay's custom fields is still mirrored for
-                    # TUF clients, but it is not an update relay can offer.
-                    invalid.append(path)
-                    continue
-                targets[path] = target
-                by_sha.setdefault(target.sha256, target)
+            paths.update(dict.fromkeys(role.targets))
+        for path in paths:
+            # The target a TUF client would resolve for this path, if any: a role may
+            # only sign paths its delegators gave it, and the search order decides
+            # which role wins when several sign the same path.
+            tf = self._resolve(path)
+            if tf is None:
+                continue
+            try:
+                target = Target.from_targetfile(tf)
+            except ValueError:
+                # A target without relay's custom fields is still mirrored for
+                # TUF clients, but it is not an update relay can offer.
+                invalid.append(path)
+                continue
+            targets[path] = target
+            by_sha.setdefault(target.sha256, target)
         return VerifiedMetadata(
             files=files,
             root_version=self._set.root.version,
@@ -364,25 +366,38 @@ class TrustSession:
             by_sha256=by_sha,
         )
 
-    def _trusted_for(self, role_name: str, path: str) -> bool:
-        """Whether every delegation from top-level targets down to ``role_name`` covers ``path``."""
-        while role_name != Targets.type:
-            delegator_name = self._delegators.get(role_name)
-            if delegator_name is None:
-                return False
-            delegator = self._set[delegator_name]
-            assert isinstance(delegator, Targets)
-            delegations = delegator.delegations
-            if delegations is None or delegations.roles is None:
-                return False
-            role = delegations.roles.get(role_name)
-            if role is None or not role.is_delegated_path(path):
-                return False
-            role_name = delegator_name
-        return True
+    def _resolve(self, path: str) -> TargetFile | None:
+        """The target file of ``path`` as a TUF client resolves it.
 
-    def _role_order(self) -> list[str]:
-        return list(self._loaded_roles)
+        The search of the TUF specification (section 5.6.7.2, python-tuf's
+        ``_preorder_depth_first_walk``): depth-first and pre-order from the
+        top-level ``targets``, children in their listed order, only through
+        delegations whose paths cover ``path``; a ``terminating`` delegation
+        that covers ``path`` ends the search of every role not yet visited;
+        at most :data:`MAX_DELEGATIONS` roles are visited.
+        """
+        to_visit = [Targets.type]
+        visited: set[str] = set()
+        while to_visit and len(visited) < MAX_DELEGATIONS:
+            role_name = to_visit.pop()
+            if role_name in visited or role_name not in self._set:
+                continue
+            visited.add(role_name)
+            role = self._set[role_name]
+            assert isinstance(role, Targets)
+            found = role.targets.get(path)
+            if found is not None:
+                return found
+            if role.delegations is None:
+                continue
+            children = []
+            for child, terminating in role.delegations.get_roles_for_target(path):
+                children.append(child)
+                if terminating:
+                    to_visit.clear()
+                    break
+            to_visit.extend(reversed(children))
+        return None
 
 
 def root_version(data: bytes) -> int:
@@ -391,8 +406,6 @@ def root_version(data: bytes) -> int:
     Raises:
         MetadataRejectedError: the bytes are not root metadata.
     """
-    from tuf.api.metadata import Metadata  # noqa: PLC0415 - keep the import local
-
     try:
         md = Metadata[Root].from_bytes(data)
     except (tuf_exceptions.RepositoryError, ValueError, TypeError, KeyError) as e:
