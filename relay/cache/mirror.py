@@ -481,8 +481,15 @@ class Mirror:
         """
         sha = target.sha256
         if self.store.contains(sha):
-            self.store.touch(sha)
-            return StoredBlob(self.store.path(sha), target.length)
+            try:
+                intact = await self.store.check(sha)
+            except OSError as e:
+                raise StoreError(f"cannot read stored {target.path}: {e}") from e
+            if intact:
+                self.store.touch(sha)
+                return StoredBlob(self.store.path(sha), target.length)
+            self.metrics.scrub.labels(ScrubOutcome.QUARANTINED.value).inc()
+            # Damaged on disk and moved aside: fetch it again, as on a miss.
         fill = self.store.fill_in_progress(sha)
         if fill is not None:
             return fill
@@ -538,6 +545,12 @@ class Mirror:
         except asyncio.CancelledError:
             await fill.fail(StoreError("cancelled"))
             raise
+        except Exception as e:
+            # Not expected: log it whole, and still end the fill so no follower waits.
+            logger.exception("fill of %s broke", target.path)
+            await fill.fail(e)
+            self.metrics.fills.labels(type(e).__name__).inc()
+            return
         self.metrics.fills.labels("ok").inc()
         self.metrics.fill_waiters.observe(fill.followers)
         if fill.followers > 1:
@@ -591,23 +604,47 @@ class Mirror:
         counts = await self.store.scrub()
         for outcome, n in counts.items():
             self.metrics.scrub.labels(outcome.value).inc(n)
-        if counts.get(ScrubOutcome.QUARANTINED) and self.current is not None:
-            pins = self._retention.pins()
-            for target in self.current.targets.values():
-                if not self.store.contains(target.sha256) and target.sha256 in pins:
-                    with contextlib.suppress(StoreError):
-                        await self.ensure(target)
-            await self.prefetch_now()
+        if counts.get(ScrubOutcome.QUARANTINED):
+            await self._refetch_kept()
         return counts
 
-    async def run_scrub_loop(self, interval: float) -> None:
-        """Scrub every ``interval`` seconds."""
+    async def _refetch_kept(self) -> None:
+        """Fetch again the kept blobs that are missing (after a quarantine)."""
+        if self.current is None:
+            return
+        pins = self._retention.pins()
+        for target in self.current.targets.values():
+            if not self.store.contains(target.sha256) and target.sha256 in pins:
+                with contextlib.suppress(StoreError):
+                    await self.ensure(target)
+        await self.prefetch_now()
+
+    async def run_scrub_loop(self, interval: float, *, first_pass_after: float = 60.0) -> None:
+        """Re-hash every stored blob once per ``interval``, one at a time, spread over it.
+
+        The first pass starts ``first_pass_after`` seconds after start (not a whole
+        interval later), so bytes damaged while the relay was down are found soon;
+        blobs are hashed one by one with even pauses, so the disk is never swamped.
+        A blob being served or filled is skipped until the next pass.
+        """
+        await asyncio.sleep(min(first_pass_after, interval))
         while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.scrub_once()
-            except Exception:
-                logger.exception("scrub failed")
+            digests = self.store.digests()
+            pause = interval / max(1, len(digests))
+            if not digests:
+                await asyncio.sleep(interval)
+            for sha in digests:
+                await asyncio.sleep(pause)
+                if not self.store.contains(sha) or self.store.busy(sha):
+                    continue
+                try:
+                    outcome = await self.store.scrub_one(sha)
+                except OSError as e:
+                    logger.warning("scrub of %s failed: %s", sha, e)
+                    continue
+                self.metrics.scrub.labels(outcome.value).inc()
+                if outcome is ScrubOutcome.QUARANTINED:
+                    await self._refetch_kept()
 
     async def close(self) -> None:
         """Cancel fills and background work."""

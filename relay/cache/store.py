@@ -77,6 +77,14 @@ def split_digest(sha256: str) -> tuple[str, str]:
     return sha256[:2], sha256[2:]
 
 
+class FillRestartedError(StoreError):
+    """A fill started again from byte zero under a reader that had read its old bytes."""
+
+    def __init__(self, sha256: str) -> None:
+        self.sha256 = sha256
+        super().__init__(f"fill of {sha256} restarted from zero")
+
+
 class Fill:
     """One blob being downloaded; readable while it grows.
 
@@ -102,6 +110,7 @@ class Fill:
         self.state = FillState.FILLING
         self.error: BaseException | None = None
         self.followers = 0
+        self.restarts = 0  # bumped when the fill starts again from byte zero
         self.started = float(int(time.time()))  # Last-Modified while filling, and after
         self._readers = 0
         self._progress = asyncio.Event()
@@ -138,9 +147,15 @@ class Fill:
         self._hasher.update(chunk)
 
     async def restart(self) -> None:
-        """Start again from byte zero (keep the file; followers wait for new bytes)."""
+        """Start again from byte zero (keep the file).
+
+        Followers that already sent bytes of the old attempt must abort (they see
+        :attr:`restarts` change); those that sent nothing wait for the new bytes.
+        """
         self._hasher = hashlib.sha256()
         self.written = 0
+        self.restarts += 1
+        self._wake()
 
     async def commit(self) -> Path:
         """Verify length and sha256, fsync, and move the blob into place.
@@ -208,28 +223,46 @@ class Fill:
         self._readers -= 1
         self._maybe_close()
 
-    async def wait_change(self, seen: int) -> None:
-        """Return once ``written`` differs from ``seen``, or the fill ended."""
-        while self.state is FillState.FILLING and self.written == seen:
-            await self._progress.wait()
+    async def wait_change(self, seen: int, timeout: float) -> None:
+        """Return once ``written`` differs from ``seen``, or the fill ended or restarted.
+
+        Raises:
+            TimeoutError: nothing changed for ``timeout`` seconds.
+        """
+        restarts = self.restarts
+        async with asyncio.timeout(timeout):
+            while (
+                self.state is FillState.FILLING
+                and self.written == seen
+                and self.restarts == restarts
+            ):
+                await self._progress.wait()
 
     async def wait_beyond(self, offset: int) -> None:
         """Return once more than ``offset`` bytes are written, or the fill ended."""
         while self.state is FillState.FILLING and self.written <= offset:
             await self._progress.wait()
 
-    async def read(self, offset: int, size: int) -> bytes:
-        """Read up to ``size`` bytes at ``offset`` from what is written (in a thread).
+    async def read(self, offset: int, size: int, restarts: int) -> bytes:
+        """Read up to ``size`` bytes at ``offset`` of the attempt ``restarts`` (in a thread).
 
         Raises:
             StoreError: the fill failed (the follower must abort its response).
+            FillRestartedError: the fill started again from zero since attempt
+                ``restarts``: the bytes at ``offset`` are not the ones the reader
+                expects.
         """
         if self.state is FillState.FAILED:
             raise StoreError(f"fill of {self.sha256} failed: {self.error}")
+        if self.restarts != restarts:
+            raise FillRestartedError(self.sha256)
         size = min(size, self.written - offset)
         if size <= 0:
             return b""
-        return await _run(os.pread, self._fd, size, offset)
+        data = await _run(os.pread, self._fd, size, offset)
+        if self.restarts != restarts:  # restarted while the read ran
+            raise FillRestartedError(self.sha256)
+        return data
 
     def _maybe_close(self) -> None:
         if self._closed or self.state is FillState.FILLING or self._readers > 0:
@@ -283,6 +316,9 @@ class FsBlobStore:
         self.on_evicted: list[Callable[[str, int], None]] = []
         self._fills: dict[str, Fill] = {}
         self._serving: Counter[str] = Counter()
+        # Digests whose bytes were hashed (or written and verified) since start.
+        self._checked: set[str] = set()
+        self._checking: dict[str, asyncio.Future[bool]] = {}
         self._used = 0
         self.stats = StoreStats()
 
@@ -371,6 +407,10 @@ class FsBlobStore:
         if sha256 in self._sizes:
             self._sizes.move_to_end(sha256)
 
+    def busy(self, sha256: str) -> bool:
+        """Whether ``sha256`` is being served or filled right now."""
+        return self._serving[sha256] > 0 or sha256 in self._fills
+
     def serving(self, sha256: str) -> contextlib.AbstractContextManager[None]:
         """Context manager that pins ``sha256`` while a response reads it."""
         return _Serving(self._serving, sha256)
@@ -408,6 +448,7 @@ class FsBlobStore:
         self._used -= fill.length
         if committed:
             self.stats.fills_committed += 1
+            self._checked.add(fill.sha256)
             if fill.sha256 not in self._sizes:
                 self._sizes[fill.sha256] = fill.length
                 self._mtimes[fill.sha256] = fill.started
@@ -429,7 +470,7 @@ class FsBlobStore:
         for sha, size in self._sizes.items():  # least recently used first
             if freed >= excess:
                 break
-            if sha in pinned or self._serving[sha] > 0 or sha in self._fills:
+            if sha in pinned or self.busy(sha):
                 continue
             victims.append((sha, size))
             freed += size
@@ -438,6 +479,7 @@ class FsBlobStore:
             raise StoreFullError(needed, self.max_bytes - self._used + freed)
         for sha, size in victims:
             del self._sizes[sha]
+            self._checked.discard(sha)
             self._used -= size
             self._removed(sha)
         return victims
@@ -458,6 +500,7 @@ class FsBlobStore:
 
     async def remove(self, sha256: str) -> None:
         """Delete a complete blob (no-op if absent)."""
+        self._checked.discard(sha256)
         size = self._sizes.pop(sha256, None)
         if size is not None:
             self._used -= size
@@ -465,35 +508,72 @@ class FsBlobStore:
         with contextlib.suppress(FileNotFoundError):
             await _run(os.unlink, self.path(sha256))
 
-    # -- scrub ------------------------------------------------------------
+    # -- checks and scrub -------------------------------------------------
+
+    async def check(self, sha256: str) -> bool:
+        """Whether the stored blob's bytes are its own; hashed once per start.
+
+        A blob written by a verified fill of this run, or hashed since start, is
+        trusted; any other is hashed now (in a thread; concurrent callers share
+        one hash). A blob whose bytes do not match is quarantined (``False``):
+        the caller fetches it again.
+
+        Raises:
+            OSError: the blob cannot be read for a reason other than its absence.
+        """
+        if sha256 in self._checked:
+            return True
+        pending = self._checking.get(sha256)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._checking[sha256] = future
+        try:
+            outcome = await self.scrub_one(sha256)
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: waiters re-raise it themselves
+            raise
+        finally:
+            del self._checking[sha256]
+        future.set_result(outcome is ScrubOutcome.OK)
+        return outcome is ScrubOutcome.OK
 
     async def scrub_one(self, sha256: str) -> ScrubOutcome:
-        """Re-hash one blob; quarantine it if its bytes do not match its name."""
+        """Re-hash one blob; quarantine it if its bytes do not match its name or length."""
         path = self.path(sha256)
         try:
-            observed = await _run(_hash_file, path)
+            observed, length = await _run(_hash_and_length, path)
         except FileNotFoundError:
             await self.remove(sha256)
             return ScrubOutcome.VANISHED
         self.stats.scrubbed += 1
-        if observed == sha256:
+        expected = self._sizes.get(sha256)
+        if observed == sha256 and (expected is None or length == expected):
+            self._checked.add(sha256)
             return ScrubOutcome.OK
-        logger.error("scrub: %s hashes to %s; quarantined", sha256, observed)
-        size = self._sizes.pop(sha256, None)
-        if size is not None:
-            self._used -= size
+        await self.quarantine(sha256, f"hashes to {observed}, {length} bytes")
+        return ScrubOutcome.QUARANTINED
+
+    async def quarantine(self, sha256: str, why: str) -> None:
+        """Move a damaged blob aside (``quarantine/``); the next request fetches it again."""
+        if sha256 not in self._sizes:
+            return
+        logger.error("stored blob %s is damaged (%s): quarantined", sha256, why)
+        size = self._sizes.pop(sha256)
+        self._used -= size
+        self._checked.discard(sha256)
         self._removed(sha256)
         dest = self.quarantine_dir / f"{sha256}.{int(time.time())}"
         with contextlib.suppress(FileNotFoundError):
-            await _run(os.replace, path, dest)
+            await _run(os.replace, self.path(sha256), dest)
         self.stats.quarantined += 1
-        return ScrubOutcome.QUARANTINED
 
     async def scrub(self) -> dict[ScrubOutcome, int]:
         """Re-hash every complete blob, one at a time; return counts per outcome."""
         counts: Counter[ScrubOutcome] = Counter()
         for sha in list(self._sizes):
-            if self._serving[sha] or sha in self._fills:
+            if self.busy(sha):
                 continue
             counts[await self.scrub_one(sha)] += 1
         self.stats.scrub_runs += 1
@@ -517,6 +597,16 @@ class _Serving(contextlib.AbstractContextManager[None]):
         self._counter[self._sha] -= 1
         if self._counter[self._sha] <= 0:
             del self._counter[self._sha]
+
+
+def _hash_and_length(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    length = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            length += len(chunk)
+    return h.hexdigest(), length
 
 
 def _hash_file(path: Path) -> str:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from relay.cache.store import Fill, FillState
+from relay.cache.store import Fill, FillRestartedError, FillState
 from relay.core.model import is_sha256
 from relay.core.protocol import MEDIA_TYPES, formats_from_accept
 from relay.core.rfc9110 import Decision, format_http_date
@@ -55,8 +55,21 @@ IMMUTABLE = "public, max-age=31536000, immutable"
 _CONTENT_ADDRESSED = {"Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes"}
 
 
+FOLLOWER_STALL = 300.0
+"""Seconds a follower waits for a fill's next bytes before it gives up (a bound, never
+reached while the upstream read deadlines hold)."""
+
+
 class AbortedTransferError(Exception):
-    """The source failed mid-body: the connection was aborted on purpose."""
+    """The source failed mid-body: the connection was aborted on purpose.
+
+    The client sees a short read (never a complete-looking wrong body), and no
+    later response can land inside the declared body of this one.
+    """
+
+
+class ShortFileError(AbortedTransferError):
+    """A stored file holds fewer bytes than its signed length."""
 
 
 # -- GET /targets/{dir}/{sha256}.{name} -------------------------------------------
@@ -105,6 +118,11 @@ async def target(request: web.Request) -> web.StreamResponse:
                 with mirror.store.serving(tgt.sha256):
                     file = (tgt.sha256, source.path)
                     await _send_file(request, resp, state, file, decision, pace, "cache")
+        except ShortFileError as e:
+            # Truncated on disk after it was checked: fetched again on the next request.
+            await mirror.store.quarantine(tgt.sha256, str(e))
+            logger.warning("aborted %s for %s: %s", tgt.path, agent_key(request), e)
+            raise web.HTTPBadGateway from None  # the transport is already aborted
         except AbortedTransferError as e:
             logger.warning("aborted %s for %s: %s", tgt.path, agent_key(request), e)
             raise web.HTTPBadGateway from None  # the transport is already aborted
@@ -194,6 +212,9 @@ async def delta(request: web.Request) -> web.StreamResponse:
             await _send_file(request, resp, state, file, decision, pace, "delta")
         except FileNotFoundError:
             raise web.HTTPNotFound(text="delta vanished: fetch the full target\n") from None
+        except AbortedTransferError as e:
+            logger.warning("aborted delta %s..%s: %s", src[:12], dst[:12], e)
+            raise web.HTTPBadGateway from None  # the transport is already aborted
         if decision.status == 200:
             state.metrics.delta_bytes_served.labels(str(patch.format)).inc(patch.length)
             state.metrics.delta_full_bytes.labels(str(patch.format)).inc(tgt.length)
@@ -291,16 +312,22 @@ async def send_file_range(
         if transport is None:
             raise ConnectionResetError("connection lost")
         try:
-            await asyncio.get_running_loop().sendfile(transport, entry.file, start, end - start)
+            sent = await asyncio.get_running_loop().sendfile(
+                transport, entry.file, start, end - start
+            )
         except NotImplementedError:
-            await _stream_file(resp, entry.file.fileno(), start, end, None, on_bytes)
+            await _stream_file(request, resp, entry.file.fileno(), start, end, None, on_bytes)
             return
-        on_bytes(end - start)
+        on_bytes(sent)
+        if sent < end - start:
+            transport.abort()
+            raise ShortFileError(f"file ended {end - start - sent} bytes early")
         return
-    await _stream_file(resp, entry.file.fileno(), start, end, pace, on_bytes)
+    await _stream_file(request, resp, entry.file.fileno(), start, end, pace, on_bytes)
 
 
 async def _stream_file(
+    request: web.Request,
     resp: web.StreamResponse,
     fd: int,
     start: int,
@@ -316,7 +343,8 @@ async def _stream_file(
             await pace.wait(size)
         data = await loop.run_in_executor(None, os.pread, fd, size, offset)
         if not data:
-            raise AbortedTransferError("blob shorter than its signed length")
+            _abort(request)
+            raise ShortFileError(f"file ended {end - offset} bytes early")
         await resp.write(data)
         offset += len(data)
         on_bytes(len(data))
@@ -341,25 +369,41 @@ async def stream_from_fill(
         AbortedTransferError: the fill failed; the connection has been aborted.
     """
     offset = start
+    attempt = fill.restarts
     while offset < end:
         state = fill.state
         if state is FillState.FAILED:
             _abort(request)
             raise AbortedTransferError(f"fill of {fill.sha256} failed: {fill.error}")
+        if fill.restarts != attempt:
+            if offset > start:
+                # Bytes of the abandoned attempt already went out: the client must see
+                # a failed transfer, never old bytes followed by new ones.
+                _abort(request)
+                raise AbortedTransferError(f"fill of {fill.sha256} restarted from zero")
+            attempt = fill.restarts
         limit = end if state is FillState.COMPLETE else min(fill.written, end - 1)
         if offset >= limit:
-            await fill.wait_change(fill.written)
+            try:
+                await fill.wait_change(fill.written, FOLLOWER_STALL)
+            except TimeoutError:
+                _abort(request)
+                raise AbortedTransferError(
+                    f"fill of {fill.sha256} made no progress for {FOLLOWER_STALL:.0f} s"
+                ) from None
             continue
         size = min(pace.chunk() if pace is not None else CHUNK, limit - offset)
         if pace is not None:
             await pace.wait(size)
         try:
-            data = await fill.read(offset, size)
+            data = await fill.read(offset, size, attempt)
+        except FillRestartedError:
+            continue  # decided at the top of the loop
         except StoreError as e:
             _abort(request)
             raise AbortedTransferError(str(e)) from e
         if not data:
-            continue  # the fill restarted from zero; wait for its bytes again
+            continue
         await resp.write(data)
         offset += len(data)
         on_bytes(len(data))
