@@ -259,3 +259,48 @@ async def test_relay_agent_cli_from_flags_alone(tmp_path, repo, relay, capsys):
     # Without a trusted root: a configuration error naming the key (exit 3).
     assert await asyncio.to_thread(main, ["agent", "--relay", relay.url, "--once"]) == 3
     assert "agent.trusted_root" in capsys.readouterr().err
+
+
+def test_config_from_settings_carries_every_agent_key(tmp_path):
+    import dataclasses
+    import socket
+    from pathlib import Path
+
+    from relay.config import load_config
+
+    config = load_config(
+        None,
+        {},
+        {
+            "agent.id": "host-7",
+            "agent.relays": ["http://r1/", "http://r2/"],
+            "agent.trusted_root": str(tmp_path / "root.json"),
+            "agent.defer_days": 3,
+            "agent.poll_jitter": 5.0,
+            "agent.request_timeout": 7.5,
+        },
+    )
+    settings = config.agent
+    cfg = AgentConfig.from_settings(settings)
+    # Every [agent] key has a field of the same name (id is agent_id), with its value.
+    for f in dataclasses.fields(settings):
+        name = "agent_id" if f.name == "id" else f.name
+        assert getattr(cfg, name) == getattr(settings, f.name), name
+    assert (cfg.agent_id, cfg.relays, cfg.defer_days) == ("host-7", ("http://r1/", "http://r2/"), 3)
+    assert cfg.trusted_root == Path(tmp_path / "root.json")
+    # No id: the host name. Overrides win.
+    default = AgentConfig.from_settings(load_config(None, {}, {}).agent, group="pilot")
+    assert (default.agent_id, default.group) == (socket.gethostname(), "pilot")
+
+
+async def test_poll_interval_follows_the_relay_plus_jitter(tmp_path, repo, relay):
+    agent = make_agent(tmp_path, repo, relays=(relay.url,), poll_jitter=0.0)
+    from relay.agent.updater import DEFAULT_POLL
+
+    assert agent.poll_interval() == DEFAULT_POLL  # no answer yet
+    await run(agent)
+    poll = agent.state["relay_answer"]["poll_seconds"]
+    assert isinstance(poll, int)
+    assert agent.poll_interval() == poll
+    jittery = make_agent(tmp_path, repo, name="a2", relays=(relay.url,), poll_jitter=30.0)
+    assert DEFAULT_POLL <= jittery.poll_interval() <= DEFAULT_POLL + 30.0

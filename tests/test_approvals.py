@@ -253,3 +253,29 @@ async def test_admin_cli_tables(tmp_path, relay, capsys, monkeypatch):
     token_file.write_text("wrong")
     assert await asyncio.to_thread(cli, "agents") == 1
     assert "HTTP 401" in capsys.readouterr().err
+
+
+async def test_admin_cli_errors_name_the_request_or_the_connection(tmp_path, relay, capsys):
+    from relay.cli.main import main
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    base = ["admin", "--token-file", str(token_file)]
+    # The relay's own message, after the method, path and status.
+    argv = [*base, "--url", relay.url, "approve", "app", "9.9.9"]
+    assert await asyncio.to_thread(main, argv) == 1
+    err = capsys.readouterr().err
+    assert re.match(r"relay: error: POST /v1/admin/approvals: HTTP 4\d\d: \S", err), err
+    assert "{" not in err  # the JSON body's "error", not the body
+    # No relay there: the URL and what the system said, no traceback.
+    dead = "http://127.0.0.1:9/"
+    assert await asyncio.to_thread(main, [*base, "--url", dead, "agents"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"relay: error: {dead}: cannot connect: ")
+    assert "Connection refused" in err and "Traceback" not in err
+    # A malformed --set is a configuration error (exit 3), sent nowhere.
+    argv = [*base, "--url", relay.url, "settings", "--set", "relays_only"]
+    assert await asyncio.to_thread(main, argv) == 3
+    assert "expected KEY=JSON" in capsys.readouterr().err
+    assert await asyncio.to_thread(main, [*base, "--url", relay.url, "sync"]) == 0
+    assert capsys.readouterr().out.strip()

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
-import hashlib
+import functools
 import json
 import logging
 import os
+import random
 import shlex
 import shutil
 import socket
@@ -45,21 +47,40 @@ from typing import Any
 
 import urllib3
 from tuf.api import exceptions as tuf_exceptions
+from tuf.api.metadata import Metadata, Targets
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from relay.core.protocol import AGENT_ID_HEADER, DeltaFormat, now_rfc3339
+from relay.config import AgentSettings
+from relay.core.model import Channel, Target
+from relay.core.protocol import (
+    AGENT_ID_HEADER,
+    DeltaFormat,
+    Event,
+    InstalledItem,
+    ReportEvent,
+    Via,
+)
 from relay.deltas.engine import apply_patch_file
 from relay.errors import AgentError, InstallError, PatchRejectedError
+from relay.storage.fsio import hash_file
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "agent.json"
+DEFAULT_POLL = 3600.0  # seconds between runs when the relay names no poll_seconds
+_MESSAGE_MAX = 2000  # characters of a report's message (the relay refuses longer ones)
+_CHUNK = 64 * 1024
+_IDENTITY = {"Accept-Encoding": "identity"}  # blobs are hashed as sent: no content coding
 
 
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
-    """Everything the agent needs (units in comments)."""
+    """Everything the agent needs (units in comments).
+
+    Every key of the ``[agent]`` configuration section is a field here (``id`` is
+    ``agent_id``): build it from the settings with :meth:`from_settings`.
+    """
 
     agent_id: str
     trusted_root: Path
@@ -75,35 +96,28 @@ class AgentConfig:
     accept_delta: tuple[str, ...] = ("zstd", "bsdiff4")
     actions: Mapping[str, str] = field(default_factory=dict)  # action name -> command
     request_timeout: float = 30.0  # seconds (connect, and the longest gap between bytes)
+    poll_jitter: float = 60.0  # seconds, at most, added at random to each poll interval
 
+    @classmethod
+    def from_settings(cls, settings: AgentSettings, **overrides: object) -> AgentConfig:
+        """The agent's configuration from the ``[agent]`` section, every key carried over.
 
-@dataclass(slots=True)
-class Outcome:
-    """One event for ``/v1/reports``."""
+        Args:
+            settings: the validated ``[agent]`` section.
+            **overrides: fields to set otherwise (e.g. ``agent_id``).
 
-    product: str
-    from_version: str
-    to_version: str
-    event: str
-    via: str = "full"
-    bytes: int = 0
-    reason: str = ""
-    message: str = ""
-    at: str = field(default_factory=now_rfc3339)
+        Returns:
+            The configuration; ``agent_id`` is the host name when ``id`` is empty.
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form."""
-        return {
-            "product": self.product,
-            "from_version": self.from_version,
-            "to_version": self.to_version,
-            "event": self.event,
-            "via": self.via,
-            "bytes": self.bytes,
-            "reason": self.reason,
-            "message": self.message[:2000],
-            "at": self.at,
+        Raises:
+            TypeError: a key of ``settings`` or of ``overrides`` is not a field here.
+        """
+        values: dict[str, Any] = {
+            f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
         }
+        values["agent_id"] = values.pop("id") or default_agent_id()
+        values.update(overrides)
+        return cls(**values)
 
 
 @dataclass(slots=True)
@@ -113,28 +127,56 @@ class RunSummary:
     source: str = ""  # the relay (or origin) used, "" if none
     installed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[ReportEvent] = field(default_factory=list)
     error: str = ""
 
 
 class RelayFetcher(FetcherInterface):
-    """python-tuf fetcher that sends ``Relay-Agent-Id`` on every request."""
+    """python-tuf fetcher that sends ``Relay-Agent-Id`` on every request.
+
+    The agent's own requests (check-in, reports, deltas) go through :meth:`request`
+    too: one pool, one timeout, the same header.
+    """
 
     def __init__(self, agent_id: str, pool: urllib3.PoolManager, timeout: float) -> None:
-        self._agent_id = agent_id
+        self._headers = {AGENT_ID_HEADER: agent_id}
         self._pool = pool
-        self._timeout = timeout
+        self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> urllib3.BaseHTTPResponse:
+        """Send one request (no retries); the body is left to stream.
+
+        Args:
+            method: the HTTP method.
+            url: the absolute URL.
+            body: the request body, if any.
+            headers: headers besides ``Relay-Agent-Id``.
+
+        Returns:
+            The response; the caller reads it and releases its connection.
+
+        Raises:
+            urllib3.exceptions.HTTPError: no connection, or a timeout.
+        """
+        return self._pool.request(
+            method,
+            url,
+            body=body,
+            preload_content=False,
+            headers={**self._headers, **(headers or {})},
+            timeout=self._timeout,
+            retries=False,
+        )
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         try:
-            resp = self._pool.request(
-                "GET",
-                url,
-                preload_content=False,
-                headers={AGENT_ID_HEADER: self._agent_id, "Accept-Encoding": "identity"},
-                timeout=urllib3.Timeout(connect=self._timeout, read=self._timeout),
-                retries=False,
-            )
+            resp = self.request("GET", url, headers=_IDENTITY)
         except urllib3.exceptions.TimeoutError as e:
             raise tuf_exceptions.SlowRetrievalError from e
         except urllib3.exceptions.HTTPError as e:
@@ -147,7 +189,7 @@ class RelayFetcher(FetcherInterface):
     @staticmethod
     def _chunks(resp: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
         try:
-            yield from resp.stream(64 * 1024)
+            yield from resp.stream(_CHUNK)
         except urllib3.exceptions.TimeoutError as e:
             raise tuf_exceptions.SlowRetrievalError from e
         except urllib3.exceptions.HTTPError as e:
@@ -162,6 +204,7 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self._pool = urllib3.PoolManager(num_pools=8, maxsize=4)
+        self._http = RelayFetcher(config.agent_id, self._pool, config.request_timeout)
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.install_dir.mkdir(parents=True, exist_ok=True)
         self.state = self._load_state()
@@ -200,18 +243,15 @@ class Agent:
     # -- HTTP ----------------------------------------------------------------------
 
     def _post(self, url: str, body: dict[str, Any]) -> tuple[int, Any]:
-        resp = self._pool.request(
-            "POST",
-            url,
-            body=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json", AGENT_ID_HEADER: self.config.agent_id},
-            timeout=urllib3.Timeout(
-                connect=self.config.request_timeout, read=self.config.request_timeout
-            ),
-            retries=False,
+        resp = self._http.request(
+            "POST", url, json.dumps(body).encode(), {"Content-Type": "application/json"}
         )
         try:
-            data = json.loads(resp.data) if resp.data else None
+            raw = resp.read()
+        finally:
+            resp.release_conn()
+        try:
+            data = json.loads(raw) if raw else None
         except ValueError:
             data = None
         return resp.status, data
@@ -243,7 +283,7 @@ class Agent:
             "agent_id": self.config.agent_id,
             "group": self.config.group,
             "installed": [
-                {"product": p, "version": i["version"], "sha256": i["sha256"]}
+                InstalledItem(p, i["version"], i["sha256"]).to_dict()
                 for p, i in sorted(self.installed.items())
             ],
             "accept_delta": list(self.config.accept_delta),
@@ -298,7 +338,7 @@ class Agent:
             metadata_base_url=f"{base}metadata/",
             target_dir=str(downloads),
             target_base_url=f"{base}targets/",
-            fetcher=RelayFetcher(self.config.agent_id, self._pool, self.config.request_timeout),
+            fetcher=self._http,
             bootstrap=self.config.trusted_root.read_bytes(),
         )
 
@@ -311,14 +351,8 @@ class Agent:
         if got is None:
             return self._without_relay(summary)
         relay, answer = got
-        summary.source = relay
-        try:
-            updater = self._updater(relay)
-            updater.refresh()
-        except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, OSError) as e:
-            self._refresh_failed(
-                summary, f"metadata refresh through {relay} failed", e, "metadata_unavailable"
-            )
+        updater = self._refreshed(summary, relay, f"through {relay}", "metadata_unavailable")
+        if updater is None:
             self.send_reports(self._relays())
             return summary
         for offer in answer["offers"]:
@@ -330,45 +364,50 @@ class Agent:
 
     def _without_relay(self, summary: RunSummary) -> RunSummary:
         if self._relays_only():
-            summary.error = (
-                "every relay is unreachable and relays-only is set: not using the origin"
-            )
-            self._record(
+            self._run_failed(
                 summary,
-                Outcome("", "", "", "failed", reason="relays_unreachable", message=summary.error),
+                "relays_unreachable",
+                "every relay is unreachable and relays-only is set: not using the origin",
             )
             logger.warning(summary.error)
             return summary
         origin = self._origin()
         if not origin:
-            summary.error = "every relay is unreachable and no origin is configured"
-            self._record(
+            self._run_failed(
                 summary,
-                Outcome("", "", "", "failed", reason="relays_unreachable", message=summary.error),
+                "relays_unreachable",
+                "every relay is unreachable and no origin is configured",
             )
             return summary
-        summary.source = origin
-        try:
-            updater = self._updater(origin)
-            updater.refresh()
-        except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, OSError) as e:
-            self._refresh_failed(
-                summary,
-                f"metadata refresh through the origin {origin} failed",
-                e,
-                "origin_unreachable",
-            )
-            return summary
-        # No relay to decide: the newest stable version of each product.
-        for offer in self._origin_offers():
-            self._handle_offer(updater, offer, summary)
+        updater = self._refreshed(
+            summary, origin, f"through the origin {origin}", "origin_unreachable"
+        )
+        if updater is not None:
+            # No relay to decide: the newest stable version of each product.
+            for offer in self._origin_offers():
+                self._handle_offer(updater, offer, summary)
         return summary
 
+    def _refreshed(
+        self, summary: RunSummary, base: str, through: str, unreachable: str
+    ) -> Updater | None:
+        """An updater on ``base`` with refreshed metadata, or None (the failure recorded)."""
+        summary.source = base
+        try:
+            updater = self._updater(base)
+            updater.refresh()
+        except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, OSError) as e:
+            # Refused metadata (a rollback, a bad signature) is not the same as no answer.
+            reason = (
+                "metadata_rejected"
+                if isinstance(e, tuf_exceptions.RepositoryError)
+                else unreachable
+            )
+            self._run_failed(summary, reason, f"metadata refresh {through} failed: {e}")
+            return None
+        return updater
+
     def _origin_offers(self) -> list[dict[str, Any]]:
-        from tuf.api.metadata import Metadata, Targets  # noqa: PLC0415
-
-        from relay.core.model import Channel, Target  # noqa: PLC0415
-
         md = Metadata[Targets].from_file(str(self.config.state_dir / "metadata" / "targets.json"))
         newest: dict[str, Target] = {}
         for tf in md.signed.targets.values():
@@ -394,21 +433,16 @@ class Agent:
             for t in newest.values()
         ]
 
-    def _refresh_failed(
-        self, summary: RunSummary, what: str, error: Exception, unreachable: str
-    ) -> None:
-        summary.error = f"{what}: {error}"
-        # Refused metadata (a rollback, a bad signature) is not the same as no answer.
-        reason = (
-            "metadata_rejected"
-            if isinstance(error, tuf_exceptions.RepositoryError)
-            else unreachable
-        )
-        self._record(summary, Outcome("", "", "", "failed", reason=reason, message=summary.error))
+    def _run_failed(self, summary: RunSummary, reason: str, message: str) -> None:
+        """Record a failure of the whole run (no product concerned)."""
+        summary.error = message
+        self._record(summary, ReportEvent("", "", "", Event.FAILED, reason=reason, message=message))
 
-    def _record(self, summary: RunSummary, outcome: Outcome) -> None:
-        summary.outcomes.append(outcome)
-        self.state["pending_reports"].append(outcome.to_dict())
+    def _record(self, summary: RunSummary, event: ReportEvent) -> None:
+        summary.outcomes.append(event)
+        self.state["pending_reports"].append(
+            {**event.to_dict(), "message": event.message[:_MESSAGE_MAX]}
+        )
         self._save_state()
 
     def _handle_offer(self, updater: Updater, offer: dict[str, Any], summary: RunSummary) -> None:
@@ -424,95 +458,72 @@ class Agent:
             if deadline and dt.datetime.fromisoformat(deadline) > dt.datetime.now(dt.UTC):
                 logger.info("%s %s deferred until %s", product, offer.get("version"), deadline)
                 return
-        from_version = current["version"] if current else ""
         to_version = str(offer.get("version", ""))
+        event = functools.partial(
+            ReportEvent, product, current["version"] if current else "", to_version
+        )
         info = updater.get_targetinfo(str(offer["target"]))
         if info is None or info.hashes.get("sha256") != offer.get("sha256"):
             self._fail(
                 summary,
-                product,
-                from_version,
-                to_version,
-                "offer_mismatch",
-                "the offered target is not in the verified metadata",
+                event(
+                    Event.FAILED,
+                    reason="offer_mismatch",
+                    message="the offered target is not in the verified metadata",
+                ),
             )
             return
         with tempfile.TemporaryDirectory(dir=self.config.state_dir) as tmp:
             staged = Path(tmp) / "staged"
-            via, nbytes = "full", info.length
+            via, nbytes = Via.FULL, info.length
             delta = offer.get("delta")
             if delta and current is not None:
                 try:
                     nbytes = self._apply_delta(
                         delta, current, info.length, info.hashes["sha256"], staged
                     )
-                    via = "delta"
+                    via = Via.DELTA
                 except (PatchRejectedError, AgentError, OSError, urllib3.exceptions.HTTPError) as e:
                     self._record(
                         summary,
-                        Outcome(
-                            product,
-                            from_version,
-                            to_version,
-                            "failed",
-                            via="delta",
-                            reason="delta_rejected",
-                            message=str(e),
-                        ),
+                        event(Event.FAILED, via=Via.DELTA, reason="delta_rejected", message=str(e)),
                     )
                     logger.warning("delta for %s refused, using the full target: %s", product, e)
-            if via == "full":
+            if via is Via.FULL:
                 try:
                     updater.download_target(info, str(staged))
                 except (tuf_exceptions.RepositoryError, tuf_exceptions.DownloadError, OSError) as e:
                     self._fail(
-                        summary, product, from_version, to_version, "download_failed", str(e)
+                        summary, event(Event.FAILED, reason="download_failed", message=str(e))
                     )
                     return
-            self._record(
-                summary,
-                Outcome(product, from_version, to_version, "downloaded", via=via, bytes=nbytes),
-            )
+            self._record(summary, event(Event.DOWNLOADED, via=via, bytes=nbytes))
             try:
                 self._install(
                     product, str(offer["target"]), to_version, staged, info.hashes["sha256"]
                 )
             except InstallError as e:
-                self._fail(summary, product, from_version, to_version, e.reason, str(e))
+                self._fail(summary, event(Event.FAILED, reason=e.reason, message=str(e)))
                 return
-        self._record(
-            summary, Outcome(product, from_version, to_version, "installed", via=via, bytes=nbytes)
-        )
+        self._record(summary, event(Event.INSTALLED, via=via, bytes=nbytes))
         summary.installed.append(f"{product} {to_version}")
         custom = info.custom if isinstance(info.custom, dict) else {}
         self._run_actions(product, to_version, custom.get("actions", []))
 
-    def _fail(
-        self, summary: RunSummary, product: str, from_v: str, to_v: str, reason: str, message: str
-    ) -> None:
-        summary.failed.append(f"{product} {to_v}: {reason}")
-        self._record(
-            summary, Outcome(product, from_v, to_v, "failed", reason=reason, message=message)
-        )
+    def _fail(self, summary: RunSummary, failed: ReportEvent) -> None:
+        """Record a product's failure (also listed in ``summary.failed``)."""
+        summary.failed.append(f"{failed.product} {failed.to_version}: {failed.reason}")
+        self._record(summary, failed)
 
     def _apply_delta(
         self, delta: dict[str, Any], current: dict[str, str], length: int, sha256: str, out: Path
     ) -> int:
         fmt = DeltaFormat(str(delta.get("format")))
         old = Path(current["file"])
-        if _sha256_file(old) != current["sha256"]:
+        if hash_file(old)[0] != current["sha256"]:
             raise AgentError(f"installed {old} no longer matches its recorded hash")
         patch = out.with_name("patch")
-        resp = self._pool.request(
-            "GET",
-            str(delta["url"]),
-            preload_content=False,
-            headers={AGENT_ID_HEADER: self.config.agent_id, "Accept-Encoding": "identity"},
-            timeout=urllib3.Timeout(
-                connect=self.config.request_timeout, read=self.config.request_timeout
-            ),
-            retries=False,
-        )
+        resp = self._http.request("GET", str(delta["url"]), headers=_IDENTITY)
         try:
             if resp.status != 200:
                 raise AgentError(f"delta download: HTTP {resp.status}")
@@ -520,7 +531,7 @@ class Agent:
                 raise PatchRejectedError("the delta is for another target")
             got = 0
             with patch.open("wb") as f:
-                for chunk in resp.stream(64 * 1024):
+                for chunk in resp.stream(_CHUNK):
                     got += len(chunk)
                     if got > length:
                         raise PatchRejectedError("patch larger than the full target")
@@ -626,17 +637,22 @@ class Agent:
             except InstallError as e:
                 logger.warning("action %s for %s failed: %s", name, key, e)
 
+    def poll_interval(self) -> float:
+        """Seconds to wait before the next run.
+
+        Returns:
+            The relay's last ``poll_seconds`` (else :data:`DEFAULT_POLL`) plus up to
+            ``poll_jitter`` at random, so a fleet does not check in all at once.
+        """
+        answer = self.state.get("relay_answer") or {}
+        poll = DEFAULT_POLL
+        if isinstance(answer, dict) and isinstance(answer.get("poll_seconds"), int):
+            poll = float(answer["poll_seconds"])
+        return poll + random.uniform(0, self.config.poll_jitter)
+
     def close(self) -> None:
         """Release connections."""
         self._pool.clear()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1024 * 1024):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 async def run_once_async(agent: Agent) -> RunSummary:

@@ -38,12 +38,11 @@ from pathlib import Path
 from typing import TypeVar
 
 from relay.errors import HashMismatchError, LengthMismatchError, StoreError, StoreFullError
-from relay.storage.fsio import fsync_dir
+from relay.storage.fsio import fsync_dir, hash_file
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_HASH_CHUNK = 1024 * 1024
 
 
 class FillState(Enum):
@@ -543,7 +542,7 @@ class FsBlobStore:
         """Re-hash one blob; quarantine it if its bytes do not match its name or length."""
         path = self.path(sha256)
         try:
-            observed, length = await _run(_hash_and_length, path)
+            observed, length = await _run(hash_file, path)
         except FileNotFoundError:
             await self.remove(sha256)
             return ScrubOutcome.VANISHED
@@ -597,26 +596,3 @@ class _Serving(contextlib.AbstractContextManager[None]):
         self._counter[self._sha] -= 1
         if self._counter[self._sha] <= 0:
             del self._counter[self._sha]
-
-
-def _hash_and_length(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    length = 0
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-            length += len(chunk)
-    return h.hexdigest(), length
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hash_file(path: Path) -> str:
-    """Return the sha256 hex digest of a file (blocking; call it in a thread)."""
-    return _hash_file(path)

@@ -6,45 +6,80 @@ from the command line (it would show in process listings).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from relay.errors import RelayError
+import urllib3
+
+from relay.cli.exitcodes import ExitCode
+from relay.errors import ConfigError, RelayError
+
+# As a browser would: follow redirects (at most 10), retry nothing, wait at most 60 s.
+_RETRIES = urllib3.Retry(
+    total=None, connect=0, read=0, other=0, status=0, redirect=10, respect_retry_after_header=False
+)
+_TIMEOUT = urllib3.Timeout(60)
 
 
 class AdminError(RelayError):
     """The admin API refused a request or could not be reached."""
 
 
-def request(url: str, token: str, method: str, path: str, body: object = None) -> Any:  # noqa: ANN401 - JSON
-    """Call the admin API and return the decoded JSON.
+class AdminClient:
+    """The admin API of one relay, with its bearer token."""
 
-    Raises:
-        AdminError: an HTTP error (with the server's message) or no connection.
+    def __init__(self, url: str, token: str) -> None:
+        self.url = url
+        self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self._pool = urllib3.PoolManager(retries=_RETRIES, timeout=_TIMEOUT)
+
+    def call(self, method: str, path: str, body: object = None) -> Any:  # noqa: ANN401 - JSON
+        """Call the admin API and return the decoded JSON (or the text of another type).
+
+        Args:
+            method: the HTTP method.
+            path: the path under the relay's URL, e.g. ``/v1/admin/updates``.
+            body: a JSON value to send, if any.
+
+        Returns:
+            The decoded JSON, or the body as text when it is not JSON.
+
+        Raises:
+            AdminError: an HTTP error (with the server's message) or no connection.
+        """
+        data = json.dumps(body).encode() if body is not None else None
+        try:
+            resp = self._pool.request(
+                method, self.url.rstrip("/") + path, body=data, headers=self._headers
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as e:
+            raise AdminError(f"{self.url}: cannot connect: {_os_reason(e)}") from None
+        text = resp.data.decode(errors="replace")
+        if resp.status >= 400:
+            detail = text.strip()
+            with contextlib.suppress(ValueError, AttributeError):
+                detail = json.loads(detail).get("error", detail)
+            raise AdminError(f"{method} {path}: HTTP {resp.status}: {detail}")
+        return json.loads(resp.data) if "json" in resp.headers.get("Content-Type", "") else text
+
+
+def _os_reason(error: BaseException) -> str:
+    """The operating system's words for a failed connection (``[Errno 111] Connection refused``).
+
+    urllib3 wraps the socket's error (in ``reason`` and ``__cause__``); say what the
+    system said, not which pool gave up.
     """
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(  # noqa: S310 - the URL is the operator's relay
-        url.rstrip("/") + path,
-        data=data,
-        method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310
-            raw = resp.read()
-            ctype = resp.headers.get("Content-Type", "")
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace").strip()
-        with contextlib.suppress(ValueError, AttributeError):
-            detail = json.loads(detail).get("error", detail)
-        raise AdminError(f"{method} {path}: HTTP {e.code}: {detail}") from None
-    except OSError as e:
-        raise AdminError(f"{url}: cannot connect: {e}") from None
-    return json.loads(raw) if "json" in ctype else raw.decode(errors="replace")
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and not isinstance(seen, urllib3.exceptions.HTTPError):
+            return str(seen)
+        nested = seen.reason if isinstance(seen, urllib3.exceptions.MaxRetryError) else None
+        seen = nested or seen.__cause__ or seen.__context__
+    return str(error)
 
 
 def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
@@ -117,3 +152,94 @@ def render_audit(data: dict[str, Any]) -> str:
             )
         )
     return table(rows, ("WHEN", "ACTION", "FROM", "DETAILS"))
+
+
+def _token(args: argparse.Namespace) -> str:
+    """The bearer token, from ``--token-file`` or ``RELAY_ADMIN_TOKEN``.
+
+    Raises:
+        ConfigError: the file cannot be read, or there is no token.
+    """
+    if args.token_file is not None:
+        try:
+            token: str = args.token_file.read_text().strip()
+        except OSError as e:
+            raise ConfigError(
+                "--token-file",
+                str(args.token_file),
+                "command line",
+                f"cannot be read: {e.strerror}",
+            ) from None
+    else:
+        token = os.environ.get("RELAY_ADMIN_TOKEN", "")
+    if not token:
+        raise ConfigError(
+            "--token-file", None, "command line", "give --token-file or set RELAY_ADMIN_TOKEN"
+        )
+    return token
+
+
+def _approval(client: AdminClient, args: argparse.Namespace) -> str:
+    status = {"approve": "approved", "decline": "declined", "reset": "undefined"}[
+        args.admin_command
+    ]
+    body = {
+        "product": args.product,
+        "version": args.version,
+        "status": status,
+        "group": args.group,
+        "mode": getattr(args, "mode", "forced"),
+    }
+    client.call("POST", "/v1/admin/approvals", body)
+    return (
+        f"{args.product} {args.version}: {status}"
+        f"{' for ' + args.group if args.group else ' for every group'}"
+    )
+
+
+def _accept_eula(client: AdminClient, args: argparse.Namespace) -> str:
+    client.call("POST", "/v1/admin/eulas", {"path": args.path})
+    return f"accepted {args.path}"
+
+
+def _settings(client: AdminClient, args: argparse.Namespace) -> str:
+    changes = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError("--set", item, "command line", "expected KEY=JSON")
+        try:
+            changes[key] = json.loads(value)
+        except ValueError:
+            changes[key] = value
+    data = (
+        client.call("PUT", "/v1/admin/settings", changes)
+        if changes
+        else client.call("GET", "/v1/admin/settings")
+    )
+    return table(sorted((k, json.dumps(v)) for k, v in data.items()), ("SETTING", "VALUE"))
+
+
+_ACTIONS: dict[str, Callable[[AdminClient, argparse.Namespace], str]] = {
+    "updates": lambda c, _: render_updates(c.call("GET", "/v1/admin/updates")),
+    "approve": _approval,
+    "decline": _approval,
+    "reset": _approval,
+    "accept-eula": _accept_eula,
+    "settings": _settings,
+    "agents": lambda c, _: render_agents(c.call("GET", "/v1/admin/agents")),
+    "audit": lambda c, _: render_audit(c.call("GET", "/v1/admin/audit")),
+    "sync": lambda c, _: str(c.call("POST", "/v1/admin/sync")["result"]),
+}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``relay admin <action>`` and print its table or confirmation.
+
+    Raises:
+        ConfigError: no token, or a malformed ``--set``.
+        AdminError: the relay refused the request or could not be reached.
+    """
+    client = AdminClient(args.url, _token(args))
+    print(_ACTIONS[args.admin_command](client, args))
+    return ExitCode.OK

@@ -8,6 +8,7 @@ and prints a summary built from the origin's and the relay's real counters.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import random
@@ -25,6 +26,7 @@ from aiohttp import web
 from relay.agent.updater import Agent, AgentConfig
 from relay.config import load_config
 from relay.core.protocol import DeltaFormat
+from relay.errors import ConfigError
 from relay.publisher.repository import Repository
 from relay.server import make_app
 from relay.server.state import STATE, RelayState
@@ -260,6 +262,17 @@ async def run_demo(agents: int = 20, keep_running: bool = False, out: TextIO = s
     finally:
         if not keep_running:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``relay demo`` and return its exit code (1 when the summary shows a failure).
+
+    Raises:
+        ConfigError: ``--agents`` is below 1.
+    """
+    if args.agents < 1:
+        raise ConfigError("--agents", args.agents, "command line", "--agents must be at least 1")
+    return asyncio.run(run_demo(args.agents, args.keep_running))
 
 
 async def _wait_for_deltas(state: RelayState, repo: Repository) -> None:

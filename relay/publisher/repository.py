@@ -47,7 +47,7 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict, Unpack
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -65,9 +65,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from relay.core.model import Target, UpdateInfo, check_product
+from relay.core.model import Target, UpdateInfo
 from relay.errors import PublishError
-from relay.storage.fsio import fsync_dir, write_atomic
+from relay.storage.fsio import HASH_BLOCK, fsync_dir, hash_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,6 @@ _BELOW = {
 _SETTINGS = "repo.json"
 _FORMAT = 1
 _SERIALIZER = JSONSerializer(compact=True)
-_CHUNK = 1 << 20
 # python-tuf puts the target path into the URL unquoted (ngclient ``download_target``),
 # so file names are limited to characters that need no percent-encoding (RFC 3986 §2.3).
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_~+-][A-Za-z0-9._~+-]{0,127}$")
@@ -137,36 +136,26 @@ class Repository:
     Use :meth:`init` to create one and :meth:`open` to use an existing one. All
     methods block; they are safe to call from several processes at once (a file
     lock serialises them) but one object is not meant to be shared between threads.
+
+    Attributes:
+        path: the repository directory (``REPO``).
+        public_dir: ``REPO/public``, the tree to serve.
+        metadata_dir: ``REPO/public/metadata``.
+        targets_dir: ``REPO/public/targets``.
+        keys_dir: ``REPO/keys``, the private keys.
+        expires: expiry period in seconds per role.
     """
 
     def __init__(self, path: Path, expires: Mapping[str, float]) -> None:
         self.path = path
-        self.expires = dict(expires)  # seconds per role
+        self.public_dir = path / "public"
+        self.metadata_dir = self.public_dir / "metadata"
+        self.targets_dir = self.public_dir / "targets"
+        self.keys_dir = path / "keys"
+        self.expires = dict(expires)
         self._state: _Current | None = None
         self._stamp: bytes | None = None  # timestamp.json as read with _state
         self._keys: dict[str, Signer] = {}  # online keys by keyid, never root keys
-
-    # -- paths ------------------------------------------------------------------
-
-    @property
-    def public_dir(self) -> Path:
-        """The tree to serve (``REPO/public``)."""
-        return self.path / "public"
-
-    @property
-    def metadata_dir(self) -> Path:
-        """``public/metadata``."""
-        return self.public_dir / "metadata"
-
-    @property
-    def targets_dir(self) -> Path:
-        """``public/targets``."""
-        return self.public_dir / "targets"
-
-    @property
-    def keys_dir(self) -> Path:
-        """Private keys (never under ``public/``)."""
-        return self.path / "keys"
 
     # -- creation ---------------------------------------------------------------
 
@@ -351,6 +340,10 @@ class Repository:
             raise PublishError(f"unknown role {role!r} (use {', '.join(ROLES)})")
         return self._signers(role, self._current().root.signed)[0]
 
+    def _signers_of(self, roles: Sequence[str], root: Root) -> dict[str, list[Signer]]:
+        """:meth:`_signers` of each of ``roles``, checked before anything is signed."""
+        return {role: self._signers(role, root) for role in roles}
+
     # -- reading ----------------------------------------------------------------
 
     def _remember(self, state: _Current) -> None:
@@ -469,17 +462,7 @@ class Repository:
     # -- commands ---------------------------------------------------------------
 
     def add(
-        self,
-        file: Path,
-        *,
-        product: str,
-        version: str,
-        kind: str = "software",
-        severity: str = "normal",
-        channel: str = "stable",
-        eula: str | None = None,
-        actions: Sequence[str] = (),
-        name: str | None = None,
+        self, file: Path, *, name: str | None = None, **fields: Unpack[ReleaseFields]
     ) -> Target:
         """Add ``file`` as target ``<product>/<version>/<name>`` and re-sign.
 
@@ -489,14 +472,9 @@ class Repository:
 
         Args:
             file: the file to publish.
-            product: product name (``[A-Za-z0-9._-]``, 1-64 characters).
-            version: SemVer 2.0 version.
-            kind: ``software``, ``content`` or ``config``.
-            severity: ``critical`` or ``normal``.
-            channel: ``stable`` or ``beta``.
-            eula: target path of the licence text (already published).
-            actions: post-install actions for agents.
             name: file name in the target path (default: ``file``'s name).
+            **fields: the release's fields (:class:`ReleaseFields`; ``product`` and
+                ``version`` are required).
 
         Returns:
             The published target.
@@ -507,36 +485,18 @@ class Repository:
                 ``eula`` that is not a published target, the file changing while it is
                 copied, or a missing or wrong key.
         """
-        info = _info(product, version, kind, severity, channel, eula, actions)
+        info = _info(fields)
         name = _check_name(file.name if name is None else name)
         sha, length = _hash_file(file)
         return self._add(info, name, sha, length, None, file)
 
-    def add_bytes(
-        self,
-        data: bytes,
-        name: str,
-        *,
-        product: str,
-        version: str,
-        kind: str = "software",
-        severity: str = "normal",
-        channel: str = "stable",
-        eula: str | None = None,
-        actions: Sequence[str] = (),
-    ) -> Target:
+    def add_bytes(self, data: bytes, name: str, **fields: Unpack[ReleaseFields]) -> Target:
         """Add ``data`` as target ``<product>/<version>/<name>`` and re-sign.
 
         Args:
             data: the file's content.
             name: file name in the target path.
-            product: as :meth:`add`.
-            version: as :meth:`add`.
-            kind: as :meth:`add`.
-            severity: as :meth:`add`.
-            channel: as :meth:`add`.
-            eula: as :meth:`add`.
-            actions: as :meth:`add`.
+            **fields: as :meth:`add`.
 
         Returns:
             The published target.
@@ -544,7 +504,7 @@ class Repository:
         Raises:
             PublishError: as :meth:`add`.
         """
-        info = _info(product, version, kind, severity, channel, eula, actions)
+        info = _info(fields)
         name = _check_name(name)
         return self._add(info, name, hashlib.sha256(data).hexdigest(), len(data), data, None)
 
@@ -583,15 +543,12 @@ class Repository:
                         f"{info.product} {info.version} is already published as {other_path}; "
                         "one file per product and version (publish a new version instead)"
                     )
-            signers = {
-                r: self._signers(r, cur.root.signed) for r in ("targets", *_BELOW["targets"])
-            }
+            signers = self._signers_of(("targets", *_BELOW["targets"]), cur.root.signed)
             # Every check passed: from here on, only signing and writing.
             existing[path] = tf
             plan = _Plan(blobs=[blob])
             self._resign_targets(cur, signers, plan)
-            self._apply(plan)
-            self._remember(cur)
+            self._publish(cur, plan)
         return Target.from_targetfile(tf)
 
     def remove(self, target_path: str) -> None:
@@ -614,15 +571,12 @@ class Repository:
                     raise PublishError(
                         f"{other_path} names {target_path} as its eula; remove {other_path} first"
                     )
-            signers = {
-                r: self._signers(r, cur.root.signed) for r in ("targets", *_BELOW["targets"])
-            }
+            signers = self._signers_of(("targets", *_BELOW["targets"]), cur.root.signed)
             del existing[target_path]
             directory, _, name = target_path.rpartition("/")
             plan = _Plan(unlink=[self.targets_dir / directory / f"{tf.hashes['sha256']}.{name}"])
             self._resign_targets(cur, signers, plan)
-            self._apply(plan)
-            self._remember(cur)
+            self._publish(cur, plan)
 
     def refresh(self) -> None:
         """Re-sign ``timestamp.json`` with a new version and expiry (for a cron job).
@@ -631,11 +585,10 @@ class Repository:
             PublishError: a missing or wrong timestamp key.
         """
         with self._transaction() as cur:
-            signers = {"timestamp": self._signers("timestamp", cur.root.signed)}
+            signers = self._signers_of(("timestamp",), cur.root.signed)
             plan = _Plan()
             self._resign_timestamp(cur, signers, plan)
-            self._apply(plan)
-            self._remember(cur)
+            self._publish(cur, plan)
 
     def rotate(self, role: str) -> None:
         """Replace the keys of ``role`` with as many fresh ones.
@@ -661,7 +614,7 @@ class Repository:
         with self._transaction() as cur:
             root = cur.root
             old_root_signers = self._signers("root", root.signed)
-            signers = {r: self._signers(r, root.signed) for r in _BELOW[role]}
+            signers = self._signers_of(_BELOW[role], root.signed)
             # Every check passed: from here on, only signing and writing.
             old_keyids = list(root.signed.roles[role].keyids)
             fresh = [CryptoSigner.generate_ed25519() for _ in old_keyids]
@@ -669,12 +622,10 @@ class Repository:
                 root.signed.revoke_key(keyid, role)
             for new in fresh:
                 root.signed.add_key(new.public_key, role)
-            root.signed.version += 1
-            root.signed.expires = _now() + self._period("root")
-            _sign(root, [*old_root_signers, *(fresh if role == "root" else [])])
+            data = self._resign(root, [*old_root_signers, *(fresh if role == "root" else [])])
             plan = _Plan(
                 keys=[(role, s) for s in fresh],
-                versioned=[(f"{root.signed.version}.root.json", _to_bytes(root))],
+                versioned=[(f"{root.signed.version}.root.json", data)],
                 retire=[(role, k) for k in old_keyids],
             )
             signers[role] = list(fresh)
@@ -693,36 +644,39 @@ class Repository:
 
     # -- signing ----------------------------------------------------------------
 
+    def _resign(self, md: Metadata[Any], signers: Sequence[Signer]) -> bytes:
+        """Sign the next version of ``md`` with a renewed expiry; return its bytes."""
+        md.signed.version += 1
+        md.signed.expires = _now() + self._period(md.signed.type)
+        _sign(md, signers)
+        return _to_bytes(md)
+
+    def _resign_versioned(
+        self, md: Metadata[Any], signers: Mapping[str, Sequence[Signer]], plan: _Plan
+    ) -> MetaFile:
+        """Re-sign ``md`` into ``plan`` as ``N.<role>.json``; return the entry naming it."""
+        data = self._resign(md, signers[md.signed.type])
+        plan.versioned.append((f"{md.signed.version}.{md.signed.type}.json", data))
+        return MetaFile(version=md.signed.version)
+
     def _resign_targets(
         self, cur: _Current, signers: Mapping[str, Sequence[Signer]], plan: _Plan
     ) -> None:
-        targets = cur.targets
-        targets.signed.version += 1
-        targets.signed.expires = _now() + self._period("targets")
-        _sign(targets, signers["targets"])
-        plan.versioned.append((f"{targets.signed.version}.targets.json", _to_bytes(targets)))
-        cur.snapshot.signed.meta["targets.json"] = MetaFile(version=targets.signed.version)
+        cur.snapshot.signed.meta["targets.json"] = self._resign_versioned(
+            cur.targets, signers, plan
+        )
         self._resign_snapshot(cur, signers, plan)
 
     def _resign_snapshot(
         self, cur: _Current, signers: Mapping[str, Sequence[Signer]], plan: _Plan
     ) -> None:
-        snapshot = cur.snapshot
-        snapshot.signed.version += 1
-        snapshot.signed.expires = _now() + self._period("snapshot")
-        _sign(snapshot, signers["snapshot"])
-        plan.versioned.append((f"{snapshot.signed.version}.snapshot.json", _to_bytes(snapshot)))
-        cur.timestamp.signed.snapshot_meta = MetaFile(version=snapshot.signed.version)
+        cur.timestamp.signed.snapshot_meta = self._resign_versioned(cur.snapshot, signers, plan)
         self._resign_timestamp(cur, signers, plan)
 
     def _resign_timestamp(
         self, cur: _Current, signers: Mapping[str, Sequence[Signer]], plan: _Plan
     ) -> None:
-        timestamp = cur.timestamp
-        timestamp.signed.version += 1
-        timestamp.signed.expires = _now() + self._period("timestamp")
-        _sign(timestamp, signers["timestamp"])
-        plan.timestamp = _to_bytes(timestamp)
+        plan.timestamp = self._resign(cur.timestamp, signers["timestamp"])
 
     # -- writing ----------------------------------------------------------------
 
@@ -751,6 +705,11 @@ class Repository:
                 self._state = None
                 self._stamp = None
                 raise
+
+    def _publish(self, cur: _Current, plan: _Plan) -> None:
+        """Carry out ``plan`` (:meth:`_apply`), then cache ``cur`` as published."""
+        self._apply(plan)
+        self._remember(cur)
 
     def _apply(self, plan: _Plan) -> None:
         """Carry out ``plan`` in the order the module docstring gives.
@@ -852,25 +811,25 @@ def _to_bytes(md: Metadata[Any]) -> bytes:
         raise PublishError(f"cannot serialise {md.signed.type} metadata: {e}") from None
 
 
-def _info(
-    product: str,
-    version: str,
-    kind: str,
-    severity: str,
-    channel: str,
-    eula: str | None,
-    actions: Sequence[str],
-) -> UpdateInfo:
+class ReleaseFields(TypedDict, total=False):
+    """What a target says of its release (its ``custom`` object), as keyword arguments.
+
+    ``product`` and ``version`` are required; the others default to a normal, stable
+    software release without EULA or actions.
+    """
+
+    product: Required[str]  # [A-Za-z0-9._-], 1-64 characters
+    version: Required[str]  # SemVer 2.0
+    kind: str  # software | content | config
+    severity: str  # critical | normal
+    channel: str  # stable | beta
+    eula: str | None  # target path of the licence text (already published)
+    actions: tuple[str, ...] | list[str]  # post-install actions for agents
+
+
+def _info(fields: ReleaseFields) -> UpdateInfo:
     try:
-        return UpdateInfo(
-            product=check_product(product),
-            version=version,
-            kind=kind,
-            severity=severity,
-            channel=channel,
-            eula=eula,
-            actions=tuple(actions),
-        )
+        return UpdateInfo(**fields)
     except ValueError as e:
         raise PublishError(str(e)) from None
 
@@ -923,27 +882,21 @@ def _load_key(file: Path, keyid: str) -> Signer:
 
 
 def _hash_file(file: Path) -> tuple[str, int]:
-    """The sha256 and length of ``file``, read in chunks.
+    """The sha256 and length of ``file`` (:func:`relay.storage.fsio.hash_file`).
 
     Raises:
         PublishError: missing, not a regular file, or unreadable.
     """
-    digest = hashlib.sha256()
-    length = 0
     try:
         if file.is_dir():
             raise PublishError(f"{file}: is a directory, not a file")
         if file.exists() and not file.is_file():
             raise PublishError(f"{file}: not a regular file")  # a FIFO would block
-        with file.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                digest.update(chunk)
-                length += len(chunk)
+        return hash_file(file)
     except FileNotFoundError:
         raise PublishError(f"{file}: no such file") from None
     except OSError as e:
         raise PublishError(f"{file}: cannot be read: {e.strerror}") from None
-    return digest.hexdigest(), length
 
 
 def _copy_verified(source: Path, dest: Path, sha: str, length: int) -> None:
@@ -958,7 +911,7 @@ def _copy_verified(source: Path, dest: Path, sha: str, length: int) -> None:
     copied = 0
     try:
         with source.open("rb") as src, tmp.open("wb") as out:
-            while chunk := src.read(_CHUNK):
+            while chunk := src.read(HASH_BLOCK):
                 digest.update(chunk)
                 copied += len(chunk)
                 out.write(chunk)
@@ -1023,4 +976,4 @@ def format_table(targets: Sequence[Target]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_EXPIRES", "ROLES", "Repository", "format_table"]
+__all__ = ["DEFAULT_EXPIRES", "ROLES", "ReleaseFields", "Repository", "format_table"]

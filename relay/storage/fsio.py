@@ -1,13 +1,18 @@
-"""Durable file writes: temp file in the same directory, fsync, ``os.replace``.
+"""File I/O shared by every part: durable writes and streamed hashing.
 
+Writes go through a temp file in the same directory, fsync and ``os.replace``.
 Blocking by nature: call these from a thread (``asyncio.to_thread``) when on the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
+
+HASH_BLOCK = 1 << 20
+"""Bytes read per step by :func:`hash_file` (memory stays bounded whatever the file size)."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,3 +42,26 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def hash_file(path: Path) -> tuple[str, int]:
+    """The sha256 (hex) and length of a file, read in blocks of :data:`HASH_BLOCK`.
+
+    Blocking: from asyncio, call it in a thread.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(sha256 hex digest, length in bytes)``.
+
+    Raises:
+        OSError: the file cannot be opened or read.
+    """
+    digest = hashlib.sha256()
+    length = 0
+    with path.open("rb") as f:
+        while block := f.read(HASH_BLOCK):
+            digest.update(block)
+            length += len(block)
+    return digest.hexdigest(), length

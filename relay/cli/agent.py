@@ -1,0 +1,66 @@
+"""``relay agent``: run the reference agent once, or polling."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from relay.agent.updater import Agent, AgentConfig
+from relay.cli.exitcodes import ExitCode
+from relay.config import load_config
+from relay.errors import ConfigError
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    pairs = {
+        "agent.relays": args.relay,
+        "agent.origin": args.origin,
+        "agent.relays_only": args.relays_only,
+        "agent.trusted_root": str(args.trusted_root) if args.trusted_root else None,
+        "agent.state_dir": str(args.state_dir) if args.state_dir else None,
+        "agent.install_dir": str(args.install_dir) if args.install_dir else None,
+        "agent.id": args.agent_id,
+        "agent.group": args.group,
+        "agent.defer_days": args.defer,
+        "agent.install_command": args.install_command,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the agent; with ``--once``, one run and its exit code.
+
+    Raises:
+        ConfigError: no trusted root, no relay and no origin, or an invalid key.
+    """
+    config = load_config(args.config, os.environ, _overrides(args))
+    settings = config.agent
+    if not str(settings.trusted_root) or str(settings.trusted_root) == ".":
+        raise ConfigError(
+            "agent.trusted_root",
+            None,
+            config.source_of("agent.trusted_root"),
+            "is required (--trusted-root)",
+        )
+    if not settings.relays and not settings.origin:
+        raise ConfigError(
+            "agent.relays", None, config.source_of("agent.relays"), "give --relay (or --origin)"
+        )
+    agent = Agent(AgentConfig.from_settings(settings))
+    logging.getLogger("relay").setLevel(logging.INFO)
+    while True:
+        summary = agent.run_once()
+        for line in summary.installed:
+            print(f"installed {line}")
+        for line in summary.failed:
+            print(f"failed {line}", file=sys.stderr)
+        if summary.error:
+            print(f"relay agent: {summary.error}", file=sys.stderr)
+        elif not summary.installed and not summary.failed:
+            print(f"up to date (via {summary.source})")
+        if args.once:
+            return ExitCode.FAILURE if summary.error or summary.failed else ExitCode.OK
+        time.sleep(agent.poll_interval())
