@@ -30,8 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import WORK, free_port, machine, nginx, relay_process, save, wait_http  # noqa: E402
+from relay.core.rates import jain_index  # noqa: E402
 from relay.publisher.repository import Repository  # noqa: E402
-from relay.server.bandwidth import jain_index  # noqa: E402
 
 MIB = 1024 * 1024
 UPSTREAM_SECONDS = 4.0

@@ -42,6 +42,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from relay.core.rates import ScheduleEntry
 from relay.core.units import parse_duration, parse_rate, parse_size
 from relay.errors import ConfigError
 
@@ -137,18 +138,6 @@ class StoreSettings:
     keep_versions: int = 3  # newest versions of each product pinned
     scrub_interval: float = 86400.0  # seconds between re-hashes of every blob; 0 = off
     retry_after: float = 30.0  # seconds, told to clients when the store is full
-
-
-@dataclass(frozen=True, slots=True)
-class ScheduleEntry:
-    """A time-of-day window with its own rates (bytes/s; ``None`` = the base rate)."""
-
-    start: str  # HH:MM, local time
-    end: str  # HH:MM; before start: wraps midnight; equal to start: all day
-    days: tuple[str, ...] = ()  # mon..sun, the days the window opens on; () = every day
-    upstream: int | None = None  # bytes/s
-    egress: int | None = None  # bytes/s
-    per_agent: int | None = None  # bytes/s
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,7 @@ from relay.deltas.service import DeltaService
 from relay.errors import ConfigError
 from relay.fleet.approvals import PolicyStore, settings_from_config
 from relay.fleet.registry import Registry
-from relay.server.bandwidth import BandwidthLimiter, RateSchedule, schedule_from_config
+from relay.server.bandwidth import BandwidthLimiter, follow_schedule, schedule_from_config
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import ADMIN_TOKEN, CONFIG, METRICS, STATE, RelayState
@@ -67,17 +67,6 @@ def read_trusted_root(config: Config) -> bytes:
             config.source_of("upstream.trusted_root"),
             f"cannot be read: {e.strerror}",
         ) from e
-
-
-async def _apply_schedule(
-    schedule: RateSchedule, limiter: BandwidthLimiter, upstream: BandwidthLimiter
-) -> None:
-    """Re-evaluate time-of-day rates every 30 seconds."""
-    while True:
-        rates = schedule.rates_at(dt.datetime.now().astimezone())
-        limiter.set_rates(rates.egress, rates.per_agent)
-        upstream.set_rates(rates.upstream, 0)
-        await asyncio.sleep(30)
 
 
 def _up(health: UpstreamHealth) -> Callable[[], float]:
@@ -122,11 +111,9 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         headers={"User-Agent": "relay"},
     )
     limits = config.limits
-    schedule = schedule_from_config(
-        limits.upstream, limits.egress, limits.per_agent, limits.schedule
-    )
+    schedule = schedule_from_config(limits)
     rates = schedule.rates_at(dt.datetime.now().astimezone())
-    egress_limiter = BandwidthLimiter(rates.egress, rates.per_agent)
+    egress_limiter = BandwidthLimiter(rates.egress, rates.per_agent, max_chunk=limits.chunk_bytes)
     upstream_limiter = BandwidthLimiter(rates.upstream)
     egress_limiter.on_throttle = metrics.throttled_seconds.labels("egress").inc
     upstream_limiter.on_throttle = metrics.throttled_seconds.labels("upstream").inc
@@ -230,7 +217,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     if policy.replica:
         state.spawn(follow_parent(config, session, policy, state.on_policy_change), "replica")
     if schedule.windows:
-        state.spawn(_apply_schedule(schedule, egress_limiter, upstream_limiter), "rate-schedule")
+        state.spawn(follow_schedule(schedule, egress_limiter, upstream_limiter), "rate-schedule")
     try:
         yield
     finally:
