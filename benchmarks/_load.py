@@ -21,7 +21,7 @@ from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from relay.server.bandwidth import BandwidthLimiter  # noqa: E402
+from relay.transfer.bandwidth import BandwidthLimiter  # noqa: E402
 
 
 def origin(public: Path, port: int, rate: int) -> None:

@@ -30,7 +30,7 @@ from relay.core.rates import (
     jain_index,
 )
 from relay.publisher.repository import Repository
-from relay.server.bandwidth import (
+from relay.transfer.bandwidth import (
     BandwidthLimiter,
     Pacer,
     follow_schedule,

@@ -7,7 +7,7 @@ Rules:
   :class:`RateSchedule` takes the wall-clock time as a ``datetime``;
   :func:`chunk_size`, :func:`burst_for` and :func:`jain_index` are plain functions.
   The asyncio side (waiting, timers, refunds of cancelled waiters) is
-  :mod:`relay.server.bandwidth`.
+  :mod:`relay.transfer.bandwidth`.
 * Rates are bytes per second and 0 always means unlimited.
 * Fairness is per flow (an agent), not per request: :class:`FairQueue` is a
   self-clocked fair queue (SCFQ, Golestani 1994). Bytes are granted in order of

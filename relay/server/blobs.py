@@ -42,9 +42,9 @@ from relay.core.model import is_sha256
 from relay.core.protocol import MEDIA_TYPES, formats_from_accept
 from relay.core.rfc9110 import Decision, format_http_date
 from relay.errors import StoreError, StoreFullError
-from relay.server.bandwidth import Pacer
 from relay.server.http import agent_key, decide_for, unavailable
 from relay.server.state import STATE, RelayState
+from relay.transfer.bandwidth import Pacer
 from relay.transfer.openfiles import OpenFile
 
 logger = logging.getLogger(__name__)

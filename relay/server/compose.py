@@ -36,11 +36,11 @@ from relay.deltas.service import DeltaService
 from relay.errors import ConfigError
 from relay.fleet.approvals import PolicyStore, settings_from_config
 from relay.fleet.registry import Registry
-from relay.server.bandwidth import BandwidthLimiter, follow_schedule, schedule_from_config
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import ADMIN_TOKEN, CONFIG, METRICS, STATE, RelayState
 from relay.storage.kv import KV
+from relay.transfer.bandwidth import BandwidthLimiter, follow_schedule, schedule_from_config
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
 

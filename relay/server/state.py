@@ -22,7 +22,7 @@ from relay.deltas.service import DeltaService
 from relay.fleet.approvals import PolicyStore
 from relay.fleet.registry import Registry
 from relay.metrics import RelayMetrics
-from relay.server.bandwidth import BandwidthLimiter
+from relay.transfer.bandwidth import BandwidthLimiter
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
 
