@@ -164,6 +164,9 @@ class RelayMetrics:
         self.agent_events = _counter(
             r, "relay_agent_events", "Agent outcome reports by event and reason.", "event", "reason"
         )
+        self.background_failures = _counter(
+            r, "relay_background_failures", "Failures of background loops, by task.", "task"
+        )
         self.agents = _gauge(r, "relay_agents", "Agents known to the registry.")
         self.checkins = _counter(r, "relay_checkins", "Agent check-ins.")
 

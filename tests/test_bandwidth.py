@@ -496,5 +496,5 @@ async def test_schedule_window_and_chunk_bytes_apply_in_a_running_relay(
     state = relay_state(relay)
     assert (state.limiter.rate, state.limiter.per_agent) == (1_000_000, 64_000)
     assert state.upstream_limiter.rate == 2_000_000
-    assert "rate-schedule" in {t.get_name() for t in state.tasks}
+    assert "rate-schedule" in state.background.running()
     assert state.limiter.chunk("a") == 8 * KiB  # limits.chunk_bytes caps the paced writes

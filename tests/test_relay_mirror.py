@@ -224,3 +224,34 @@ async def test_older_roots_that_do_not_chain_to_the_pinned_root_are_not_served(
     assert state.mirror.current is not None
     assert state.mirror.metadata_file("1.root.json") is None
     assert state.mirror.metadata_file("2.root.json") == repo.root_bytes(2)
+
+
+async def test_readyz_is_503_once_the_served_timestamp_has_expired(
+    tmp_path, serve_origin, aiohttp_server
+):
+    # A timestamp that lasts two seconds: agents refuse expired metadata, so the relay
+    # must stop calling itself ready once it expired, and say why.
+    import asyncio
+
+    import aiohttp
+
+    repo = Repository.init(tmp_path / "short", expires={"timestamp": 2})
+    repo.add_bytes(BLOB_B, "sigs.db", product="sigs", version="1.0.0", kind="content")
+    origin = await serve_origin(repo)
+    root = write_root(tmp_path, repo.root_bytes(1), "short-root.json")
+    relay = await start_relay(aiohttp_server, relay_config(tmp_path, [origin.url], root))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(relay.make_url("/readyz")) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["reason"] is None
+        for _ in range(100):  # bounded: the timestamp expires within 2 s
+            async with session.get(relay.make_url("/readyz")) as resp:
+                if resp.status == 503:
+                    body = await resp.json()
+                    break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("/readyz stayed 200 after the timestamp expired")
+    assert body["ready"] is False
+    assert "expired" in body["reason"]
+    assert body["expires_in_seconds"] <= 0

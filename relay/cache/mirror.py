@@ -320,7 +320,9 @@ class Mirror:
         async with self._sync_lock:
             try:
                 result = await self._sync()
-            except (UpstreamContentError, TransportError, StoreError) as e:
+            except (UpstreamContentError, TransportError, StoreError, OSError) as e:
+                # OSError: the metadata could not be saved (disk full, I/O error); the
+                # previous generation is still served and the next run tries again.
                 reason = type(e).__name__
                 if isinstance(e, MetadataRejectedError):
                     reason = f"{reason}:{e.role}"

@@ -14,7 +14,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -210,23 +209,23 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     track(mirror.current)
     mirror.listeners.append(after_sync)
 
-    # -- background work
-    state.spawn(mirror.run_sync_loop(config.sync.interval, config.sync.jitter), "sync")
+    # -- background work: loops supervised (restarted with back-off, shown in /readyz)
+    bg = state.background
+    bg.supervise("sync", partial(mirror.run_sync_loop, config.sync.interval, config.sync.jitter))
     if config.store.scrub_interval:
-        state.spawn(mirror.run_scrub_loop(config.store.scrub_interval), "scrub")
+        bg.supervise("scrub", partial(mirror.run_scrub_loop, config.store.scrub_interval))
     if policy.replica:
-        state.spawn(follow_parent(config, session, policy, state.on_policy_change), "replica")
+        bg.supervise(
+            "replica", partial(follow_parent, config, session, policy, state.on_policy_change)
+        )
     if schedule.windows:
-        state.spawn(follow_schedule(schedule, egress_limiter, upstream_limiter), "rate-schedule")
+        bg.supervise(
+            "rate-schedule", partial(follow_schedule, schedule, egress_limiter, upstream_limiter)
+        )
     try:
         yield
     finally:
-        tasks = list(state.tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await bg.close()
         await deltas.close()
         await mirror.close()
         state.files.close()

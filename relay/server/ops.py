@@ -45,6 +45,9 @@ async def readyz(request: web.Request) -> web.Response:
         "upstreams": upstreams,
         "targets": len(current.targets) if current else 0,
     }
+    loops = state.background.failing()
+    if loops:
+        body["failing_loops"] = {name: h.to_dict() for name, h in loops.items()}
     failing = [u for u in upstreams if not u["ok"]]
     if failing:
         body["degraded"] = "upstream unreachable: " + ", ".join(
