@@ -729,11 +729,40 @@ def pinned_versions(
         if keep_versions:
             pins.update(kept[-keep_versions:])
         pins.update(t for t in kept if (t.product, t.version) in approved)
-        for g in group_list:
-            offered = [t for t in kept if offerable(state, settings, t, g)]
-            if offered:
-                pins.add(offered[-1])
+        pins.update(_offered(kept, state, settings, group_list))
     return pins
+
+
+def offered_versions(
+    targets: Iterable[Target], state: PolicyState, settings: Settings, groups: Iterable[str]
+) -> set[Target]:
+    """Return the version of each product that some known group is offered now.
+
+    This is what an agent of the group is pointed at, whatever it has installed
+    (an install, or the move back from a declined version): the newest version
+    the group may be offered. Prefetch fetches exactly these.
+
+    Args are those of :func:`pinned_versions`, without ``keep_versions``.
+
+    Raises:
+        Nothing: every input has a defined answer.
+    """
+    group_list = _groups(groups)
+    out: set[Target] = set()
+    for versions in _by_product(targets).values():
+        out.update(_offered(sorted(versions, key=_order), state, settings, group_list))
+    return out
+
+
+def _offered(
+    ordered: Sequence[Target], state: PolicyState, settings: Settings, groups: Sequence[str]
+) -> set[Target]:
+    out: set[Target] = set()
+    for g in groups:
+        best = next((t for t in reversed(ordered) if offerable(state, settings, t, g)), None)
+        if best is not None:
+            out.add(best)
+    return out
 
 
 def pinned_digests(

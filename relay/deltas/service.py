@@ -117,9 +117,9 @@ class DeltaService:
                 return patches[fmt]
         return None
 
-    def bases_pinned(self) -> set[str]:
-        """Digests of the old files that kept patches start from (the store pins them)."""
-        return {src for src, _ in self._index}
+    def kept_pairs(self) -> set[tuple[str, str]]:
+        """``(from, to)`` digests of every kept patch."""
+        return set(self._index)
 
     # -- computing ---------------------------------------------------------------
 

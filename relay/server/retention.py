@@ -1,20 +1,25 @@
 """What the relay fetches ahead and keeps in its store, decided by policy and deltas.
 
-Rules:
+Rules (a store under a quota must keep what agents need, and nothing else forever):
 
-* A version is pinned (never evicted) when the policy pins it
+* Prefetch fetches only what some known group is offered now
+  (:func:`relay.core.policy.offered_versions`), never older versions nobody is
+  pointed at.
+* Pinned (never evicted) are: the versions pinned by the policy
   (:func:`relay.core.policy.pinned_versions`: the newest ``store.keep_versions``
-  of each product, every approved version, the version each group is offered),
-  or when it is the base of a kept patch. A version declined for every group
-  is never pinned.
-* A blob is prefetched when some known group would be offered it
-  (:func:`relay.core.policy.should_prefetch`).
+  of each product, every approved version, the version each group is offered
+  now), and the bases of kept patches that lead to one of those versions (so a
+  patch to what agents are offered can still be served and checked). A version
+  declined for every group is never pinned; a patch to a version nobody is
+  offered pins nothing.
+* Both are computed once per generation and policy change (the inputs are
+  immutable values, replaced on change), not once per target or per fill.
 """
 
 from __future__ import annotations
 
 from relay.core.model import Target
-from relay.core.policy import pinned_versions, should_prefetch
+from relay.core.policy import offered_versions, pinned_versions
 from relay.core.verify import VerifiedMetadata
 from relay.deltas.service import DeltaService
 from relay.fleet.approvals import PolicyStore
@@ -42,25 +47,39 @@ class PinPolicy:
         self._keep_versions = keep_versions
         self.current: VerifiedMetadata | None = None
         self.deltas: DeltaService | None = None
+        self._cache_key: tuple[object, ...] = ()
+        self._offered: frozenset[str] = frozenset()
+        self._pinned: frozenset[str] = frozenset()
 
     def groups(self) -> list[str]:
         """The groups the relay knows."""
         return known_groups(self._registry, self._policy.state)
 
     def wanted(self, target: Target) -> bool:
-        """Whether some group would be offered ``target`` (prefetch it)."""
-        return should_prefetch(self._policy.state, self._policy.settings, target, self.groups())
+        """Whether some group is offered ``target`` now (prefetch it)."""
+        self._refresh()
+        return target.sha256 in self._offered
 
     def pins(self) -> set[str]:
         """The digests the store must not evict."""
-        pins = set(self.deltas.bases_pinned()) if self.deltas is not None else set()
-        if self.current is not None:
-            kept = pinned_versions(
-                self.current.targets.values(),
-                self._policy.state,
-                self._policy.settings,
-                self.groups(),
-                keep_versions=self._keep_versions,
-            )
-            pins.update(t.sha256 for t in kept)
+        self._refresh()
+        pins = set(self._pinned)
+        if self.deltas is not None:
+            pins.update(src for src, dst in self.deltas.kept_pairs() if dst in self._pinned)
         return pins
+
+    def _refresh(self) -> None:
+        policy = self._policy
+        groups = self.groups()
+        key = (self.current, policy.state, policy.settings, tuple(groups))
+        old = self._cache_key
+        if old and all(a is b for a, b in zip(key[:3], old[:3], strict=True)) and key[3] == old[3]:
+            return  # the same immutable inputs (held here, so their ids cannot be reused)
+        targets = self.current.targets.values() if self.current is not None else ()
+        offered = offered_versions(targets, policy.state, policy.settings, groups)
+        pinned = pinned_versions(
+            targets, policy.state, policy.settings, groups, keep_versions=self._keep_versions
+        )
+        self._offered = frozenset(t.sha256 for t in offered)
+        self._pinned = frozenset(t.sha256 for t in pinned)
+        self._cache_key = key
