@@ -48,8 +48,8 @@ from types import MappingProxyType
 from typing import Any, Literal, get_type_hints
 from urllib.parse import urlsplit
 
-from relay.core.policy import MAX_DEFERRAL_DAYS, Settings, deferral_choices
-from relay.core.protocol import DeltaFormat
+from relay.core.policy import MAX_DEFERRAL_DAYS, Settings
+from relay.core.protocol import DeltaFormat, deferral_choices
 from relay.core.rates import ScheduleEntry
 from relay.core.schema import (
     Parser,

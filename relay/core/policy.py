@@ -319,18 +319,6 @@ class Settings:
         return schema.from_dict(data, schema.project(Settings, base or cls()))
 
 
-def deferral_choices(deferral_days: Iterable[int]) -> tuple[int, ...]:
-    """Return the deferrals an agent may ask for: 0 (none) or one of ``deferral_days``.
-
-    Args:
-        deferral_days: the allowed deferrals (``Settings.deferral_days``).
-
-    Returns:
-        ``0`` then the allowed deferrals, ascending.
-    """
-    return (0, *sorted(set(deferral_days)))
-
-
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
