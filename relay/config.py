@@ -10,8 +10,12 @@ Rules (DESIGN §7, STYLE 16-17):
 * ``environ`` is a parameter: nothing here reads ``os.environ``, and nothing is read
   at import time. The only file read is the one ``path`` names (and
   ``admin.token_file``, when :meth:`Config.admin_token` is called).
-* Everything is validated once, into frozen dataclasses (one per section, units in
-  comments); the tables inside them are read-only mappings.
+* Each key is declared once, as a field of its section's frozen dataclass made with
+  :func:`relay.core.schema.setting`: its default, its parser and its documentation
+  (``config/relay.example.toml`` comments each key with that text). The ``[policy]``
+  section extends :class:`relay.core.policy.Settings`, so the settings an administrator
+  may change are declared in the core, once. Everything is validated once; the tables
+  inside the sections are read-only mappings.
 * Every failure is a :class:`relay.errors.ConfigError` naming the key, the value and
   where it came from (the file path, the variable name, or ``command line``): an
   unknown section or key, a bad value, a TOML syntax error (its message gives the
@@ -22,6 +26,8 @@ Rules (DESIGN §7, STYLE 16-17):
   ``true``/``false``/``1``/``0``/``yes``/``no``/``on``/``off``, and
   ``policy.install_undefined`` lists the kinds that are on. Other tables
   (``limits.schedule``, ``agent.actions``) are file-only.
+* ``agent.defer_days`` is 0 (no deferral) or one of ``policy.deferral_days``, the same
+  rule a relay applies to a check-in.
 * Secrets (``admin.token``, and any key named like a token, secret or password) never
   appear in an error message or a ``repr``.
 * Sizes: bytes, or ``KB``/``MB``/``GB`` (powers of 1000) or ``KiB``/``MiB``/``GiB``
@@ -35,29 +41,38 @@ import ipaddress
 import math
 import re
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, is_dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 from urllib.parse import urlsplit
 
+from relay.core.policy import MAX_DEFERRAL_DAYS, Settings
+from relay.core.protocol import DeltaFormat, deferral_choices
 from relay.core.rates import ScheduleEntry
+from relay.core.schema import (
+    Parser,
+    boolean,
+    choice,
+    integer,
+    keys_of,
+    list_of,
+    parser_of,
+    setting,
+    string,
+)
 from relay.core.units import parse_duration, parse_rate, parse_size
 from relay.errors import ConfigError
 
 ENV_PREFIX = "RELAY_"
 COMMAND_LINE = "command line"
 DEFAULTS = "built-in defaults"
-DELTA_FORMATS = ("zstd", "bsdiff4")
-KINDS = ("software", "content", "config")
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-DEFER_DAYS = (0, 1, 3, 7)
 
 LogFormat = Literal["text", "json"]
 PrefetchMode = Literal["policy", "all", "none"]
 PolicyMode = Literal["autonomous", "replica"]
-RolloutName = Literal["forced", "on-demand"]
 DeltaFormatName = Literal["zstd", "bsdiff4"]
 
 # Variables that start like a configuration variable but belong to another command:
@@ -66,247 +81,16 @@ _NOT_CONFIG_VARIABLES = frozenset({"RELAY_ADMIN_TOKEN"})
 _SECRET_WORDS = ("token", "secret", "password")
 _HIDDEN = "<hidden>"
 
-
-def _install_undefined_defaults() -> Mapping[str, bool]:
-    return MappingProxyType({"software": False, "content": True, "config": False})
-
-
-def _no_actions() -> Mapping[str, str]:
-    return MappingProxyType({})
-
-
-# -- sections -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RelaySettings:
-    """``[relay]``: the process itself."""
-
-    listen: str = "127.0.0.1:8080"  # HOST:PORT; [::1]:8080 for IPv6; :8080 = all interfaces
-    data_dir: Path = Path("relay-data")  # relative to the current directory
-    log_format: LogFormat = "text"  # text | json (one object per line)
-    access_log: bool = True  # one line per request
-    public_url: str = ""  # URL advertised to agents; "" = derived from listen
-
-    @property
-    def metadata_dir(self) -> Path:
-        """Verified TUF metadata, byte-exact: ``<data_dir>/metadata``."""
-        return self.data_dir / "metadata"
-
-    @property
-    def blobs_dir(self) -> Path:
-        """The content-addressed blob store: ``<data_dir>/blobs``."""
-        return self.data_dir / "blobs"
-
-    @property
-    def deltas_dir(self) -> Path:
-        """Computed patches: ``<data_dir>/deltas``."""
-        return self.data_dir / "deltas"
-
-    @property
-    def state_dir(self) -> Path:
-        """The state database (approvals, agents, audit log, counters): ``<data_dir>/state``."""
-        return self.data_dir / "state"
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamSettings:
-    """``[upstream]``: where metadata and targets come from."""
-
-    urls: tuple[str, ...] = ()  # http(s) base URLs, tried in order
-    trusted_root: Path = Path()  # the pinned root.json; Path() = not set
-    connect_timeout: float = 10.0  # seconds, > 0
-    read_timeout: float = 30.0  # seconds, > 0: the longest gap between bytes
-    retries: int = 3  # extra attempts per upstream
-    retry_backoff: float = 0.5  # seconds before the first retry, doubling
-
-
-@dataclass(frozen=True, slots=True)
-class SyncSettings:
-    """``[sync]``: metadata polling and prefetch."""
-
-    interval: float = 300.0  # seconds between polls, > 0
-    jitter: float = 30.0  # seconds, at most, added at random to each interval
-    prefetch: PrefetchMode = "policy"  # policy: what some group would be offered | all | none
-
-
-@dataclass(frozen=True, slots=True)
-class StoreSettings:
-    """``[store]``: the blob store."""
-
-    max_bytes: int = 0  # bytes; 0 = unlimited
-    keep_versions: int = 3  # newest versions of each product pinned
-    scrub_interval: float = 86400.0  # seconds between re-hashes of every blob; 0 = off
-    retry_after: float = 30.0  # seconds, told to clients when the store is full
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsSettings:
-    """``[limits]``: bandwidth and concurrency."""
-
-    upstream: int = 0  # bytes/s, all upstream fetches together; 0 = unlimited
-    egress: int = 0  # bytes/s, all responses together; 0 = unlimited
-    per_agent: int = 0  # bytes/s per agent; 0 = unlimited
-    max_transfers: int = 1024  # concurrent blob responses; 0 = unlimited
-    max_transfers_per_agent: int = 8  # concurrent blob responses per agent; 0 = unlimited
-    chunk_bytes: int = 64 * 1024  # bytes per paced write, >= 1
-    retry_after: float = 5.0  # seconds, told to clients past the limits
-    schedule: tuple[ScheduleEntry, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class DeltaSettings:
-    """``[delta]``: relay-computed patches."""
-
-    enabled: bool = True
-    # Preference order, no repeats; bsdiff4 first from benchmarks/RESULTS.md (zstd's
-    # median patch is 1.42x bsdiff4's, over the 1.25x the rule allows).
-    formats: tuple[DeltaFormatName, ...] = ("bsdiff4", "zstd")
-    bases: int = 3  # older versions diffed against each new one
-    workers: int = 1  # diff processes
-    max_memory: int = 2 * 1024**3  # bytes a diff may need
-    max_seconds: float = 300.0  # seconds, > 0: a longer diff is killed
-    max_ratio: float = 0.5  # 0 < r <= 1: a patch over this share of the target is dropped
-    zstd_level: int = 3  # 1..22; 3, not 19: benchmarks/RESULTS.md (19 took 67 s on 26 MB)
-
-
-@dataclass(frozen=True, slots=True)
-class PolicySettings:
-    """``[policy]``: approvals and rollout defaults."""
-
-    mode: PolicyMode = "autonomous"  # replica: approvals and settings from parent_url
-    parent_url: str = ""  # replica: the parent relay's base URL
-    parent_token_file: Path = Path()  # replica: bearer token for the parent's admin API
-    auto_approve_critical: bool = True
-    install_undefined: Mapping[str, bool] = field(default_factory=_install_undefined_defaults)
-    beta_groups: tuple[str, ...] = ()
-    rollout_mode: RolloutName = "forced"
-    deferral_days: tuple[int, ...] = (1, 3, 7)  # days an agent may defer; at least one
-    relays_only: bool = False  # agents never fall back to the origin
-    poll_seconds: int = 3600  # seconds between check-ins, told to agents
-    origin_url: str = ""  # told to agents unless relays_only; "" = the first upstream URL
-    relays: tuple[str, ...] = ()  # more relays advertised to agents, besides this one
-
-
-@dataclass(frozen=True, slots=True)
-class AdminSettings:
-    """``[admin]``: the admin API (off when there is no token)."""
-
-    token_file: Path = Path()  # file holding the bearer token; Path() = not set
-    token: str = field(default="", repr=False)  # the token itself (prefer token_file)
-
-
-@dataclass(frozen=True, slots=True)
-class AgentSettings:
-    """``[agent]``: the reference agent."""
-
-    id: str = ""  # "" = the host name
-    group: str = "default"
-    relays: tuple[str, ...] = ()  # relay base URLs, in order
-    origin: str = ""  # origin base URL, used only when relays_only is false
-    relays_only: bool = False
-    trusted_root: Path = Path()  # the root.json the agent ships; Path() = not set
-    state_dir: Path = Path("agent-state")  # TUF metadata and agent state
-    install_dir: Path = Path("agent-install")
-    install_command: str = ""  # a command line run after placing a file; "" = none
-    install_timeout: float = 300.0  # seconds, > 0
-    defer_days: int = 0  # 0, 1, 3 or 7: the deferral chosen for on-demand updates
-    accept_delta: tuple[DeltaFormatName, ...] = ("zstd", "bsdiff4")
-    poll_jitter: float = 60.0  # seconds, at most, added at random to each poll
-    request_timeout: float = 30.0  # seconds, > 0
-    actions: Mapping[str, str] = field(default_factory=_no_actions)  # name -> command line
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The whole configuration, validated."""
-
-    relay: RelaySettings = field(default_factory=RelaySettings)
-    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
-    sync: SyncSettings = field(default_factory=SyncSettings)
-    store: StoreSettings = field(default_factory=StoreSettings)
-    limits: LimitsSettings = field(default_factory=LimitsSettings)
-    delta: DeltaSettings = field(default_factory=DeltaSettings)
-    policy: PolicySettings = field(default_factory=PolicySettings)
-    admin: AdminSettings = field(default_factory=AdminSettings)
-    agent: AgentSettings = field(default_factory=AgentSettings)
-    source: str = DEFAULTS  # the file path, or "built-in defaults"; for messages
-    # Where each key that is not a default came from: the file, a variable, the command line.
-    sources: Mapping[str, str] = field(
-        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
-    )
-
-    def source_of(self, key: str) -> str:
-        """Say where a key got its value, for error messages.
-
-        Args:
-            key: a dotted key such as ``limits.egress``.
-
-        Returns:
-            The file path, the variable name or ``command line`` that set the key; for
-            a key left at its default, :attr:`source` (the file the operator would edit).
-        """
-        return self.sources.get(key, self.source)
-
-    def admin_token(self) -> str:
-        """Return the admin bearer token: ``admin.token``, else ``admin.token_file``.
-
-        This reads a file: call it off the event loop.
-
-        Returns:
-            The token, stripped of surrounding whitespace; ``""`` means the admin API
-            is off.
-
-        Raises:
-            ConfigError: ``admin.token_file`` is set but cannot be read.
-        """
-        if self.admin.token:
-            return self.admin.token
-        if not _is_set(self.admin.token_file):
-            return ""
-        try:
-            return self.admin.token_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
-            raise ConfigError(
-                "admin.token_file",
-                str(self.admin.token_file),
-                self.source_of("admin.token_file"),
-                f"cannot be read: {reason}",
-            ) from e
-
-
-def _is_set(path: Path) -> bool:
-    # Path("") is Path("."): an empty path in the file means "not set".
-    return str(path) not in ("", ".")
-
-
-_SECTIONS: dict[str, type] = {
-    "relay": RelaySettings,
-    "upstream": UpstreamSettings,
-    "sync": SyncSettings,
-    "store": StoreSettings,
-    "limits": LimitsSettings,
-    "delta": DeltaSettings,
-    "policy": PolicySettings,
-    "admin": AdminSettings,
-    "agent": AgentSettings,
-}
-
-
-# -- value parsers -----------------------------------------------------------------
-# Each takes (value, text): ``text`` is true when a string is in the text form of an
-# environment variable or a command-line flag. Each returns the typed value or raises
-# ValueError with the reason; _parse turns that into a ConfigError.
-
-Parser = Callable[[Any, bool], Any]
-
-_INT = re.compile(r"\s*-?[0-9]+\s*")
 _HHMM = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 # HOST:PORT, or [IPv6]:PORT; an empty host listens on every interface.
 _LISTEN = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[A-Za-z0-9._-]*)):(?P<port>[0-9]{1,5})")
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off")
+
+
+# -- value parsers -----------------------------------------------------------------
+# The generic ones (booleans, integers, choices, lists) are in relay.core.schema. Each
+# takes (value, text): ``text`` is true when a string is in the text form of an
+# environment variable or a command-line flag. Each returns the typed value or raises
+# ValueError with the reason; _parse turns that into a ConfigError.
 
 
 def _finite(value: Any) -> Any:
@@ -314,33 +98,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("expected a finite number")
     return value
-
-
-def _bool(value: Any, text: bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    if text and isinstance(value, str):
-        low = value.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
-    raise ValueError("expected true or false")
-
-
-def _int(minimum: int = 0, maximum: int | None = None) -> Parser:
-    def parse(value: Any, text: bool) -> int:
-        if text and isinstance(value, str) and _INT.fullmatch(value):
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("expected an integer")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
-            raise ValueError(f"must be {bound}")
-        return value
-
-    return parse
 
 
 def _ratio(value: Any, text: bool) -> float:
@@ -380,29 +137,12 @@ def _duration(*, positive: bool = False) -> Parser:
     return parse
 
 
-def _str(value: Any, _text: bool) -> str:
-    if not isinstance(value, str):
-        raise ValueError("expected a string")
-    return value
-
-
 def _path(value: Any, _text: bool) -> Path:
     if not isinstance(value, str | Path):
         raise ValueError("expected a path (a string)")
     if "\0" in str(value):
         raise ValueError("a path cannot contain a NUL character")
     return Path(value)
-
-
-def _choice(*choices: str) -> Parser:
-    def parse(value: Any, text: bool) -> str:
-        if text and isinstance(value, str):
-            value = value.strip()
-        if not isinstance(value, str) or value not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}")
-        return value
-
-    return parse
 
 
 def _url(value: Any, _text: bool) -> str:
@@ -426,29 +166,6 @@ def _optional_url(value: Any, text: bool) -> str:
     return "" if value == "" else _url(value, text)
 
 
-def _list(item: Parser, *, unique: bool = False, non_empty: bool = False) -> Parser:
-    def parse(value: Any, text: bool) -> tuple[Any, ...]:
-        if text and isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list | tuple):
-            form = "a comma-separated list" if text else "a list such as [...]"
-            raise ValueError(f"expected {form}")
-        out: list[Any] = []
-        for i, v in enumerate(value):
-            try:
-                parsed = item(v, text)
-            except ValueError as e:
-                raise ValueError(f"item {i} ({v!r}): {e}") from None
-            if unique and parsed in out:
-                raise ValueError(f"item {i} ({v!r}) is repeated")
-            out.append(parsed)
-        if non_empty and not out:
-            raise ValueError("needs at least one item")
-        return tuple(out)
-
-    return parse
-
-
 def _listen(value: Any, _text: bool) -> str:
     match = _LISTEN.fullmatch(value) if isinstance(value, str) else None
     if match is None:
@@ -461,26 +178,6 @@ def _listen(value: Any, _text: bool) -> str:
     if int(match["port"]) > 65535:
         raise ValueError("the port must be from 0 to 65535")
     return str(value)
-
-
-def _install_undefined(value: Any, text: bool) -> Mapping[str, bool]:
-    if text and isinstance(value, str):
-        # The text form lists the kinds that are on; the others are off.
-        on = {k.strip() for k in value.split(",") if k.strip()}
-        unknown = on - set(KINDS)
-        if unknown:
-            raise ValueError(f"unknown kind {min(unknown)!r} (use {', '.join(KINDS)})")
-        return MappingProxyType({k: k in on for k in KINDS})
-    if not isinstance(value, Mapping):
-        raise ValueError("expected a table such as {software = false, content = true}")
-    out = dict(_install_undefined_defaults())
-    for kind, on in value.items():
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r} (use {', '.join(KINDS)})")
-        if not isinstance(on, bool):
-            raise ValueError(f"{kind}: expected true or false")
-        out[kind] = on
-    return MappingProxyType(out)
 
 
 def _actions(value: Any, text: bool) -> Mapping[str, str]:
@@ -552,92 +249,312 @@ def _schedule(value: Any, text: bool) -> tuple[ScheduleEntry, ...]:
     return tuple(entries)
 
 
-def _defer(value: Any, text: bool) -> int:
-    n: int = _int(0)(value, text)
-    if n not in DEFER_DAYS:
-        raise ValueError(f"expected one of {', '.join(map(str, DEFER_DAYS))}")
-    return n
+_DELTA_FORMAT = choice(*DeltaFormat)
 
 
-_FIELDS: dict[str, dict[str, Parser]] = {
-    "relay": {
-        "listen": _listen,
-        "data_dir": _path,
-        "log_format": _choice("text", "json"),
-        "access_log": _bool,
-        "public_url": _optional_url,
-    },
-    "upstream": {
-        "urls": _list(_url),
-        "trusted_root": _path,
-        "connect_timeout": _duration(positive=True),
-        "read_timeout": _duration(positive=True),
-        "retries": _int(0, 100),
-        "retry_backoff": _duration(),
-    },
-    "sync": {
-        "interval": _duration(positive=True),
-        "jitter": _duration(),
-        "prefetch": _choice("policy", "all", "none"),
-    },
-    "store": {
-        "max_bytes": _size(),
-        "keep_versions": _int(0),
-        "scrub_interval": _duration(),
-        "retry_after": _duration(),
-    },
-    "limits": {
-        "upstream": _rate,
-        "egress": _rate,
-        "per_agent": _rate,
-        "max_transfers": _int(0),
-        "max_transfers_per_agent": _int(0),
-        "chunk_bytes": _size(1),
-        "retry_after": _duration(),
-        "schedule": _schedule,
-    },
-    "delta": {
-        "enabled": _bool,
-        "formats": _list(_choice(*DELTA_FORMATS), unique=True, non_empty=True),
-        "bases": _int(0, 64),
-        "workers": _int(1, 64),
-        "max_memory": _size(),
-        "max_seconds": _duration(positive=True),
-        "max_ratio": _ratio,
-        "zstd_level": _int(1, 22),
-    },
-    "policy": {
-        "mode": _choice("autonomous", "replica"),
-        "parent_url": _optional_url,
-        "parent_token_file": _path,
-        "auto_approve_critical": _bool,
-        "install_undefined": _install_undefined,
-        "beta_groups": _list(_str, unique=True),
-        "rollout_mode": _choice("forced", "on-demand"),
-        "deferral_days": _list(_int(1, 365), unique=True, non_empty=True),
-        "relays_only": _bool,
-        "poll_seconds": _int(1),
-        "origin_url": _optional_url,
-        "relays": _list(_url),
-    },
-    "admin": {"token_file": _path, "token": _str},
-    "agent": {
-        "id": _str,
-        "group": _str,
-        "relays": _list(_url),
-        "origin": _optional_url,
-        "relays_only": _bool,
-        "trusted_root": _path,
-        "state_dir": _path,
-        "install_dir": _path,
-        "install_command": _str,
-        "install_timeout": _duration(positive=True),
-        "defer_days": _defer,
-        "accept_delta": _list(_choice(*DELTA_FORMATS), unique=True),
-        "poll_jitter": _duration(),
-        "request_timeout": _duration(positive=True),
-        "actions": _actions,
-    },
+# -- sections -----------------------------------------------------------------------
+
+
+class _UnderDataDir:
+    """A directory inside ``data_dir``, read as an attribute (``relay.blobs_dir``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, settings: RelaySettings, owner: type | None = None) -> Path:
+        return settings.data_dir / self.name
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    """``[relay]``: the process itself."""
+
+    listen: str = setting(
+        _listen,
+        'HOST:PORT; "[::1]:8080" for IPv6; ":8080" = every interface',
+        default="127.0.0.1:8080",
+    )
+    data_dir: Path = setting(
+        _path,
+        "path; metadata/, blobs/, deltas/, state/ are created inside",
+        default=Path("relay-data"),
+    )
+    log_format: LogFormat = setting(
+        choice("text", "json"), "text | json (one object per line)", default="text"
+    )
+    access_log: bool = setting(boolean, "boolean: one log line per request", default=True)
+    public_url: str = setting(
+        _optional_url, 'URL advertised to agents; "" = derived from listen', default=""
+    )
+
+    metadata_dir = _UnderDataDir("metadata")  # verified TUF metadata, byte-exact
+    blobs_dir = _UnderDataDir("blobs")  # the content-addressed blob store
+    deltas_dir = _UnderDataDir("deltas")  # computed patches
+    state_dir = _UnderDataDir("state")  # the state database (approvals, agents, audit, counters)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    """``[upstream]``: where metadata and targets come from."""
+
+    urls: tuple[str, ...] = setting(
+        list_of(_url), "list of http(s) base URLs (origin or parent relay), in order", default=()
+    )
+    trusted_root: Path = setting(
+        _path, "path to the pinned root.json (required to serve)", default=Path()
+    )
+    connect_timeout: float = setting(_duration(positive=True), "duration, > 0", default=10.0)
+    read_timeout: float = setting(
+        _duration(positive=True), "duration, > 0: the longest gap between bytes", default=30.0
+    )
+    retries: int = setting(
+        integer(0, 100), "integer >= 0: extra attempts per upstream on network errors", default=3
+    )
+    retry_backoff: float = setting(_duration(), "duration: first backoff, doubling", default=0.5)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncSettings:
+    """``[sync]``: metadata polling and prefetch."""
+
+    interval: float = setting(
+        _duration(positive=True), "duration, > 0, between metadata polls", default=300.0
+    )
+    jitter: float = setting(
+        _duration(), "duration: at most this much random delay added per poll", default=30.0
+    )
+    prefetch: PrefetchMode = setting(
+        choice("policy", "all", "none"),
+        "policy (what some group would be offered) | all | none",
+        default="policy",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """``[store]``: the blob store."""
+
+    max_bytes: int = setting(_size(), "size of the blob store quota; 0 = unlimited", default=0)
+    keep_versions: int = setting(
+        integer(0), "integer >= 0: newest versions of each product never evicted", default=3
+    )
+    scrub_interval: float = setting(
+        _duration(), "duration between re-hashes of every blob; 0 = off", default=86400.0
+    )
+    retry_after: float = setting(
+        _duration(), "duration told to clients (Retry-After) when the store is full", default=30.0
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """``[limits]``: bandwidth and concurrency."""
+
+    upstream: int = setting(_rate, "rate: all upstream fetches together; 0 = unlimited", default=0)
+    egress: int = setting(_rate, "rate: all responses together; 0 = unlimited", default=0)
+    per_agent: int = setting(_rate, "rate: each agent; 0 = unlimited", default=0)
+    max_transfers: int = setting(
+        integer(0), "integer: concurrent blob responses; 0 = unlimited", default=1024
+    )
+    max_transfers_per_agent: int = setting(
+        integer(0), "integer: concurrent blob responses per agent; 0 = unlimited", default=8
+    )
+    chunk_bytes: int = setting(_size(1), "size of each paced write, >= 1", default=64 * 1024)
+    retry_after: float = setting(
+        _duration(), "duration told to clients (Retry-After) past the limits", default=5.0
+    )
+    schedule: tuple[ScheduleEntry, ...] = setting(
+        _schedule, "time-of-day rates (array of tables)", default=()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaSettings:
+    """``[delta]``: relay-computed patches."""
+
+    enabled: bool = setting(boolean, "boolean: compute and serve binary deltas", default=True)
+    # bsdiff4 first from benchmarks/RESULTS.md (zstd's median patch is 1.42x bsdiff4's,
+    # over the 1.25x the rule allows).
+    formats: tuple[DeltaFormatName, ...] = setting(
+        list_of(_DELTA_FORMAT, unique=True, non_empty=True),
+        "preference order, each once (benchmarks/RESULTS.md decides it)",
+        default=("bsdiff4", "zstd"),
+    )
+    bases: int = setting(
+        integer(0, 64), "integer 0..64: older versions diffed against each new one", default=3
+    )
+    workers: int = setting(integer(1, 64), "integer 1..64: diff processes", default=1)
+    max_memory: int = setting(
+        _size(), "size: a diff estimated to need more is skipped", default=2 * 1024**3
+    )
+    max_seconds: float = setting(
+        _duration(positive=True), "duration, > 0: a longer diff is killed", default=300.0
+    )
+    max_ratio: float = setting(
+        _ratio, "0 < ratio <= 1: a patch larger than this share is dropped", default=0.5
+    )
+    # 3, not 19: benchmarks/RESULTS.md (19 took 67 s on 26 MB).
+    zstd_level: int = setting(integer(1, 22), "integer 1..22 (3: benchmarks/RESULTS.md)", default=3)
+
+
+@dataclass(frozen=True)
+class PolicySettings(Settings):
+    """``[policy]``: the policy settings (:class:`Settings`), the mode and what agents are told.
+
+    :func:`relay.fleet.approvals.settings_from_config` takes the :class:`Settings` part.
+    """
+
+    mode: PolicyMode = setting(
+        choice("autonomous", "replica"),
+        "autonomous | replica (approvals and settings from parent_url)",
+        default="autonomous",
+    )
+    parent_url: str = setting(
+        _optional_url, "replica: the parent relay's base URL (required for replica)", default=""
+    )
+    parent_token_file: Path = setting(
+        _path, "replica: path of the file holding the parent's admin token", default=Path()
+    )
+    poll_seconds: int = setting(
+        integer(1), "integer >= 1: seconds between check-ins, told to agents", default=3600
+    )
+    origin_url: str = setting(
+        _optional_url, 'origin told to agents; "" = the first upstream URL', default=""
+    )
+    relays: tuple[str, ...] = setting(
+        list_of(_url), "list of more relay URLs advertised to agents, besides this one", default=()
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """``[admin]``: the admin API (off when there is no token)."""
+
+    token_file: Path = setting(
+        _path, "path of the file holding the admin bearer token", default=Path()
+    )
+    token: str = setting(
+        string,
+        "or the token itself (prefer token_file or RELAY_ADMIN__TOKEN);",
+        default="",
+        hidden=True,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """``[agent]``: the reference agent."""
+
+    id: str = setting(string, 'agent id (sent as Relay-Agent-Id); "" = the host name', default="")
+    group: str = setting(string, "agent group (approval ring)", default="default")
+    relays: tuple[str, ...] = setting(
+        list_of(_url), "list of relay base URLs, in order of preference", default=()
+    )
+    origin: str = setting(
+        _optional_url, "origin base URL (used only when relays_only is false)", default=""
+    )
+    relays_only: bool = setting(boolean, "boolean: never fall back to the origin", default=False)
+    trusted_root: Path = setting(_path, "path to the root.json the agent ships", default=Path())
+    state_dir: Path = setting(
+        _path,
+        "path: TUF metadata and agent state (kept across restarts)",
+        default=Path("agent-state"),
+    )
+    install_dir: Path = setting(
+        _path, "path: where products are installed", default=Path("agent-install")
+    )
+    install_command: str = setting(
+        string, 'command line run after placing a file; "" = none', default=""
+    )
+    install_timeout: float = setting(_duration(positive=True), "duration, > 0", default=300.0)
+    defer_days: int = setting(
+        integer(0, MAX_DEFERRAL_DAYS),
+        "days on-demand updates are deferred: 0 = none, else one of policy.deferral_days",
+        default=0,
+    )
+    accept_delta: tuple[DeltaFormatName, ...] = setting(
+        list_of(_DELTA_FORMAT, unique=True),
+        "list of delta formats this agent applies",
+        default=("zstd", "bsdiff4"),
+    )
+    poll_jitter: float = setting(
+        _duration(), "duration: at most this much random delay added per poll", default=60.0
+    )
+    request_timeout: float = setting(_duration(positive=True), "duration, > 0", default=30.0)
+    actions: Mapping[str, str] = setting(
+        _actions, "table: post-install action name = command line", default={}
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration, validated: one field per section."""
+
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    sync: SyncSettings = field(default_factory=SyncSettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    delta: DeltaSettings = field(default_factory=DeltaSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    agent: AgentSettings = field(default_factory=AgentSettings)
+    source: str = DEFAULTS  # the file path, or "built-in defaults"; for messages
+    # Where each key that is not a default came from: the file, a variable, the command line.
+    sources: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    def source_of(self, key: str) -> str:
+        """Say where a key got its value, for error messages.
+
+        Args:
+            key: a dotted key such as ``limits.egress``.
+
+        Returns:
+            The file path, the variable name or ``command line`` that set the key; for
+            a key left at its default, :attr:`source` (the file the operator would edit).
+        """
+        return self.sources.get(key, self.source)
+
+    def admin_token(self) -> str:
+        """Return the admin bearer token: ``admin.token``, else ``admin.token_file``.
+
+        This reads a file: call it off the event loop.
+
+        Returns:
+            The token, stripped of surrounding whitespace; ``""`` means the admin API
+            is off.
+
+        Raises:
+            ConfigError: ``admin.token_file`` is set but cannot be read.
+        """
+        if self.admin.token:
+            return self.admin.token
+        if not _is_set(self.admin.token_file):
+            return ""
+        try:
+            return self.admin.token_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            reason = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise ConfigError(
+                "admin.token_file",
+                str(self.admin.token_file),
+                self.source_of("admin.token_file"),
+                f"cannot be read: {reason}",
+            ) from e
+
+
+def _is_set(path: Path) -> bool:
+    # Path("") is Path("."): an empty path in the file means "not set".
+    return str(path) not in ("", ".")
+
+
+# The sections, from Config's fields: the dataclasses among their types.
+_SECTIONS: dict[str, type] = {
+    name: hint
+    for name, hint in get_type_hints(Config).items()
+    if isinstance(hint, type) and is_dataclass(hint)
 }
 
 
@@ -746,9 +663,9 @@ def _check_single_underscore(name: str, rest: str, value: str) -> None:
     if name in _NOT_CONFIG_VARIABLES:
         return
     low = rest.lower()
-    for section, fields in _FIELDS.items():
+    for section, cls in _SECTIONS.items():
         key = low.removeprefix(f"{section}_")
-        if key != low and key in fields:
+        if key != low and key in keys_of(cls):
             raise ConfigError(
                 f"{section}.{key}",
                 _shown(section, key, value),
@@ -769,15 +686,15 @@ def _shown(section: str, key: str, value: Any) -> Any:
 
 
 def _parse(section: str, key: str, value: Any, source: str, *, text: bool) -> Any:
-    fields = _FIELDS[section]
+    cls = _SECTIONS[section]
     dotted = f"{section}.{key}"
-    parser = fields.get(key)
+    parser = parser_of(cls, key)
     if parser is None:
         raise ConfigError(
             dotted,
             _shown(section, key, value),
             source,
-            f"unknown key (known in [{section}]: {', '.join(fields)})",
+            f"unknown key (known in [{section}]: {', '.join(keys_of(cls))})",
         )
     try:
         return parser(value, text)
@@ -793,14 +710,19 @@ def _check_rules(config: Config) -> None:
             config.source_of("policy.mode"),
             'is required when policy.mode = "replica"',
         )
+    allowed = deferral_choices(config.policy.deferral_days)
+    if config.agent.defer_days not in allowed:
+        raise ConfigError(
+            "agent.defer_days",
+            config.agent.defer_days,
+            config.source_of("agent.defer_days"),
+            f"expected one of {', '.join(map(str, allowed))} (0 or one of policy.deferral_days)",
+        )
 
 
 __all__ = [
     "DAYS",
-    "DEFER_DAYS",
-    "DELTA_FORMATS",
     "ENV_PREFIX",
-    "KINDS",
     "AdminSettings",
     "AgentSettings",
     "Config",

@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from relay.config import Config, default_config, load_config
+from relay.config import Config, PolicySettings, default_config, load_config
+from relay.core.policy import RolloutMode, Settings
+from relay.core.schema import doc_of
 from relay.errors import ConfigError
+from relay.fleet.approvals import settings_from_config
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.toml"
 SECTIONS = ("relay", "upstream", "sync", "store", "limits", "delta", "policy", "admin", "agent")
@@ -53,6 +56,27 @@ def test_example_file_comments_every_key():
         assert len(line.partition(" # ")[2].strip()) > 5, line
     fields = sum(len(dataclasses.fields(getattr(default_config(), s))) for s in SECTIONS)
     assert keys == fields - 1  # agent.actions is the [agent.actions] header
+
+
+def test_example_file_comments_are_the_declared_docs():
+    # Each key's comment starts with the doc its field declares: one text, kept in step.
+    section = ""
+    checked = 0
+    for line in EXAMPLE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("["):
+            section = line.split("]")[0].strip("[")
+            if "." not in section:
+                continue
+            section, _, key = section.partition(".")  # [agent.actions]
+        elif line.startswith(("#", " ")) or "=" not in line:
+            continue
+        else:
+            key = line.partition("=")[0].strip()
+        comment = line.partition(" # ")[2].strip()
+        cls = type(getattr(default_config(), section))
+        assert comment.startswith(doc_of(cls, key)), (section, key)
+        checked += 1
+    assert checked == sum(len(dataclasses.fields(getattr(default_config(), s))) for s in SECTIONS)
 
 
 def test_defaults_and_derived_directories():
@@ -208,6 +232,55 @@ def test_tables_from_the_file(tmp_path):
     assert (night.start, night.end, night.days) == ("22:00", "06:00", ("mon",))
     assert (night.egress, night.upstream, night.per_agent) == (1_000_000, None, None)
     assert (all_day.days, all_day.per_agent, all_day.egress) == ((), 1000, None)
+
+
+def test_policy_section_extends_the_core_settings(tmp_path):
+    # The settings an administrator may change are declared once, in the core; the
+    # [policy] section adds the relay's own keys, and the relay starts from that part.
+    assert issubclass(PolicySettings, Settings)
+    cfg = write(
+        tmp_path,
+        '[policy]\nrollout_mode = "on-demand"\ndeferral_days = [7, 2]\n'
+        'beta_groups = ["pilot", "it"]\npoll_seconds = 60\ninstall_undefined = { config = true }',
+    )
+    settings = settings_from_config(load_config(cfg).policy)
+    assert type(settings) is Settings
+    assert settings == Settings(
+        install_undefined={"config": True},
+        beta_groups=("pilot", "it"),
+        rollout_mode=RolloutMode.ON_DEMAND,
+        deferral_days=(2, 7),
+    )
+    assert "poll_seconds" not in settings.to_dict()
+    assert settings_from_config(default_config().policy) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("environ", "overrides", "defer_days"),
+    [
+        ({}, {"agent.defer_days": 3}, 3),
+        ({"RELAY_POLICY__DEFERRAL_DAYS": "2,5"}, {"agent.defer_days": 5}, 5),
+        ({"RELAY_POLICY__DEFERRAL_DAYS": "14", "RELAY_AGENT__DEFER_DAYS": "14"}, {}, 14),
+        ({"RELAY_POLICY__DEFERRAL_DAYS": "2"}, {}, 0),
+    ],
+)
+def test_agent_defer_days_is_none_or_one_of_the_deferral_days(environ, overrides, defer_days):
+    assert load_config(None, environ, overrides).agent.defer_days == defer_days
+
+
+@pytest.mark.parametrize(
+    ("environ", "overrides", "source"),
+    [
+        ({}, {"agent.defer_days": 2}, "command line"),
+        ({"RELAY_POLICY__DEFERRAL_DAYS": "2,5"}, {"agent.defer_days": 3}, "command line"),
+        ({"RELAY_AGENT__DEFER_DAYS": "400"}, {}, "RELAY_AGENT__DEFER_DAYS"),
+    ],
+)
+def test_agent_defer_days_outside_the_rule_names_key_value_and_source(environ, overrides, source):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, environ, overrides)
+    assert (info.value.key, info.value.source) == ("agent.defer_days", source)
+    assert str(info.value).startswith(f"{source}: agent.defer_days = ")
 
 
 def test_replica_with_a_parent_is_accepted(tmp_path):

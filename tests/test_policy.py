@@ -621,12 +621,24 @@ def test_settings_round_trip_through_json():
         ({"deferral_days": []}, "deferral_days"),
         ({"deferral_days": [True]}, "deferral_days"),
         ({"deferral_days": "3"}, "deferral_days"),
+        ({"deferral_days": [3, 3]}, "deferral_days"),
+        ({"deferral_days": [366]}, "deferral_days"),
         ({"colour": 1}, "colour"),
+        ({"poll_seconds": 60}, "poll_seconds"),  # a relay key of [policy], not a setting
     ],
 )
 def test_settings_from_dict_names_the_bad_field(bad, field_name):
     with pytest.raises(ValueError, match=rf"^{field_name}:"):
         Settings.from_dict(bad)
+
+
+def test_settings_keep_the_beta_groups_order_and_are_read_only():
+    settings = Settings.from_dict({"beta_groups": ["pilot", "it"]})
+    assert settings.beta_groups == ("pilot", "it")
+    assert settings.to_dict()["beta_groups"] == ["pilot", "it"]
+    assert Settings.from_dict(settings.to_dict()) == settings
+    with pytest.raises(TypeError):
+        settings.install_undefined[Kind.CONFIG] = True  # type: ignore[index]
 
 
 def test_settings_constructor_checks_deferrals():

@@ -179,9 +179,8 @@ def _agent_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--defer",
         type=int,
-        choices=[1, 3, 7],
-        metavar="1|3|7",
-        help="defer on-demand updates by this many days",
+        metavar="DAYS",
+        help="defer on-demand updates by this many days: one of policy.deferral_days",
     )
     p.add_argument("--install-command", metavar="CMD")
     p.add_argument("--once", action="store_true", help="run once and exit (else poll)")

@@ -60,12 +60,16 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
+from relay.core import schema
 from relay.core.model import Channel, Kind, Severity, Target
 from relay.core.protocol import DEFAULT_GROUP, InstalledItem
+from relay.core.schema import InvalidValue, boolean, choice, integer, list_of, name, setting
 from relay.core.semver import Version, is_valid
 from relay.errors import EulaNotAcceptedError
 
@@ -204,35 +208,88 @@ def _text(item: Mapping[str, Any], key: str, where: str, *, required: bool = Fal
     return value
 
 
+MAX_DEFERRAL_DAYS = 365  # the longest deferral a setting may allow, in days
+_KINDS = ", ".join(Kind)
+_KIND_NAMES = frozenset(k.value for k in Kind)
+
+
+def _install_undefined(value: object, text: bool) -> Mapping[Kind, bool]:
+    # A table names some kinds (the others keep their default or, from the JSON form,
+    # their current value); the text form lists the kinds that are on.
+    if text and isinstance(value, str):
+        on = {k.strip() for k in value.split(",") if k.strip()}
+        unknown = on - _KIND_NAMES
+        if unknown:
+            raise InvalidValue(f"unknown kind {min(unknown)!r} (use {_KINDS})")
+        return {k: k.value in on for k in Kind}
+    if not isinstance(value, Mapping):
+        raise InvalidValue("expected a table such as {software = false, content = true}")
+    out: dict[Kind, bool] = {}
+    for kind, on in value.items():
+        if kind not in _KIND_NAMES:
+            raise InvalidValue(f"unknown kind (use {_KINDS})", at=str(kind))
+        if not isinstance(on, bool):
+            raise InvalidValue("expected true or false", at=kind)
+        out[Kind(kind)] = on
+    return out
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Policy settings an administrator can change.
+    """Policy settings an administrator can change; the ``[policy]`` section extends them.
+
+    Each field is declared once, with its parser and documentation
+    (:func:`relay.core.schema.setting`): the configuration file, the environment, the
+    command line, :meth:`from_dict` and :meth:`to_dict` all follow it.
 
     ``install_undefined`` may name only some kinds; the others keep their default
-    (on for ``content``, off for ``software`` and ``config``).
+    (on for ``content``, off for ``software`` and ``config``). ``beta_groups`` keeps
+    the order it is given in (a set is sorted), without repeats; ``deferral_days`` is
+    sorted, without repeats.
 
     Raises:
         ValueError: on construction, ``deferral_days`` is empty or not positive.
     """
 
-    auto_approve_critical: bool = True
-    install_undefined: Mapping[Kind, bool] = field(
-        default_factory=lambda: dict(_DEFAULT_INSTALL_UNDEFINED)
+    auto_approve_critical: bool = setting(
+        boolean, "boolean: critical updates are approved automatically", default=True
     )
-    beta_groups: frozenset[str] = frozenset()  # groups that receive the beta channel
-    rollout_mode: RolloutMode = RolloutMode.FORCED  # for updates without an explicit approval
-    deferral_days: tuple[int, ...] = (1, 3, 7)  # the deferrals an agent may choose, in days
-    relays_only: bool = False  # agents never fall back to the origin
+    install_undefined: Mapping[Kind, bool] = setting(
+        _install_undefined,
+        "per kind: offer without approval",
+        default=_DEFAULT_INSTALL_UNDEFINED,
+        merge=True,
+    )
+    beta_groups: tuple[str, ...] = setting(
+        list_of(name, unique=True),
+        "list of agent groups that receive beta-channel updates",
+        default=(),
+    )
+    rollout_mode: RolloutMode = setting(
+        choice(*RolloutMode), "forced | on-demand", default=RolloutMode.FORCED
+    )  # for updates without an explicit approval
+    deferral_days: tuple[int, ...] = setting(
+        list_of(integer(1, MAX_DEFERRAL_DAYS), unique=True, non_empty=True),
+        "list of days an agent may defer on-demand updates (>= 1 item)",
+        default=(1, 3, 7),
+    )
+    relays_only: bool = setting(
+        boolean, "boolean: agents never fall back to the origin", default=False
+    )
 
     def __post_init__(self) -> None:
-        """Complete ``install_undefined`` and check ``deferral_days``."""
+        """Complete ``install_undefined``, normalise the lists and check ``deferral_days``."""
         merged = dict(_DEFAULT_INSTALL_UNDEFINED)
         merged.update({Kind(k): bool(v) for k, v in self.install_undefined.items()})
-        object.__setattr__(self, "install_undefined", merged)
+        groups: Iterable[str] = self.beta_groups  # a set is accepted too, and sorted
+        ordered = sorted(groups) if isinstance(groups, AbstractSet) else dict.fromkeys(groups)
         if not self.deferral_days or not all(_positive_int(d) for d in self.deferral_days):
             raise ValueError(
                 f"deferral_days: {self.deferral_days!r} is not a list of positive days"
             )
+        object.__setattr__(self, "install_undefined", MappingProxyType(merged))
+        object.__setattr__(self, "beta_groups", tuple(ordered))
+        object.__setattr__(self, "rollout_mode", RolloutMode(self.rollout_mode))
         object.__setattr__(self, "deferral_days", tuple(sorted(set(self.deferral_days))))
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,18 +298,13 @@ class Settings:
         Returns:
             One key per field; kinds and modes as their string values.
         """
-        return {
-            "auto_approve_critical": self.auto_approve_critical,
-            "install_undefined": {str(k): v for k, v in sorted(self.install_undefined.items())},
-            "beta_groups": sorted(self.beta_groups),
-            "rollout_mode": str(self.rollout_mode),
-            "deferral_days": list(self.deferral_days),
-            "relays_only": self.relays_only,
-        }
+        return schema.to_dict(schema.project(Settings, self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], base: Settings | None = None) -> Settings:
         """Build from (part of) the form :meth:`to_dict` returns, on top of ``base``.
+
+        The values are read as in the configuration file (the same rules and bounds).
 
         Args:
             data: the decoded JSON object; absent keys keep ``base``'s values.
@@ -262,46 +314,9 @@ class Settings:
             The new settings.
 
         Raises:
-            ValueError: an unknown or malformed field (the message names it).
+            ValueError: an unknown or malformed field (the message starts with its name).
         """
-        out = base or cls()
-        for key, value in data.items():
-            if key in ("auto_approve_critical", "relays_only"):
-                if not isinstance(value, bool):
-                    raise ValueError(f"{key}: expected true or false")
-                if key == "relays_only":
-                    out = replace(out, relays_only=value)
-                else:
-                    out = replace(out, auto_approve_critical=value)
-            elif key == "install_undefined":
-                if not isinstance(value, dict):
-                    raise ValueError("install_undefined: expected an object of kind: bool")
-                merged = dict(out.install_undefined)
-                for kind, on in value.items():
-                    try:
-                        k = Kind(kind)
-                    except ValueError:
-                        raise ValueError(f"install_undefined.{kind}: unknown kind") from None
-                    if not isinstance(on, bool):
-                        raise ValueError(f"install_undefined.{kind}: expected true or false")
-                    merged[k] = on
-                out = replace(out, install_undefined=merged)
-            elif key == "beta_groups":
-                if not isinstance(value, list) or not all(isinstance(g, str) and g for g in value):
-                    raise ValueError("beta_groups: expected a list of group names")
-                out = replace(out, beta_groups=frozenset(value))
-            elif key == "rollout_mode":
-                try:
-                    out = replace(out, rollout_mode=RolloutMode(value))
-                except ValueError:
-                    raise ValueError("rollout_mode: expected forced or on-demand") from None
-            elif key == "deferral_days":
-                if not isinstance(value, list) or not value or not all(map(_positive_int, value)):
-                    raise ValueError("deferral_days: expected a list of positive day counts")
-                out = replace(out, deferral_days=tuple(value))
-            else:
-                raise ValueError(f"{key}: unknown setting")
-        return out
+        return schema.from_dict(data, schema.project(Settings, base or cls()))
 
 
 def _positive_int(value: object) -> bool:

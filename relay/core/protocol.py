@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -234,6 +234,18 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return data
 
 
+def deferral_choices(deferral_days: Iterable[int]) -> tuple[int, ...]:
+    """Return the ``defer_days`` an agent may send: 0 (none) or one of ``deferral_days``.
+
+    Args:
+        deferral_days: the deferrals the relay's policy allows (``policy.deferral_days``).
+
+    Returns:
+        ``0``, then the allowed deferrals in ascending order.
+    """
+    return (0, *sorted(set(deferral_days)))
+
+
 def parse_checkin(
     data: dict[str, Any], deferral_days: tuple[int, ...] = (1, 3, 7)
 ) -> CheckinRequest:
@@ -259,7 +271,7 @@ def parse_checkin(
         raise BodyError("accept_delta: expected a list of format names")
     accept = delta_formats(accept_raw)
     defer = data.get("defer_days", 0)
-    allowed = (0, *deferral_days)
+    allowed = deferral_choices(deferral_days)
     if isinstance(defer, bool) or not isinstance(defer, int) or defer not in allowed:
         raise BodyError(f"defer_days: expected one of {', '.join(map(str, allowed))}")
     return CheckinRequest(agent_id, group, tuple(installed), accept, defer)

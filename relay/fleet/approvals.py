@@ -14,9 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 from relay.config import PolicySettings
-from relay.core.model import Kind
-from relay.core.policy import PolicyState, RolloutMode, Settings
+from relay.core.policy import PolicyState, Settings
 from relay.core.protocol import now_rfc3339
+from relay.core.schema import project
 from relay.errors import ReplicaReadOnlyError
 from relay.storage.kv import KV
 
@@ -25,15 +25,15 @@ _SETTINGS = "policy:settings"
 
 
 def settings_from_config(policy: PolicySettings) -> Settings:
-    """The settings a fresh relay starts with, from ``[policy]``."""
-    return Settings(
-        auto_approve_critical=policy.auto_approve_critical,
-        install_undefined={Kind(k): v for k, v in policy.install_undefined.items()},
-        beta_groups=frozenset(policy.beta_groups),
-        rollout_mode=RolloutMode(policy.rollout_mode),
-        deferral_days=tuple(sorted(policy.deferral_days)),
-        relays_only=policy.relays_only,
-    )
+    """Return the settings a fresh relay starts with: the :class:`Settings` part of ``[policy]``.
+
+    Args:
+        policy: the ``[policy]`` section (a :class:`Settings` extended with relay keys).
+
+    Returns:
+        The policy settings alone (what the admin API shows and replicas copy).
+    """
+    return project(Settings, policy)
 
 
 class PolicyStore:
