@@ -7,8 +7,8 @@ Inputs (fetched into benchmarks/_work/delta, then reused):
     version with ~1 % of lines changed or added.
 For each pair: patch size as % of the new file, diff time and peak memory, apply time and
 peak memory (each diff and each apply in a fresh process; peak = its ru_maxrss); for bsdiff4
-and zstd as the relay makes them (`relay.deltas.engine.make_patch`, applied with
-`relay.deltas.engine.apply_patch_file`, the agent's path), zstd also at level 19, beside
+and zstd as the relay makes them (`relay.deltas.formats.make_patch`, applied with
+`relay.deltas.apply.apply_patch_file`, the agent's path), zstd also at level 19, beside
 `zstd -3 --long=N --patch-from` and `xdelta3 -9`. Then the event loop's worst stall while the
 relay's DeltaEngine diffs the largest pair.
 
@@ -38,13 +38,9 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import WORK, machine, save  # noqa: E402
 from relay.core.protocol import DeltaFormat  # noqa: E402
-from relay.deltas.engine import (  # noqa: E402
-    DeltaBudget,
-    DeltaEngine,
-    DeltaOutcome,
-    apply_patch_file,
-    make_patch,
-)
+from relay.deltas.apply import apply_patch_file  # noqa: E402
+from relay.deltas.engine import DeltaBudget, DeltaEngine, DeltaOutcome  # noqa: E402
+from relay.deltas.formats import make_patch  # noqa: E402
 
 DIR = WORK / "delta"
 LEVEL = 3  # the relay's default (delta.zstd_level)

@@ -12,15 +12,9 @@ import pytest
 from aiohttp import web
 
 from relay.core.protocol import MEDIA_TYPES, DeltaFormat
-from relay.deltas.engine import (
-    DeltaBudget,
-    DeltaEngine,
-    DeltaOutcome,
-    apply_patch_bytes,
-    apply_patch_file,
-    declared_output_size,
-    make_patch,
-)
+from relay.deltas.apply import apply_patch_file
+from relay.deltas.engine import DeltaBudget, DeltaEngine, DeltaOutcome
+from relay.deltas.formats import apply_patch_bytes, declared_output_size, make_patch
 from relay.errors import PatchRejectedError
 from relay.publisher.repository import Repository
 from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root

@@ -8,27 +8,23 @@ import hashlib
 import os
 import random
 import struct
+import subprocess
+import sys
 import tracemalloc
 
 import bsdiff4
 import pytest
 
-import relay.deltas.engine as rd
+import relay.deltas.engine as engine_module
+import relay.deltas.formats as formats_module
+from relay.config import DeltaSettings
 from relay.core.protocol import DeltaFormat
-from relay.deltas.engine import (
-    DeltaBudget,
-    DeltaEngine,
-    DeltaOutcome,
-    apply_patch,
-    apply_patch_bytes,
-    apply_patch_file,
-    declared_output_size,
-    estimate_memory,
-    make_patch,
-)
+from relay.deltas.apply import apply_patch, apply_patch_file
+from relay.deltas.engine import DeltaBudget, DeltaEngine, DeltaOutcome, estimate_memory
+from relay.deltas.formats import apply_patch_bytes, declared_output_size, make_patch
 from relay.errors import PatchRejectedError
 
-zstd = rd.zstd  # compression.zstd or backports.zstd, as the engine uses
+zstd = formats_module.zstd  # compression.zstd or backports.zstd, as the formats use
 
 
 def release(seed: int, size: int) -> tuple[bytes, bytes]:
@@ -103,8 +99,8 @@ async def test_async_apply_patch(tmp_path):
 @pytest.mark.parametrize(("step", "batch"), [(4096, 3), (65536, 1), (1_000_003, 50)])
 def test_bsdiff4_applied_in_small_steps_matches_the_library(monkeypatch, step, batch):
     # Triples split across steps and seeks carried between steps give the same bytes.
-    monkeypatch.setattr(rd, "_STEP", step)
-    monkeypatch.setattr(rd, "_BATCH_TUPLES", batch)
+    monkeypatch.setattr(formats_module, "_STEP", step)
+    monkeypatch.setattr(formats_module, "_BATCH_TUPLES", batch)
     patch = PATCHES[DeltaFormat.BSDIFF4]
     assert bsdiff4.patch(OLD, patch) == NEW
     out = apply_patch_bytes(
@@ -136,6 +132,17 @@ def test_declared_size_headers():
     unsized = comp.compress(NEW[:1000]) + comp.flush()
     with pytest.raises(PatchRejectedError, match="does not declare"):
         declared_output_size(unsized, DeltaFormat.ZSTD)
+
+
+def test_applying_pulls_in_no_process_management_and_no_network():
+    # What the agent imports to apply a delta: no diff engine, no aiohttp.
+    code = (
+        "import sys, relay.deltas.apply; "
+        "print(sorted(m for m in ('multiprocessing', 'aiohttp', 'relay.deltas.engine') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # -- hostile patches ------------------------------------------------------------------
@@ -216,8 +223,8 @@ def test_wrong_declared_size_refused_before_applying(monkeypatch, fmt):
     def must_not_run(*_args):
         raise AssertionError("applied a patch whose declared size is wrong")
 
-    monkeypatch.setattr(rd, "_apply_bsdiff4", must_not_run)
-    monkeypatch.setattr(rd, "_apply_zstd", must_not_run)
+    monkeypatch.setattr(formats_module, "_apply_bsdiff4", must_not_run)
+    monkeypatch.setattr(formats_module, "_apply_zstd", must_not_run)
     patch = with_declared_size(PATCHES[fmt], fmt, HUGE)
     with pytest.raises(PatchRejectedError, match=f"declares {HUGE} bytes"):
         apply_patch_bytes(OLD, patch, fmt, expected_length=len(NEW), expected_sha256=NEW_SHA)
@@ -340,6 +347,13 @@ async def test_engine_budgets_and_identical(tmp_path):
     )
     assert r.outcome is DeltaOutcome.IDENTICAL
     assert leftovers(tmp_path) == ["mem"]
+
+
+def test_budget_from_the_delta_settings():
+    settings = DeltaSettings(max_memory=123, max_seconds=4.5, max_ratio=0.25, zstd_level=7)
+    budget = DeltaBudget.from_settings(settings)
+    assert budget == DeltaBudget(max_memory=123, max_seconds=4.5, max_ratio=0.25, zstd_level=7)
+    assert DeltaBudget.from_settings(DeltaSettings()) == DeltaBudget()
 
 
 async def test_engine_estimates_are_what_the_budget_compares():
@@ -471,7 +485,7 @@ async def test_close_kills_running_diffs_and_refuses_new_ones(tmp_path):
 
 async def test_child_address_space_is_capped(tmp_path, monkeypatch):
     # Let a pair past the estimate through: the child's own limit stops it.
-    monkeypatch.setattr(rd, "estimate_memory", lambda *_: 0)
+    monkeypatch.setattr(engine_module, "estimate_memory", lambda *_: 0)
     old = random.Random(8).randbytes(40 * 1024**2)  # bsdiff4 wants ~720 MB for this
     engine = DeltaEngine(workers=1, budget=DeltaBudget(max_memory=64 * 1024**2))
     r = await compute(engine, tmp_path, old, old[:-1000], DeltaFormat.BSDIFF4)

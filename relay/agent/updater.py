@@ -61,7 +61,7 @@ from relay.core.protocol import (
     ReportEvent,
     Via,
 )
-from relay.deltas.engine import apply_patch_file
+from relay.deltas.apply import apply_patch_file
 from relay.errors import AgentError, InstallError, PatchRejectedError
 from relay.storage.fsio import hash_file
 

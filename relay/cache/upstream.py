@@ -13,6 +13,12 @@ Rules:
 * :class:`Upstream` tries the configured base URLs in order, retries transport
   errors with exponential backoff, and remembers per URL the last failure, so that
   ``/readyz`` and the metrics can say which upstream failed, why and since when.
+* Every request to an upstream goes through :class:`Upstream`: metadata, blobs, and
+  any other bounded document (:meth:`Upstream.fetch_bytes`: a parent relay's patch,
+  a parent's policy), so the WAN throttle, the byte counters, the timeouts, the
+  retries, the failover order and the health apply to all of them alike.
+* aiohttp, OS and timeout errors become :class:`relay.errors.TransportError` in one
+  place, :func:`map_exceptions`.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import copy
 import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -54,46 +61,76 @@ class RangeNotHonouredError(TransportError):
         super().__init__(f"{url}: resume refused (HTTP {status}, Content-Range {content_range!r})")
 
 
+@contextlib.contextmanager
+def map_exceptions(url: str) -> Iterator[None]:
+    """Translate the transport's exceptions raised inside into :class:`TransportError`.
+
+    The project's own upstream errors pass unchanged; aiohttp's client errors,
+    timeouts, ``OSError`` and ``ValueError`` (a malformed response) are raised again
+    as :class:`relay.errors.TransportError` naming ``url``, chained to the original.
+
+    Args:
+        url: the URL being fetched (named in the message).
+
+    Yields:
+        Nothing: the body of the ``with`` block runs.
+
+    Raises:
+        TransportError: a network failure inside the block.
+    """
+    try:
+        yield
+    except (TransportError, UpstreamContentError):
+        raise
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
+        raise TransportError(f"{url}: {type(e).__name__}: {e}") from e
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One GET to an upstream: what is asked, and the response's headers once they arrive."""
+
+    url: str
+    offset: int = 0  # bytes: resume from here (``Range: bytes=offset-``); 0 = the whole body
+    total: int | None = None  # bytes: the full length a resumed response must state
+    headers: Mapping[str, str] = field(default_factory=dict)  # extra request headers
+    response_headers: Mapping[str, str] = field(default_factory=dict)  # set by the fetcher
+
+
 class Fetcher(abc.ABC):
     """Streams a URL's body; implementations say how."""
 
     @abc.abstractmethod
-    def _fetch(self, url: str, offset: int, total: int | None) -> AsyncIterator[bytes]:
-        """Yield the body of ``url`` from byte ``offset``.
+    def _fetch(self, exchange: Exchange) -> AsyncIterator[bytes]:
+        """Yield the body of ``exchange.url`` from byte ``exchange.offset``.
 
-        Implementations must, when ``offset > 0``, accept only ``206`` with
-        ``Content-Range: bytes offset-(total-1)/total`` (raise
+        Implementations send ``exchange.headers``, set ``exchange.response_headers``
+        before the first chunk, and must, when ``offset > 0``, accept only ``206``
+        with ``Content-Range: bytes offset-(total-1)/total`` (raise
         :class:`RangeNotHonouredError` otherwise), raise
         :class:`relay.errors.UpstreamHTTPError` for any other unexpected status, and
         raise :class:`relay.errors.TransportError` on network failures.
         """
 
-    async def fetch(
-        self, url: str, *, max_length: int, offset: int = 0, total: int | None = None
-    ) -> AsyncIterator[bytes]:
-        """Yield the body of ``url`` from ``offset``, at most ``max_length - offset`` bytes.
+    async def fetch(self, exchange: Exchange, *, max_length: int) -> AsyncIterator[bytes]:
+        """Yield the body of ``exchange.url`` from its offset, at most ``max_length`` in all.
 
         Args:
-            url: absolute URL.
+            exchange: the URL, offset, expected total and request headers; its
+                ``response_headers`` are set once the response starts.
             max_length: the most bytes the whole resource may have (the signed length).
-            offset: where to start (a resumed transfer).
-            total: the expected full length, checked against ``Content-Range``.
 
         Raises:
             LengthMismatchError: the upstream sent more than ``max_length`` bytes.
             TransportError: any network failure, unexpected status, or refused resume.
         """
-        received = offset
-        try:
-            async for chunk in self._fetch(url, offset, total):
+        received = exchange.offset
+        with map_exceptions(exchange.url):
+            async for chunk in self._fetch(exchange):
                 received += len(chunk)
                 if received > max_length:
-                    raise LengthMismatchError(url, max_length, received)
+                    raise LengthMismatchError(exchange.url, max_length, received)
                 yield chunk
-        except (TransportError, UpstreamContentError):
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as e:
-            raise TransportError(f"{url}: {type(e).__name__}: {e}") from e
 
 
 class AiohttpFetcher(Fetcher):
@@ -123,8 +160,9 @@ class AiohttpFetcher(Fetcher):
         )
         self._headers = dict(headers or {})
 
-    async def _fetch(self, url: str, offset: int, total: int | None) -> AsyncIterator[bytes]:
-        headers = dict(self._headers)
+    async def _fetch(self, exchange: Exchange) -> AsyncIterator[bytes]:
+        url, offset = exchange.url, exchange.offset
+        headers = {**self._headers, **exchange.headers}
         # Identity only: a compressed body would not hash to the signed digest.
         headers["Accept-Encoding"] = "identity"
         if offset:
@@ -136,9 +174,10 @@ class AiohttpFetcher(Fetcher):
             allow_redirects=True,
             auto_decompress=False,
         ) as resp:
+            exchange.response_headers = resp.headers
             if offset:
                 content_range = resp.headers.get("Content-Range")
-                if resp.status != 206 or not _range_matches(content_range, offset, total):
+                if resp.status != 206 or not _range_matches(content_range, offset, exchange.total):
                     raise RangeNotHonouredError(url, resp.status, content_range)
             elif resp.status != 200:
                 raise UpstreamHTTPError(url, resp.status)
@@ -201,6 +240,14 @@ class _Stats:
     on_bytes: list[Callable[[str, int], None]] = field(default_factory=list)
 
 
+_METADATA_MISSING = frozenset({403, 404})  # an object store answers 403 for a missing key
+_MISSING = frozenset({404})
+
+
+def _base_url(url: str) -> str:
+    return url.rstrip("/") + "/"
+
+
 class Upstream:
     """The configured upstreams, in order, with retries and failover.
 
@@ -210,6 +257,9 @@ class Upstream:
         retries: extra attempts per upstream for transport errors.
         backoff: first backoff in seconds; it doubles, with jitter.
         throttle: awaited with each chunk's size before it is accepted (the WAN limiter).
+
+    Raises:
+        ValueError: ``base_urls`` is empty.
     """
 
     def __init__(
@@ -224,12 +274,35 @@ class Upstream:
         if not base_urls:
             raise ValueError("at least one upstream URL is needed")
         self._fetcher = fetcher
-        self.base_urls = [u.rstrip("/") + "/" for u in base_urls]
+        self.base_urls = [_base_url(u) for u in base_urls]
         self._retries = retries
         self._backoff = backoff
         self._throttle = throttle
         self.health = {u: UpstreamHealth(u) for u in self.base_urls}
         self._stats = _Stats()
+
+    def with_base_url(self, base_url: str) -> Upstream:
+        """The same transport and limits over one other base URL.
+
+        For a resource that is not under the configured upstreams (for example a
+        parent relay's admin API). The fetcher (session, timeouts, default
+        headers), retries, backoff, WAN throttle and byte counters (with their
+        :meth:`on_bytes` callbacks) are shared with this one; the health of
+        ``base_url`` is kept apart, so it does not show among the upstreams.
+
+        Args:
+            base_url: the base URL every path is resolved against.
+
+        Returns:
+            A new :class:`Upstream` with ``base_url`` as its only upstream.
+
+        Raises:
+            Nothing.
+        """
+        other = copy.copy(self)
+        other.base_urls = [_base_url(base_url)]
+        other.health = {u: UpstreamHealth(u) for u in other.base_urls}
+        return other
 
     @property
     def bytes_received(self) -> int:
@@ -264,14 +337,34 @@ class Upstream:
         """Record that ``base`` served bad content, so the next attempt prefers another."""
         self._mark_failed(base, error)
 
-    def _count(self, base: str, n: int) -> None:
-        self._stats.bytes_received += n
-        for callback in self._stats.on_bytes:
-            callback(base, n)
+    def _failed(
+        self, base: str, error: TransportError | LengthMismatchError, causes: list[BaseException]
+    ) -> bool:
+        """Record a failed attempt at ``base``; True if trying ``base`` again may help.
+
+        A network failure or a 5xx may pass; a 4xx or an over-long body would not.
+        """
+        causes.append(error)
+        self._mark_failed(base, error)
+        if isinstance(error, UpstreamHTTPError):
+            return error.status_code >= 500
+        return isinstance(error, TransportError)
 
     async def _sleep_backoff(self, attempt: int) -> None:
         delay = self._backoff * (2**attempt)
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    async def _counted(
+        self, base: str, exchange: Exchange, max_length: int
+    ) -> AsyncIterator[bytes]:
+        # Throttled before a chunk is handed on, counted once the consumer took it.
+        async for chunk in self._fetcher.fetch(exchange, max_length=max_length):
+            if self._throttle is not None:
+                await self._throttle(len(chunk))
+            yield chunk
+            self._stats.bytes_received += len(chunk)
+            for callback in self._stats.on_bytes:
+                callback(base, len(chunk))
 
     async def get_metadata(self, name: str, max_length: int) -> bytes:
         """Return the bytes of ``metadata/<name>`` from the first upstream that has it.
@@ -280,49 +373,66 @@ class Upstream:
             UpstreamHTTPError: no upstream delivered it and at least one answered 403
                 or 404 (``status_code`` 404): the file does not exist (for
                 ``N.root.json``: no newer root).
-            LengthMismatchError: an upstream sent more than ``max_length`` bytes and no
-                other upstream could deliver it.
-            UpstreamUnavailableError: no upstream could deliver it.
+            UpstreamUnavailableError: no upstream could deliver it (an upstream that
+                sent more than ``max_length`` bytes is among its ``causes``).
         """
+        data, _ = await self._get(f"metadata/{name}", max_length, {}, _METADATA_MISSING)
+        return data
+
+    async def fetch_bytes(
+        self, path: str, *, max_length: int, headers: Mapping[str, str] | None = None
+    ) -> tuple[bytes, Mapping[str, str]]:
+        """Return the body and headers of ``<base>/<path>`` from the first upstream that has it.
+
+        The same transport as metadata and blobs: upstreams in health order, retries
+        with backoff, the WAN throttle, the byte counters and the health records.
+        Only ``200`` is a success.
+
+        Args:
+            path: the path under each base URL (no leading slash), e.g.
+                ``deltas/<from>/<to>``.
+            max_length: the most bytes the body may have; a longer body is refused.
+            headers: extra request headers (``Accept``, ``Authorization``...).
+
+        Returns:
+            The body and the response's headers (case-insensitive where the
+            transport's are).
+
+        Raises:
+            UpstreamHTTPError: no upstream delivered it and at least one answered
+                404 (``status_code`` 404).
+            UpstreamUnavailableError: no upstream could deliver it (an upstream that
+                sent more than ``max_length`` bytes is among its ``causes``, as a
+                :class:`relay.errors.LengthMismatchError`).
+        """
+        return await self._get(path, max_length, headers or {}, _MISSING)
+
+    async def _get(
+        self, path: str, max_length: int, headers: Mapping[str, str], missing: frozenset[int]
+    ) -> tuple[bytes, Mapping[str, str]]:
         causes: list[BaseException] = []
         not_found = 0
         for base in self._ordered():
-            url = f"{base}metadata/{name}"
+            exchange = Exchange(f"{base}{path}", headers=headers)
             for attempt in range(self._retries + 1):
                 try:
-                    parts = [c async for c in self._counted(base, url, max_length)]
-                except UpstreamHTTPError as e:
-                    if e.status_code in {403, 404}:
+                    parts = [c async for c in self._counted(base, exchange, max_length)]
+                except (TransportError, LengthMismatchError) as e:
+                    if isinstance(e, UpstreamHTTPError) and e.status_code in missing:
                         not_found += 1
                         self._mark_ok(base)
                         break
-                    causes.append(e)
-                    self._mark_failed(base, e)
-                    if e.status_code < 500:
+                    if not self._failed(base, e, causes):
                         break
-                except LengthMismatchError as e:
-                    causes.append(e)
-                    self._mark_failed(base, e)
-                    break
-                except TransportError as e:
-                    causes.append(e)
-                    self._mark_failed(base, e)
                 else:
                     self._mark_ok(base)
-                    return b"".join(parts)
+                    return b"".join(parts), exchange.response_headers
                 if attempt < self._retries:
                     await self._sleep_backoff(attempt)
         if not_found:
-            # A reachable upstream said the file does not exist; the others failed.
-            raise UpstreamHTTPError(f"metadata/{name}", 404)
-        raise UpstreamUnavailableError(f"metadata/{name}", causes)
-
-    async def _counted(self, base: str, url: str, max_length: int) -> AsyncIterator[bytes]:
-        async for chunk in self._fetcher.fetch(url, max_length=max_length):
-            if self._throttle is not None:
-                await self._throttle(len(chunk))
-            self._count(base, len(chunk))
-            yield chunk
+            # A reachable upstream said it does not exist; the others failed.
+            raise UpstreamHTTPError(path, 404)
+        raise UpstreamUnavailableError(path, causes)
 
     async def fetch_blob(self, url_path: str, length: int, sink: BlobSink) -> str:
         """Stream ``targets/<url_path>`` into ``sink``, resuming and failing over.
@@ -338,41 +448,33 @@ class Upstream:
         """
         causes: list[BaseException] = []
         for base in self._ordered():
-            url = f"{base}targets/{url_path}"
+            exchange = Exchange(f"{base}targets/{url_path}", total=length)
             attempt = 0
             while attempt <= self._retries:
-                before = sink.offset
+                before = exchange.offset = sink.offset
                 try:
-                    async for chunk in self._fetcher.fetch(
-                        url, max_length=length, offset=sink.offset, total=length
-                    ):
-                        if self._throttle is not None:
-                            await self._throttle(len(chunk))
+                    async for chunk in self._counted(base, exchange, length):
                         await sink.write(chunk)
-                        self._count(base, len(chunk))
                 except RangeNotHonouredError as e:
                     logger.info("%s; restarting from zero", e)
                     await sink.restart()
                     causes.append(e)
                     attempt += 1
                     continue
-                except UpstreamHTTPError as e:
-                    causes.append(e)
-                    self._mark_failed(base, e)
-                    if e.status_code < 500:
-                        break
                 except LengthMismatchError as e:
                     self._mark_failed(base, e)
                     raise
                 except TransportError as e:
-                    causes.append(e)
-                    self._mark_failed(base, e)
+                    if not self._failed(base, e, causes):
+                        break
                 else:
                     if sink.offset == length:
                         self._mark_ok(base)
                         return base
                     # The body ended early without an error: resume.
-                    causes.append(TransportError(f"{url}: body ended at {sink.offset}/{length}"))
+                    causes.append(
+                        TransportError(f"{exchange.url}: body ended at {sink.offset}/{length}")
+                    )
                 if sink.offset > before:
                     attempt = 0  # progress was made: a broken transfer resumes at once
                     continue

@@ -12,8 +12,11 @@ Rules:
 * A request for a pair not yet computed may start the computation, but never waits
   for it: the answer is 404 ("fetch the full target").
 * A child relay filling a target first asks its parent for a patch from the newest
-  older version it holds, rebuilds the blob, and lets the blob store verify it
-  against the signed hash; on any failure it fetches the full target.
+  older version it holds, through the same :class:`relay.cache.upstream.Upstream`
+  as metadata and blobs (throttle, byte counters, timeouts, retries, failover,
+  health). The patch is capped at the target's signed length, applied with the
+  declared size checked before and the signed sha256 after, and the blob store
+  verifies the rebuilt blob again on commit; on any failure it fetches the full target.
 """
 
 from __future__ import annotations
@@ -25,18 +28,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-
 from relay.cache.store import Fill, FsBlobStore
+from relay.cache.upstream import Upstream
 from relay.core.model import Target, is_sha256
 from relay.core.protocol import MEDIA_TYPES, DeltaFormat
 from relay.core.verify import VerifiedMetadata
-from relay.deltas.engine import (
-    DeltaEngine,
-    DeltaOutcome,
-    apply_patch_bytes,
+from relay.deltas.engine import DeltaEngine, DeltaOutcome
+from relay.deltas.formats import apply_patch_bytes
+from relay.errors import (
+    PatchRejectedError,
+    TransportError,
+    UpstreamContentError,
+    UpstreamUnavailableError,
 )
-from relay.errors import PatchRejectedError
 from relay.metrics import RelayMetrics
 
 logger = logging.getLogger(__name__)
@@ -213,15 +217,29 @@ class DeltaService:
         self,
         target: Target,
         fill: Fill,
-        session: aiohttp.ClientSession,
-        base_urls: Sequence[str],
+        upstream: Upstream,
         verified: VerifiedMetadata | None,
     ) -> bool:
         """Try to rebuild ``target`` from a parent's patch into ``fill``.
 
+        The patch is asked of ``upstream`` (the relay's parents, in health order),
+        from the newest older version of the product whose blob is stored.
+
+        Args:
+            target: the target to fill.
+            fill: the blob store's fill for it (still empty).
+            upstream: the relay's upstreams (parent relays serve ``deltas/``).
+            verified: the metadata in force (``None``: nothing to patch from).
+
         Returns:
             True when the fill now holds the whole target (the store still verifies
             it on commit); False when the caller must fetch the full target.
+
+        Raises:
+            StoreError: ``fill`` no longer accepts writes (as :meth:`Fill.write`);
+                a missing, unreachable or refused patch is no error: it returns
+                False (a refused one is counted in ``relay_delta_rejected_total``).
+            OSError: the rebuilt target cannot be written.
         """
         if verified is None or fill.written:
             return False
@@ -234,50 +252,44 @@ class DeltaService:
             return False
         old = older[-1]
         accept = ", ".join(MEDIA_TYPES[f] for f in self.formats)
-        for base in base_urls:
-            url = f"{base}deltas/{old.sha256}/{target.sha256}"
-            try:
-                async with session.get(
-                    url,
-                    headers={"Accept": accept, "Accept-Encoding": "identity"},
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30),
-                ) as resp:
-                    if resp.status != 200:
-                        continue
-                    fmt = DeltaFormat(resp.headers.get("Relay-Delta-Format", ""))
-                    if resp.headers.get("Relay-Target-Sha256") != target.sha256 or resp.headers.get(
-                        "Relay-Target-Length"
-                    ) != str(target.length):
-                        raise PatchRejectedError("patch headers name another target")
-                    buf = bytearray()
-                    async for chunk in resp.content.iter_chunked(64 * 1024):
-                        buf += chunk
-                        if len(buf) > target.length:
-                            raise PatchRejectedError("patch larger than the full target")
-                    patch = bytes(buf)
-                old_bytes = await asyncio.to_thread(self.store.path(old.sha256).read_bytes)
-                data = await asyncio.to_thread(
-                    apply_patch_bytes,
-                    old_bytes,
-                    patch,
-                    fmt,
-                    expected_length=target.length,
-                    expected_sha256=target.sha256,
-                )
-            except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as e:
-                logger.info("parent delta for %s unavailable: %s", target.path, e)
-                continue
-            except PatchRejectedError as e:
-                self.metrics.delta_rejected.labels("parent_patch").inc()
-                logger.warning("parent delta for %s rejected: %s", target.path, e)
-                continue
-            view = memoryview(data)
-            for offset in range(0, len(view), 1024 * 1024):
-                await fill.write(bytes(view[offset : offset + 1024 * 1024]))
-            self.metrics.delta_wan_saved.inc(target.length - len(patch))
-            logger.info("rebuilt %s from a %d-byte parent patch", target.path, len(patch))
-            return True
-        return False
+        try:
+            patch, headers = await upstream.fetch_bytes(
+                f"deltas/{old.sha256}/{target.sha256}",
+                max_length=target.length,  # a larger patch is never worth it
+                headers={"Accept": accept},
+            )
+            fmt = DeltaFormat(headers.get("Relay-Delta-Format", ""))
+            if headers.get("Relay-Target-Sha256") != target.sha256 or headers.get(
+                "Relay-Target-Length"
+            ) != str(target.length):
+                raise PatchRejectedError("patch headers name another target")
+            old_bytes = await asyncio.to_thread(self.store.path(old.sha256).read_bytes)
+            data = await asyncio.to_thread(
+                apply_patch_bytes,
+                old_bytes,
+                patch,
+                fmt,
+                expected_length=target.length,
+                expected_sha256=target.sha256,
+            )
+        except UpstreamUnavailableError as e:
+            if any(isinstance(c, UpstreamContentError) for c in e.causes):
+                self.metrics.delta_rejected.labels("parent_patch").inc()  # larger than the target
+            logger.info("parent delta for %s unavailable: %s", target.path, e)
+            return False
+        except (TransportError, ValueError, OSError) as e:
+            logger.info("parent delta for %s unavailable: %s", target.path, e)
+            return False
+        except PatchRejectedError as e:
+            self.metrics.delta_rejected.labels("parent_patch").inc()
+            logger.warning("parent delta for %s rejected: %s", target.path, e)
+            return False
+        view = memoryview(data)
+        for offset in range(0, len(view), 1024 * 1024):
+            await fill.write(bytes(view[offset : offset + 1024 * 1024]))
+        self.metrics.delta_wan_saved.inc(target.length - len(patch))
+        logger.info("rebuilt %s from a %d-byte parent patch", target.path, len(patch))
+        return True
 
     async def close(self) -> None:
         """Stop computations."""

@@ -75,18 +75,13 @@ def _up(health: UpstreamHealth) -> Callable[[], float]:
 class _ParentDeltas:
     """Rebuilds a target from a parent relay's patch before the full download."""
 
-    def __init__(
-        self, deltas: DeltaService, session: aiohttp.ClientSession, upstream: Upstream
-    ) -> None:
+    def __init__(self, deltas: DeltaService, upstream: Upstream) -> None:
         self._deltas = deltas
-        self._session = session
         self._upstream = upstream
         self.current: VerifiedMetadata | None = None
 
     async def fill(self, target: Target, fill: Fill) -> bool:
-        return await self._deltas.fill_from_parent(
-            target, fill, self._session, self._upstream.base_urls, self.current
-        )
+        return await self._deltas.fill_from_parent(target, fill, self._upstream, self.current)
 
 
 async def components(app: web.Application) -> AsyncIterator[None]:
@@ -150,7 +145,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         directory=config.relay.deltas_dir,
         engine=DeltaEngine(
             workers=dcfg.workers,
-            budget=DeltaBudget(dcfg.max_memory, dcfg.max_seconds, dcfg.max_ratio, dcfg.zstd_level),
+            budget=DeltaBudget.from_settings(dcfg),
         ),
         store=store,
         metrics=metrics,
@@ -158,7 +153,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         bases=dcfg.bases,
     )
     pins.deltas = deltas
-    parent_deltas = _ParentDeltas(deltas, session, upstream) if dcfg.enabled else None
+    parent_deltas = _ParentDeltas(deltas, upstream) if dcfg.enabled else None
     mirror = Mirror(
         trusted_root=root,
         upstream=upstream,
