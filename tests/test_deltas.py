@@ -318,3 +318,70 @@ async def test_relay_answers_requests_while_a_long_diff_runs(tmp_path, repo, aio
             await asyncio.sleep(0.02)
     assert (await diff).outcome is DeltaOutcome.COMPUTED
     assert answered >= 5  # the diff took seconds; requests kept being answered meanwhile
+
+
+async def test_parent_patch_goes_through_the_upstream_and_fails_over(
+    tmp_path, repo, aiohttp_server
+):
+    # The child's upstreams: the origin first, then a parent relay.
+    origin = Origin(repo.public_dir)
+    origin.server = await aiohttp_server(origin.app())
+    origin_url = str(origin.server.make_url("/"))
+    root = write_root(tmp_path, repo.root_bytes(1))
+    parent = await start_relay(
+        aiohttp_server, relay_config(tmp_path, [origin_url], root, name="parent")
+    )
+    await settle(parent)
+    parent_url = str(parent.make_url("/"))
+    child = await start_relay(
+        aiohttp_server,
+        relay_config(
+            tmp_path,
+            [origin_url, parent_url],
+            root,
+            name="child",
+            **{"sync.prefetch": "none", "limits.upstream": 1_000_000_000},
+        ),
+    )
+    await settle(child)
+    old_target = repo.targets()[0]
+    async with aiohttp.ClientSession() as s:
+        status, _, body = await _get(s, child.make_url(f"/targets/{old_target.url_path}"))
+        assert status == 200 and body == OLD
+    new_target = repo.add_bytes(NEW, "app.bin", product="app", version="1.1.0")
+    pstate = relay_state(parent)
+    await pstate.mirror.sync_once()
+    old_sha = hashlib.sha256(OLD).hexdigest()
+    for _ in range(3000):
+        if all(pstate.deltas.lookup(old_sha, NEW_SHA, [f]) for f in DeltaFormat):
+            break
+        await asyncio.sleep(0.01)
+    cstate = relay_state(child)
+    await cstate.mirror.sync_once()  # from the origin, still up
+    patch = pstate.deltas.lookup(old_sha, NEW_SHA, list(DeltaFormat))
+    assert patch is not None
+    counted = cstate.metrics.upstream_bytes.labels
+    before = counted(parent_url)._value.get()
+    wan_limit = cstate.mirror.upstream._throttle  # set: limits.upstream is configured
+    assert wan_limit is not None
+    throttled: list[int] = []
+
+    async def recording_throttle(n):
+        throttled.append(n)
+        return await wan_limit(n)
+
+    cstate.mirror.upstream._throttle = recording_throttle
+    origin_hits = sum(origin.hits.values())
+    await origin.server.close()  # the first upstream goes down
+    async with aiohttp.ClientSession() as s:
+        status, _, body = await _get(s, child.make_url(f"/targets/{new_target.url_path}"))
+    assert status == 200 and body == NEW
+    # The patch came from the parent, through the child's WAN limiter and byte counter...
+    assert sum(throttled) == patch.length
+    assert counted(parent_url)._value.get() - before == patch.length
+    assert cstate.metrics.delta_wan_saved._value.get() == len(NEW) - patch.length
+    # ...after the origin was tried and found down; the full target was fetched from nowhere.
+    health = cstate.mirror.upstream.health
+    assert health[origin_url].failing_since is not None
+    assert health[parent_url].failing_since is None
+    assert sum(origin.hits.values()) == origin_hits

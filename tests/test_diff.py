@@ -19,7 +19,7 @@ import relay.deltas.engine as engine_module
 import relay.deltas.formats as formats_module
 from relay.config import DeltaSettings
 from relay.core.protocol import DeltaFormat
-from relay.deltas.apply import apply_patch, apply_patch_file
+from relay.deltas.apply import apply_patch_file
 from relay.deltas.engine import DeltaBudget, DeltaEngine, DeltaOutcome, estimate_memory
 from relay.deltas.formats import apply_patch_bytes, declared_output_size, make_patch
 from relay.errors import PatchRejectedError
@@ -81,19 +81,6 @@ def test_patch_made_applied_and_verified(tmp_path, fmt):
     assert apply_patch_bytes(
         OLD, patch, fmt, expected_length=len(NEW), expected_sha256=NEW_SHA
     ) == (NEW)
-
-
-async def test_async_apply_patch(tmp_path):
-    write(tmp_path, old=OLD, patch=PATCHES[DeltaFormat.ZSTD])
-    await apply_patch(
-        tmp_path / "old",
-        tmp_path / "patch",
-        tmp_path / "out",
-        fmt=DeltaFormat.ZSTD,
-        expected_length=len(NEW),
-        expected_sha256=NEW_SHA,
-    )
-    assert (tmp_path / "out").read_bytes() == NEW
 
 
 @pytest.mark.parametrize(("step", "batch"), [(4096, 3), (65536, 1), (1_000_003, 50)])

@@ -8,12 +8,13 @@ Rules:
 * The output streams into a temp file beside the destination, hashed as it goes;
   the temp replaces the destination only once length and sha256 match the signed
   ones, and is removed on any failure: a refused patch leaves no file behind.
-* No processes and no network here: this module is what the agent imports.
+* No processes and no network here: this module is what the agent imports. It
+  blocks (reading, decoding, hashing, fsync): on an event loop, call it through
+  ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import tempfile
@@ -72,29 +73,3 @@ def apply_patch_file(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-async def apply_patch(
-    old: Path,
-    patch: Path,
-    out: Path,
-    *,
-    fmt: DeltaFormat,
-    expected_length: int,
-    expected_sha256: str,
-) -> None:
-    """:func:`apply_patch_file` in a thread, off the event loop (same arguments).
-
-    Raises:
-        PatchRejectedError: as :func:`apply_patch_file`; ``out`` is not created.
-        OSError: a file cannot be read or written.
-    """
-    await asyncio.to_thread(
-        apply_patch_file,
-        old,
-        patch,
-        out,
-        fmt=fmt,
-        expected_length=expected_length,
-        expected_sha256=expected_sha256,
-    )

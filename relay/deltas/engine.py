@@ -227,36 +227,29 @@ class DeltaEngine:
                 fmt,
                 detail=f"needs about {need} bytes, budget {self.budget.max_memory}",
             )
-        if self._gate is None:
-            self._gate = asyncio.Semaphore(self.workers)
-        async with self._gate:
-            if self._closed:
-                return DeltaResult(DeltaOutcome.FAILED, fmt, detail="engine closed")
-            return await self._run(old, new, fmt, new_sha256, new_length, dest)
-
-    async def _run(
-        self,
-        old: Path,
-        new: Path,
-        fmt: DeltaFormat,
-        new_sha256: str,
-        new_length: int,
-        dest: Path,
-    ) -> DeltaResult:
-        result_file = dest.with_name(f".{dest.name}.result")
-        await asyncio.to_thread(self._prepare, dest, result_file)
         job = {
             "old": str(old),
             "new": str(new),
             "format": str(fmt),
             "dest": str(dest),
-            "result": str(result_file),
+            "result": str(dest.with_name(f".{dest.name}.result")),
             "level": self.budget.zstd_level,
             "max_ratio": self.budget.max_ratio,
             "new_length": new_length,
             "new_sha256": new_sha256,
             "memory_limit": self.budget.max_memory + 2 * _BASELINE,
         }
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self.workers)
+        async with self._gate:
+            if self._closed:
+                return DeltaResult(DeltaOutcome.FAILED, fmt, detail="engine closed")
+            return await self._run(job, fmt, dest)
+
+    async def _run(self, job: dict[str, Any], fmt: DeltaFormat, dest: Path) -> DeltaResult:
+        """Run one diff's child (``job`` is what :func:`_child` reads) and collect its result."""
+        result_file = Path(job["result"])
+        await asyncio.to_thread(self._prepare, dest, result_file)
         proc = self._ctx.Process(target=_child, args=(job,), daemon=True)
         started = time.monotonic()
         self._running.add(proc)
@@ -287,7 +280,9 @@ class DeltaEngine:
             if not detail and outcome is DeltaOutcome.FAILED:
                 detail = f"worker exited with code {proc.exitcode}"
             if outcome is DeltaOutcome.SKIPPED_RATIO:
-                detail = f"patch {data['length']} bytes > {self.budget.max_ratio} x {new_length}"
+                detail = (
+                    f"patch {data['length']} bytes > {self.budget.max_ratio} x {job['new_length']}"
+                )
             return DeltaResult(
                 outcome,
                 fmt,

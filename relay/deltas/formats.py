@@ -405,12 +405,7 @@ def apply_patch_bytes(
 ) -> bytes:
     """Apply ``patch`` to ``old`` in memory and verify the result (blocking).
 
-    Args:
-        old: the verified base file.
-        patch: the patch.
-        fmt: the patch format.
-        expected_length: the full target's signed length.
-        expected_sha256: the full target's signed sha256 (hex).
+    :func:`decode_patch` collecting its output: the same arguments, less ``write``.
 
     Returns:
         The verified target.
