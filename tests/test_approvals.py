@@ -212,8 +212,8 @@ async def test_replica_follows_parent_and_refuses_local_changes(
     from relay.server.replica import pull_parent_policy
 
     rstate = relay_state(replica)
-    async with aiohttp.ClientSession() as session:
-        assert await pull_parent_policy(rstate.config, session, rstate.policy) is True
+    parent = rstate.upstream.with_base_url(rstate.config.policy.parent_url)
+    assert await pull_parent_policy(rstate.config, parent, rstate.policy) is True
     assert rstate.policy.export() == relay_state(relay).policy.export()
     status, body = await admin(
         replica,

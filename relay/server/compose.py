@@ -211,7 +211,14 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         bg.supervise("scrub", partial(mirror.run_scrub_loop, config.store.scrub_interval))
     if policy.replica:
         bg.supervise(
-            "replica", partial(follow_parent, config, session, policy, state.on_policy_change)
+            "replica",
+            partial(
+                follow_parent,
+                config,
+                upstream.with_base_url(config.policy.parent_url),
+                policy,
+                state.on_policy_change,
+            ),
         )
     if schedule.windows:
         bg.supervise(

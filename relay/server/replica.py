@@ -7,40 +7,44 @@ A replica polls the parent's ``GET /v1/admin/policy`` with the token in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 
-import aiohttp
-
+from relay.cache.upstream import Upstream
 from relay.config import Config
 from relay.core.policy import PolicyState, Settings
+from relay.errors import RelayError
 from relay.fleet.approvals import PolicyStore
 
 logger = logging.getLogger(__name__)
 
 
-async def pull_parent_policy(
-    config: Config, session: aiohttp.ClientSession, policy: PolicyStore
-) -> bool:
-    """Copy the parent's approvals and settings (replica mode); True if they changed."""
+POLICY_MAX_LENGTH = 4 * 1024 * 1024
+"""The largest policy document a replica accepts from its parent."""
+
+
+async def pull_parent_policy(config: Config, parent: Upstream, policy: PolicyStore) -> bool:
+    """Copy the parent's approvals and settings (replica mode); True if they changed.
+
+    The request goes through the relay's one upstream transport (``parent`` is
+    :meth:`relay.cache.upstream.Upstream.with_base_url` of ``policy.parent_url``):
+    its timeouts, retries, WAN throttle and byte counters apply.
+    """
     token = ""
     if str(config.policy.parent_token_file) not in ("", "."):
         token = (await asyncio.to_thread(config.policy.parent_token_file.read_text)).strip()
-    url = config.policy.parent_url.rstrip("/") + "/v1/admin/policy"
     try:
-        async with session.get(
-            url,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=aiohttp.ClientTimeout(total=30),
-        ) as resp:
-            if resp.status != 200:
-                logger.warning("parent policy: HTTP %d from %s", resp.status, url)
-                return False
-            data = await resp.json()
+        raw, _headers = await parent.fetch_bytes(
+            "v1/admin/policy",
+            max_length=POLICY_MAX_LENGTH,
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+        )
+        data = json.loads(raw)
         new_state = PolicyState.from_dict(data["state"])
         new_settings = Settings.from_dict(data["settings"], base=policy.defaults)
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as e:
-        logger.warning("parent policy from %s unusable: %s", url, e)
+    except (RelayError, ValueError, KeyError, TypeError, RecursionError) as e:
+        logger.warning("parent policy from %s unusable: %s", config.policy.parent_url, e)
         return False
     if new_state == policy.state and new_settings == policy.settings:
         return False
@@ -54,13 +58,10 @@ async def pull_parent_policy(
 
 
 async def follow_parent(
-    config: Config,
-    session: aiohttp.ClientSession,
-    policy: PolicyStore,
-    on_change: Callable[[], None],
+    config: Config, parent: Upstream, policy: PolicyStore, on_change: Callable[[], None]
 ) -> None:
     """Pull the parent's policy every sync interval (between 5 and 60 seconds)."""
     while True:
-        if await pull_parent_policy(config, session, policy):
+        if await pull_parent_policy(config, parent, policy):
             on_change()
         await asyncio.sleep(max(5.0, min(config.sync.interval, 60.0)))
