@@ -311,6 +311,11 @@ class UpstreamSettings:
         integer(0, 100), "integer >= 0: extra attempts per upstream on network errors", default=3
     )
     retry_backoff: float = setting(_duration(), "duration: first backoff, doubling", default=0.5)
+    min_rate: int = setting(
+        _rate,
+        "rate: slower transfers fail (counted after read_timeout; 0 = no minimum)",
+        default=1024,
+    )
 
 
 @dataclass(frozen=True, slots=True)

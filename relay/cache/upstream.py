@@ -97,8 +97,30 @@ class Exchange:
     response_headers: Mapping[str, str] = field(default_factory=dict)  # set by the fetcher
 
 
+class SlowRetrievalError(TransportError):
+    """The upstream sends slower than the minimum rate (TUF's slow-retrieval attack)."""
+
+    def __init__(self, url: str, received: int, seconds: float, min_rate: int) -> None:
+        self.url = url
+        super().__init__(
+            f"{url}: {received} bytes in {seconds:.0f} s, under the minimum of {min_rate} B/s"
+        )
+
+
 class Fetcher(abc.ABC):
-    """Streams a URL's body; implementations say how."""
+    """Streams a URL's body; implementations say how.
+
+    Args:
+        min_rate: bytes per second a transfer must average once it has waited
+            ``grace`` seconds for the upstream (0: no minimum). Only the time spent
+            waiting for the upstream counts, not the caller's own pauses (the WAN
+            limiter), so a trickling upstream cannot hold a sync or a fill forever.
+        grace: seconds of waiting before the minimum rate applies.
+    """
+
+    def __init__(self, *, min_rate: int = 0, grace: float = 30.0) -> None:
+        self.min_rate = min_rate
+        self.grace = grace
 
     @abc.abstractmethod
     def _fetch(self, exchange: Exchange) -> AsyncIterator[bytes]:
@@ -122,14 +144,28 @@ class Fetcher(abc.ABC):
 
         Raises:
             LengthMismatchError: the upstream sent more than ``max_length`` bytes.
+            SlowRetrievalError: the upstream sent slower than ``min_rate``.
             TransportError: any network failure, unexpected status, or refused resume.
         """
         received = exchange.offset
+        fresh = 0  # bytes of this request
+        waited = 0.0  # seconds spent waiting for the upstream
+        clock = asyncio.get_running_loop().time
         with map_exceptions(exchange.url):
-            async for chunk in self._fetch(exchange):
+            chunks = aiter(self._fetch(exchange))
+            while True:
+                started = clock()
+                try:
+                    chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                waited += clock() - started
                 received += len(chunk)
+                fresh += len(chunk)
                 if received > max_length:
                     raise LengthMismatchError(exchange.url, max_length, received)
+                if self.min_rate and waited > self.grace and fresh < self.min_rate * waited:
+                    raise SlowRetrievalError(exchange.url, fresh, waited, self.min_rate)
                 yield chunk
 
 
@@ -139,7 +175,9 @@ class AiohttpFetcher(Fetcher):
     Args:
         session: the shared client session (its lifetime is the application's).
         connect_timeout: seconds to establish a connection.
-        read_timeout: the longest gap between bytes, in seconds.
+        read_timeout: the longest gap between bytes, in seconds (also the grace
+            period before ``min_rate`` applies).
+        min_rate: the slowest average transfer accepted, in bytes per second.
         headers: extra request headers (for example ``Relay-Agent-Id``).
     """
 
@@ -149,8 +187,10 @@ class AiohttpFetcher(Fetcher):
         *,
         connect_timeout: float = 10.0,
         read_timeout: float = 30.0,
+        min_rate: int = 0,
         headers: dict[str, str] | None = None,
     ) -> None:
+        super().__init__(min_rate=min_rate, grace=read_timeout)
         self._session = session
         self._timeout = aiohttp.ClientTimeout(
             total=None,

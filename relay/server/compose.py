@@ -116,6 +116,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
             session,
             connect_timeout=config.upstream.connect_timeout,
             read_timeout=config.upstream.read_timeout,
+            min_rate=config.upstream.min_rate,
         ),
         list(config.upstream.urls),
         retries=config.upstream.retries,
