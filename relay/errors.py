@@ -40,6 +40,16 @@ class ConfigError(RelayError):
         super().__init__(f"{source}: {key}{shown}: {reason}")
 
 
+# --- state ----------------------------------------------------------------
+
+
+class StateUnavailableError(RelayError):
+    """The state database cannot be written or read (disk full, I/O error, damage).
+
+    Nothing was changed: a write that raises this took no effect.
+    """
+
+
 # --- requests -------------------------------------------------------------
 
 

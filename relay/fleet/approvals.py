@@ -79,18 +79,22 @@ class PolicyStore:
 
         Raises:
             ReplicaReadOnlyError: a local change on a replica.
+            StateUnavailableError: it could not be saved (nothing changed).
         """
         if local:
             self.check_writable()
+        # Saved first, then in effect: a change that cannot be saved changes nothing.
         if state is not None:
-            self.state = state
             await self._kv.set(_STATE, state.to_dict())
         if settings is not None:
-            self.settings = settings
             await self._kv.set(_SETTINGS, settings.to_dict())
-        self.version += 1
         if audit is not None:
             await self._kv.append_log({"at": now_rfc3339(), **audit})
+        if state is not None:
+            self.state = state
+        if settings is not None:
+            self.settings = settings
+        self.version += 1
 
     async def audit_log(self, limit: int = 1000) -> list[Any]:
         """The newest audit entries, oldest first."""

@@ -32,7 +32,7 @@ from relay.core.policy import (
 from relay.core.protocol import now_rfc3339
 from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.fleet.groups import known_groups
-from relay.server.http import bad_request, parse_body, read_json_body
+from relay.server.http import bad_request, counted, parse_body, read_json_body
 from relay.server.state import ADMIN_TOKEN, STATE, RelayState
 
 logger = logging.getLogger(__name__)
@@ -269,15 +269,20 @@ def _after_change(state: RelayState) -> None:
 
 
 def add_admin_routes(app: web.Application) -> None:
-    """Register ``/v1/admin/…``."""
-    r = app.router
-    r.add_get("/v1/admin/updates", list_updates, name="admin")
-    r.add_post("/v1/admin/approvals", set_approval)
-    r.add_post("/v1/admin/eulas", accept)
-    r.add_get("/v1/admin/eulas/{path:.+}", get_eula)
-    r.add_get("/v1/admin/settings", get_settings)
-    r.add_put("/v1/admin/settings", put_settings)
-    r.add_get("/v1/admin/agents", list_agents)
-    r.add_get("/v1/admin/audit", audit)
-    r.add_get("/v1/admin/policy", export_policy)
-    r.add_post("/v1/admin/sync", sync_now)
+    """Register ``/v1/admin/…`` (counted as one route, ``admin``)."""
+    for method, path, handler in (
+        ("GET", "/v1/admin/updates", list_updates),
+        ("POST", "/v1/admin/approvals", set_approval),
+        ("POST", "/v1/admin/eulas", accept),
+        ("GET", "/v1/admin/eulas/{path:.+}", get_eula),
+        ("GET", "/v1/admin/settings", get_settings),
+        ("PUT", "/v1/admin/settings", put_settings),
+        ("GET", "/v1/admin/agents", list_agents),
+        ("GET", "/v1/admin/audit", audit),
+        ("GET", "/v1/admin/policy", export_policy),
+        ("POST", "/v1/admin/sync", sync_now),
+    ):
+        if method == "GET":  # HEAD too, as every GET route of the relay
+            app.router.add_get(path, counted("admin", handler))
+        else:
+            app.router.add_route(method, path, counted("admin", handler))

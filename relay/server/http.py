@@ -12,6 +12,7 @@ Rules:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,10 +20,14 @@ from aiohttp import web
 
 from relay.core.protocol import AGENT_ID_HEADER, is_agent_id, parse_json_object
 from relay.core.rfc9110 import Decision, decide
-from relay.errors import BodyError
+from relay.errors import BodyError, StateUnavailableError
 from relay.metrics import RelayMetrics
+from relay.server.state import METRICS
+
+logger = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
+STATE_RETRY_AFTER = 30  # seconds: a full disk is not fixed in a moment
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COUNTS = web.AppKey("request_counts", dict[tuple[str, ...], float])
@@ -109,6 +114,11 @@ def counted(name: str, handler: Handler) -> Handler:
         except web.HTTPException as e:
             counts[name, str(e.status)] += 1
             raise
+        except StateUnavailableError as e:
+            # Disk full or an I/O error under the state database: nothing was changed,
+            # the client may try again; never a 500.
+            logger.error("%s: %s", name, e)  # noqa: TRY400 - the message says it all
+            resp = unavailable("state_unavailable", STATE_RETRY_AFTER, request.app[METRICS])
         counts[name, str(resp.status)] += 1
         return resp
 

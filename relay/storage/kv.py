@@ -7,14 +7,26 @@ Its calls block (SQLite), so the async methods run them in a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import diskcache
 
+from relay.errors import StateUnavailableError
+
 JSON = Any
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (sqlite3.Error, OSError) as e:
+        raise StateUnavailableError(f"state database: {what}: {e}") from e
 
 
 class KV:
@@ -37,8 +49,13 @@ class KV:
         return default if raw is None else json.loads(raw)
 
     def set_sync(self, key: str, value: JSON) -> None:
-        """Store ``value`` under ``key`` (durably, in one transaction)."""
-        self._cache.set(key, json.dumps(value, separators=(",", ":")))
+        """Store ``value`` under ``key`` (durably, in one transaction).
+
+        Raises:
+            StateUnavailableError: the write failed (disk full, I/O error); nothing changed.
+        """
+        with _unavailable(f"cannot save {key}"):
+            self._cache.set(key, json.dumps(value, separators=(",", ":")))
 
     def delete_sync(self, key: str) -> None:
         """Delete ``key`` if present."""
@@ -53,8 +70,13 @@ class KV:
                     yield key, json.loads(raw)
 
     def append_log_sync(self, entry: JSON, max_entries: int = 100_000) -> None:
-        """Append to the log, dropping the oldest past ``max_entries``."""
-        self._log.append(json.dumps(entry, separators=(",", ":")))
+        """Append to the log, dropping the oldest past ``max_entries``.
+
+        Raises:
+            StateUnavailableError: the write failed (disk full, I/O error).
+        """
+        with _unavailable("cannot append to the audit log"):
+            self._log.append(json.dumps(entry, separators=(",", ":")))
         while len(self._log) > max_entries:
             self._log.popleft()
 
