@@ -201,9 +201,11 @@ class Fill:
         self.state = FillState.FAILED
         self.error = error
         self._store._fill_done(self, committed=False)  # noqa: SLF001
-        self._wake()
+        # The temp goes before followers are woken: once a client has seen the failure,
+        # nothing of the failed fill is left on disk.
         with contextlib.suppress(OSError):
             await _run(os.unlink, self.temp_path)
+        self._wake()
         self._maybe_close()
 
     def _wake(self) -> None:

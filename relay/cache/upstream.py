@@ -492,6 +492,7 @@ class Upstream:
             attempt = 0
             while attempt <= self._retries:
                 before = exchange.offset = sink.offset
+                slow = False
                 try:
                     async for chunk in self._counted(base, exchange, length):
                         await sink.write(chunk)
@@ -505,6 +506,7 @@ class Upstream:
                     self._mark_failed(base, e)
                     raise
                 except TransportError as e:
+                    slow = isinstance(e, SlowRetrievalError)
                     if not self._failed(base, e, causes):
                         break
                 else:
@@ -515,8 +517,10 @@ class Upstream:
                     causes.append(
                         TransportError(f"{exchange.url}: body ended at {sink.offset}/{length}")
                     )
-                if sink.offset > before:
-                    attempt = 0  # progress was made: a broken transfer resumes at once
+                if sink.offset > before and not slow:
+                    # Progress was made: a broken transfer resumes at once. A trickle is
+                    # progress too, but it must not buy itself endless attempts.
+                    attempt = 0
                     continue
                 attempt += 1
                 if attempt <= self._retries:
