@@ -221,3 +221,53 @@ async def test_a_full_state_database_answers_503_and_changes_nothing(
         async with http.post(f"{base}/v1/checkin", json=checkin) as r:
             assert r.status == 200
     assert policy.export() != before
+
+
+async def _keepalive_gets(relay, path, n) -> list[tuple[str, str]]:
+    """``n`` requests one after another on one keep-alive connection (while it lives)."""
+    url = str(relay.make_url("/" + path))
+    connector = aiohttp.TCPConnector(limit=1, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        return [await _get(session, url) for _ in range(n)]
+
+
+async def test_a_flipped_byte_on_disk_is_never_served_and_the_blob_is_fetched_again(
+    tmp_path, repo, chaos, aiohttp_server
+):
+    relay = await _relay(tmp_path, repo, chaos, aiohttp_server)
+    path = _blob_path(repo)
+    await _recovered(relay, path)
+    stored = relay_state(relay).mirror.store.path(SHA)
+    await relay.close()
+    # The bytes rot while the relay is down: the next start must not trust them.
+    with stored.open("r+b") as f:
+        f.seek(SIZE // 3)
+        byte = f.read(1)
+        f.seek(SIZE // 3)
+        f.write(bytes([byte[0] ^ 0x01]))
+    hits = chaos.hits[path]
+    relay = await _relay(tmp_path, repo, chaos, aiohttp_server)
+    assert await _keepalive_gets(relay, path, 3) == [("ok", SHA)] * 3
+    assert chaos.hits[path] == hits + 1  # fetched again, once
+    store = relay_state(relay).mirror.store
+    assert [p.name.split(".")[0] for p in store.quarantine_dir.iterdir()] == [SHA]
+    await _recovered(relay, path)
+
+
+async def test_a_truncated_blob_aborts_the_response_and_the_next_one_is_intact(
+    tmp_path, repo, chaos, aiohttp_server
+):
+    relay = await _relay(tmp_path, repo, chaos, aiohttp_server)
+    path = _blob_path(repo)
+    await _recovered(relay, path)  # stored, checked, and its file open in the cache
+    store = relay_state(relay).mirror.store
+    os.truncate(store.path(SHA), SIZE // 2)
+    hits = chaos.hits[path]
+    first, second, third = await _keepalive_gets(relay, path, 3)
+    # The short file cannot give a complete body: the connection is closed rather than
+    # left with half a declared body (the next response would land inside it).
+    assert first[0] == "failed"
+    assert second == ("ok", SHA)
+    assert third == ("ok", SHA)
+    assert chaos.hits[path] == hits + 1  # quarantined, fetched again once
+    await _recovered(relay, path)
