@@ -196,15 +196,15 @@ class Fill:
 
     async def fail(self, error: BaseException) -> None:
         """Abandon the fill: wake followers (they abort) and delete the temp file."""
-        if self.state is not FillState.FILLING:
+        if self.state is not FillState.FILLING or self.error is not None:
             return
-        self.state = FillState.FAILED
         self.error = error
-        self._store._fill_done(self, committed=False)  # noqa: SLF001
-        # The temp goes before followers are woken: once a client has seen the failure,
+        # The temp goes before anyone can see the failure: once a client has seen it,
         # nothing of the failed fill is left on disk.
         with contextlib.suppress(OSError):
             await _run(os.unlink, self.temp_path)
+        self.state = FillState.FAILED
+        self._store._fill_done(self, committed=False)  # noqa: SLF001
         self._wake()
         self._maybe_close()
 
