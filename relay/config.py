@@ -459,6 +459,11 @@ class AgentSettings:
         _optional_url, "origin base URL (used only when relays_only is false)", default=""
     )
     relays_only: bool = setting(boolean, "boolean: never fall back to the origin", default=False)
+    install_undefined: tuple[str, ...] = setting(
+        list_of(choice("software", "content", "config"), unique=True),
+        "list of kinds installed from the origin before any relay ever answered",
+        default=("content",),
+    )
     trusted_root: Path = setting(_path, "path to the root.json the agent ships", default=Path())
     state_dir: Path = setting(
         _path,

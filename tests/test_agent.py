@@ -160,8 +160,15 @@ async def test_relays_only_never_touches_origin(tmp_path, repo, origin):
     assert origin.hits == {}
     assert "relays-only" in s.error
     assert agent.state["pending_reports"][-1]["reason"] == "relays_unreachable"
-    # Without relays-only, the origin is used.
-    agent = make_agent(tmp_path, repo, name="a2", relays=(dead,), origin=origin.url)
+    # Without relays-only, the origin is used (software too, where the agent allows it).
+    agent = make_agent(
+        tmp_path,
+        repo,
+        name="a2",
+        relays=(dead,),
+        origin=origin.url,
+        install_undefined=("content", "software"),
+    )
     s = await run(agent)
     assert s.source == origin.url
     assert s.installed == ["app 1.0.0"]
@@ -171,12 +178,13 @@ async def test_relays_only_never_touches_origin(tmp_path, repo, origin):
 async def test_rollback_protection_survives_restart(tmp_path, repo, origin):
     old_ts = (repo.metadata_dir / "timestamp.json").read_bytes()
     repo.refresh()
-    agent = make_agent(tmp_path, repo, origin=origin.url)
+    kinds = ("content", "software")
+    agent = make_agent(tmp_path, repo, origin=origin.url, install_undefined=kinds)
     s = await run(agent)
     assert s.installed == ["app 1.0.0"]
     agent.close()
     origin.faults["metadata/timestamp.json"] = Fault(body=old_ts)
-    restarted = make_agent(tmp_path, repo, origin=origin.url)
+    restarted = make_agent(tmp_path, repo, origin=origin.url, install_undefined=kinds)
     s = await run(restarted)
     assert "metadata refresh" in s.error
     assert restarted.state["pending_reports"][-1]["reason"] == "metadata_rejected"

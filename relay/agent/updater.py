@@ -90,6 +90,9 @@ class AgentConfig:
     origin: str = ""
     group: str = "default"
     relays_only: bool = False
+    # Kinds installed from the origin by an agent that never reached a relay (the
+    # relay's own "install undefined" defaults: content flows, software waits).
+    install_undefined: tuple[str, ...] = ("content",)
     install_command: str = ""  # run with RELAY_PRODUCT, RELAY_VERSION, RELAY_FILE set
     install_timeout: float = 300.0  # seconds
     defer_days: int = 0  # 0, 1, 3 or 7
@@ -224,7 +227,7 @@ class Agent:
             data = loaded
         data.setdefault("installed", {})  # product -> {version, sha256, file, target}
         data.setdefault("pending_reports", [])
-        data.setdefault("relay_answer", None)  # {"relays", "origin", "relays_only"}
+        data.setdefault("relay_answer", None)  # {"relays", "origin", "relays_only", "offers"}
         data.setdefault("actions_done", [])  # "product@version" whose actions ran
         return data
 
@@ -301,6 +304,8 @@ class Agent:
                     "origin": data.get("origin"),
                     "relays_only": bool(data.get("relays_only")),
                     "poll_seconds": data.get("poll_seconds"),
+                    # What the policy allowed this agent: all it may install without a relay.
+                    "offers": [o for o in data["offers"] if isinstance(o, dict)],
                 }
                 self._save_state()
                 return relay, data
@@ -383,10 +388,22 @@ class Agent:
             summary, origin, f"through the origin {origin}", "origin_unreachable"
         )
         if updater is not None:
-            # No relay to decide: the newest stable version of each product.
-            for offer in self._origin_offers():
+            for offer in self._offers_without_relay():
                 self._handle_offer(updater, offer, summary)
         return summary
+
+    def _offers_without_relay(self) -> list[dict[str, Any]]:
+        """What the agent may install from the origin while no relay answers.
+
+        The policy still holds without a relay: an agent that checked in before
+        installs only what its last check-in answer offered it (never a declined
+        version: those are never offered), full downloads only; an agent that never
+        reached a relay installs only the kinds of its ``install_undefined``.
+        """
+        answer = self.state.get("relay_answer")
+        if answer is not None and isinstance(answer.get("offers"), list):
+            return [{**o, "delta": None} for o in answer["offers"] if isinstance(o, dict)]
+        return self._origin_offers()
 
     def _refreshed(
         self, summary: RunSummary, base: str, through: str, unreachable: str
@@ -417,6 +434,8 @@ class Agent:
                 continue
             if t.info.channel is not Channel.STABLE:
                 continue
+            if str(t.info.kind) not in self.config.install_undefined:
+                continue  # nobody approved it, and its kind does not flow without approval
             if t.product not in newest or newest[t.product].info.semver < t.info.semver:
                 newest[t.product] = t
         return [
