@@ -48,7 +48,7 @@ from types import MappingProxyType
 from typing import Any, Literal, get_type_hints
 from urllib.parse import urlsplit
 
-from relay.core.policy import MAX_DEFERRAL_DAYS, Settings
+from relay.core.policy import MAX_DEFERRAL_DAYS, Prefetch, Settings
 from relay.core.protocol import DeltaFormat, deferral_choices
 from relay.core.rates import ScheduleEntry
 from relay.core.schema import (
@@ -71,7 +71,6 @@ DEFAULTS = "built-in defaults"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 LogFormat = Literal["text", "json"]
-PrefetchMode = Literal["policy", "all", "none"]
 PolicyMode = Literal["autonomous", "replica"]
 DeltaFormatName = Literal["zstd", "bsdiff4"]
 
@@ -328,8 +327,8 @@ class SyncSettings:
     jitter: float = setting(
         _duration(), "duration: at most this much random delay added per poll", default=30.0
     )
-    prefetch: PrefetchMode = setting(
-        choice("policy", "all", "none"),
+    prefetch: str = setting(
+        choice(*Prefetch),
         "policy (what some group would be offered) | all | none",
         default="policy",
     )

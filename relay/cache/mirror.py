@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
+from relay.cache.singleflight import SingleFlight
 from relay.cache.store import Fill, FsBlobStore, ScrubOutcome
 from relay.cache.upstream import Upstream
 from relay.core.model import Target
+from relay.core.policy import Prefetch
 from relay.core.verify import (
     MAX_ROOT_ROTATIONS,
     ROOT_MAX_LENGTH,
@@ -62,25 +65,17 @@ _KEEP_GENERATIONS = 3
 
 
 class SyncResult(Enum):
-    """Outcome of one sync run."""
+    """Outcome of one sync run: a new generation, nothing newer, or failed (old one served)."""
 
     NEW = "new"
-    """A new generation was verified and published."""
     UNCHANGED = "unchanged"
-    """The upstream has nothing newer."""
     FAILED = "failed"
-    """Nothing was published; the previous generation is still served."""
 
 
-class Prefetch(Enum):
-    """Which blobs are fetched ahead of requests."""
-
-    ALL = "all"
-    """Every target of each new generation."""
-    NONE = "none"
-    """Nothing: blobs are fetched on the first request."""
-    POLICY = "policy"
-    """What some group would be offered now."""
+def _with_roots(verified: VerifiedMetadata, files: Mapping[str, bytes]) -> VerifiedMetadata:
+    """``verified`` serving also every root among ``files`` (clients walk old roots)."""
+    roots = {n: b for n, b in files.items() if n.endswith(".root.json")}
+    return dataclasses.replace(verified, files={**roots, **verified.files})
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +194,7 @@ class Mirror:
         self.current: VerifiedMetadata | None = None
         self._served: dict[str, bytes] = {}
         self._generations: list[set[str]] = []
-        self._starting: dict[str, asyncio.Future[Fill]] = {}
+        self._starting: SingleFlight[str, Fill] = SingleFlight()
         self._tasks: set[asyncio.Task[object]] = set()
         self._sync_lock = asyncio.Lock()
         self._older_roots_tried = False
@@ -290,18 +285,8 @@ class Mirror:
             if data is None:
                 return None
             session.update_targets(role, delegator, data)
-        result = session.result()
         # Serve every stored root (older than the pinned one too: clients walk them).
-        extra = {n: b for n, b in files.items() if n.endswith(".root.json")}
-        return VerifiedMetadata(
-            files={**extra, **result.files},
-            root_version=result.root_version,
-            timestamp_version=result.timestamp_version,
-            expires=result.expires,
-            targets=result.targets,
-            invalid_targets=result.invalid_targets,
-            by_sha256=result.by_sha256,
-        )
+        return _with_roots(session.result(), files)
 
     def _publish(self, verified: VerifiedMetadata) -> None:
         self.current = verified
@@ -397,19 +382,7 @@ class Mirror:
                     pass
             data = await self.upstream.get_metadata(name, max_length)
             session.update_targets(role, delegator, data)
-        verified = session.result(previous)
-        verified = VerifiedMetadata(
-            files={
-                **{n: b for n, b in known.items() if n.endswith(".root.json")},
-                **verified.files,
-            },
-            root_version=verified.root_version,
-            timestamp_version=verified.timestamp_version,
-            expires=verified.expires,
-            targets=verified.targets,
-            invalid_targets=verified.invalid_targets,
-            by_sha256=verified.by_sha256,
-        )
+        verified = _with_roots(session.result(previous), known)
         new_files = {
             n: b for n, b in verified.files.items() if known.get(n) != b or n == "timestamp.json"
         }
@@ -495,21 +468,11 @@ class Mirror:
         fill = self.store.fill_in_progress(sha)
         if fill is not None:
             return fill
-        starting = self._starting.get(sha)
-        if starting is not None:
-            return await asyncio.shield(starting)
-        future: asyncio.Future[Fill] = asyncio.get_running_loop().create_future()
-        self._starting[sha] = future
-        try:
-            fill = await self.store.begin_fill(sha, target.length)
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            del self._starting[sha]
-        future.set_result(fill)
-        self._spawn(self._run_fill(fill, target))
+        fill, started = await self._starting.run(
+            sha, lambda: self.store.begin_fill(sha, target.length)
+        )
+        if started:
+            self._spawn(self._run_fill(fill, target))
         return fill
 
     def _spawn(self, coro: Awaitable[object]) -> None:

@@ -37,6 +37,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TypeVar
 
+from relay.cache.singleflight import SingleFlight
 from relay.errors import HashMismatchError, LengthMismatchError, StoreError, StoreFullError
 from relay.storage.fsio import fsync_dir, hash_file
 
@@ -48,23 +49,17 @@ T = TypeVar("T")
 class FillState(Enum):
     """Where a fill stands."""
 
-    FILLING = "filling"
-    """Bytes are arriving; followers read what is written."""
-    COMPLETE = "complete"
-    """Verified and committed to its final path."""
-    FAILED = "failed"
-    """Wrong hash, broken transfer or write error: followers are aborted."""
+    FILLING = "filling"  # bytes are arriving; followers read what is written
+    COMPLETE = "complete"  # verified and committed to its final path
+    FAILED = "failed"  # wrong hash, broken transfer or write error: followers abort
 
 
 class ScrubOutcome(Enum):
     """Result of re-hashing one blob."""
 
-    OK = "ok"
-    """The bytes match their name."""
-    QUARANTINED = "quarantined"
-    """The bytes do not match: moved aside, fetched again when needed."""
-    VANISHED = "vanished"
-    """The file is gone from disk."""
+    OK = "ok"  # the bytes match their name
+    QUARANTINED = "quarantined"  # they do not: moved aside, fetched again when needed
+    VANISHED = "vanished"  # the file is gone from disk
 
 
 async def _run(func: Callable[..., T], *args: object) -> T:
@@ -319,7 +314,7 @@ class FsBlobStore:
         self._serving: Counter[str] = Counter()
         # Digests whose bytes were hashed (or written and verified) since start.
         self._checked: set[str] = set()
-        self._checking: dict[str, asyncio.Future[bool]] = {}
+        self._checking: SingleFlight[str, ScrubOutcome] = SingleFlight()
         self._used = 0
         self.stats = StoreStats()
 
@@ -524,20 +519,7 @@ class FsBlobStore:
         """
         if sha256 in self._checked:
             return True
-        pending = self._checking.get(sha256)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._checking[sha256] = future
-        try:
-            outcome = await self.scrub_one(sha256)
-        except BaseException as e:
-            future.set_exception(e)
-            future.exception()  # retrieved: waiters re-raise it themselves
-            raise
-        finally:
-            del self._checking[sha256]
-        future.set_result(outcome is ScrubOutcome.OK)
+        outcome, _ = await self._checking.run(sha256, lambda: self.scrub_one(sha256))
         return outcome is ScrubOutcome.OK
 
     async def scrub_one(self, sha256: str) -> ScrubOutcome:

@@ -663,6 +663,18 @@ def _groups(groups: Iterable[str]) -> list[str]:
     return list(groups) or [DEFAULT_GROUP]
 
 
+class Prefetch(StrEnum):
+    """Which blobs a relay fetches before anyone asks (``sync.prefetch``).
+
+    ``policy``: what some group is offered now (:func:`offered_versions`);
+    ``all``: every target of each new generation; ``none``: each on its first request.
+    """
+
+    POLICY = "policy"
+    ALL = "all"
+    NONE = "none"
+
+
 def should_prefetch(
     state: PolicyState, settings: Settings, target: Target, groups: Iterable[str]
 ) -> bool:

@@ -23,11 +23,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from relay.cache.mirror import Mirror, Prefetch
+from relay.cache.mirror import Mirror
 from relay.cache.store import Fill, FsBlobStore
 from relay.cache.upstream import AiohttpFetcher, Upstream, UpstreamHealth
 from relay.config import Config
 from relay.core.model import Target
+from relay.core.policy import Prefetch
 from relay.core.protocol import DeltaFormat
 from relay.core.verify import VerifiedMetadata
 from relay.deltas.engine import DeltaBudget, DeltaEngine

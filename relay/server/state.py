@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from relay.cache.mirror import Mirror, Prefetch
+from relay.cache.mirror import Mirror
 from relay.cache.upstream import Upstream
 from relay.config import Config
+from relay.core.policy import Prefetch
 from relay.deltas.service import DeltaService
 from relay.fleet.approvals import PolicyStore
 from relay.fleet.registry import Registry
