@@ -1,6 +1,6 @@
 """Configuration: one TOML file, environment overrides, flags on top.
 
-Rules (DESIGN §7, STYLE 16-17):
+Rules (docs/PROTOCOL.md):
 
 * Layers, lowest first: built-in defaults < the TOML file named by ``--config`` <
   ``RELAY_<SECTION>__<KEY>`` environment variables < command-line flags (a mapping of

@@ -1,4 +1,4 @@
-"""The pure policy, a row per rule (DESIGN §3 and the rules in relay/policy.py)."""
+"""The pure policy, a row per rule (docs/PROTOCOL.md and the rules in relay/core/policy.py)."""
 
 from __future__ import annotations
 

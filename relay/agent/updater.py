@@ -16,7 +16,7 @@ One run (:meth:`Agent.run_once`):
 5. Report each outcome (``POST /v1/reports``); reports that cannot be sent are
    kept and sent with the next run.
 
-Relays-only (DESIGN §7): until its first successful check-in the agent follows its
+Relays-only (docs/PROTOCOL.md): until its first successful check-in the agent follows its
 own ``relays_only`` setting, then the relay's persisted answer. With relays-only and
 every relay down, the origin receives no request at all.
 

@@ -1,6 +1,6 @@
 """Content-addressed blob store on disk.
 
-Rules (DESIGN §2, "Blob store rules"):
+Rules (docs/PROTOCOL.md):
 
 * A blob lives at ``blobs/sha256/<2 hex>/<62 hex>`` and is immutable.
 * A fill downloads into ``blobs/tmp/<sha256>.<random>``, capped at the signed

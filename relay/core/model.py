@@ -1,7 +1,7 @@
 """Domain types shared by the publisher, the relay and the agent.
 
 A target path is ``<product>/<version>/<file name>``; its TUF ``custom`` object
-carries the fields of DESIGN §1 (``product``, ``version``, ``kind``,
+carries the fields of docs/PROTOCOL.md (``product``, ``version``, ``kind``,
 ``severity``, ``channel``, optional ``eula`` and ``actions``). :class:`UpdateInfo`
 validates them in ``__init__``, round-trips through ``from_dict``/``to_dict`` and
 keeps fields it does not know in ``unrecognized_fields`` (after python-tuf's

@@ -3,7 +3,7 @@
 Everything here takes values and returns values: the admin API, the check-in
 handler and the store call these functions and do the I/O themselves.
 
-Rules (DESIGN §3, §7), applied to one target for one agent group:
+Rules (docs/PROTOCOL.md), applied to one target for one agent group:
 
 1. Status. The group's own decision (approved or declined), else the all-groups
    decision, else automatic: a ``critical`` update counts as approved when
@@ -48,7 +48,7 @@ Rules (DESIGN §3, §7), applied to one target for one agent group:
 6. Prefetch and pins. A target is prefetched when some known group would be
    offered it: with the default settings content as soon as it is verified and
    software once approved. Declined updates are never offered, never prefetched
-   and never pinned. Pinned (DESIGN §2) = the newest ``keep_versions`` versions of
+   and never pinned. Pinned (docs/PROTOCOL.md) = the newest ``keep_versions`` versions of
    each product not declined everywhere, every explicitly approved version and
    the version each group is offered now.
 
@@ -724,7 +724,7 @@ def pinned_versions(
     *,
     keep_versions: int = 0,
 ) -> set[Target]:
-    """Return the targets the store must keep (DESIGN §2, rule 6).
+    """Return the targets the store must keep (docs/PROTOCOL.md).
 
     Args:
         targets: every verified target.

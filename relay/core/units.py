@@ -1,4 +1,4 @@
-"""Parsing of sizes, rates and durations as DESIGN §7 writes them.
+"""Parsing of sizes, rates and durations as docs/PROTOCOL.md writes them.
 
 Sizes: an integer number of bytes, or a number with ``KB``/``MB``/``GB`` (powers of
 1000) or ``KiB``/``MiB``/``GiB`` (powers of 1024); ``B`` is accepted. Rates are

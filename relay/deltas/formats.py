@@ -5,7 +5,7 @@ Rules:
 * Nobody signs a delta. Whoever applies one checks, *before* decoding, that the
   size the patch declares for its output is the full target's signed length (and
   that the patch is not longer than the target), and *after*, that the output's
-  sha256 is the signed one (DESIGN §1). A patch failing either check raises
+  sha256 is the signed one (docs/PROTOCOL.md). A patch failing either check raises
   :class:`relay.errors.PatchRejectedError`.
 * Decoding never trusts a size inside the patch beyond the signed length: the
   output is produced in bounded steps (zstd: ``max_length``; bsdiff4: its three

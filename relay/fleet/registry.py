@@ -6,7 +6,7 @@ Rules:
   served from memory, writes go through to disk in a thread.
 * An agent is keyed by its ``agent_id`` (the ``Relay-Agent-Id`` it sends).
 * The registry keeps, per agent, when each (product, version) was first offered:
-  on-demand deadlines count from that moment (DESIGN §7).
+  on-demand deadlines count from that moment (docs/PROTOCOL.md).
 """
 
 from __future__ import annotations
