@@ -48,6 +48,7 @@ from types import MappingProxyType
 from typing import Any, Literal, get_type_hints
 from urllib.parse import urlsplit
 
+from relay.core.model import Kind
 from relay.core.policy import MAX_DEFERRAL_DAYS, Prefetch, Settings
 from relay.core.protocol import DeltaFormat, deferral_choices
 from relay.core.rates import ScheduleEntry
@@ -459,7 +460,7 @@ class AgentSettings:
     )
     relays_only: bool = setting(boolean, "boolean: never fall back to the origin", default=False)
     install_undefined: tuple[str, ...] = setting(
-        list_of(choice("software", "content", "config"), unique=True),
+        list_of(choice(*Kind), unique=True),
         "list of kinds installed from the origin before any relay ever answered",
         default=("content",),
     )

@@ -125,8 +125,6 @@ def estimate_memory(fmt: DeltaFormat, old_length: int, new_length: int) -> int:
 
 def _child(job: dict[str, Any]) -> None:  # pragma: no cover - runs in the child process
     """Compute, verify and place one patch; write a JSON result beside it."""
-    import resource  # noqa: PLC0415 - only in the child
-
     result_path = Path(job["result"])
     result: dict[str, Any]
     try:
