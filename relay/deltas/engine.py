@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import multiprocessing
+import resource
 import time
 from dataclasses import dataclass
 from enum import Enum
