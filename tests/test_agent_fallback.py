@@ -46,7 +46,7 @@ async def _agent(tmp_path, name, *, relay, origin, root) -> dict:
         "--once",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "RELAY_AGENT__REQUEST_TIMEOUT": "3"},
+        env={**os.environ, "RELAY_AGENT__REQUEST_TIMEOUT": "30"},
     )
     out, err = await asyncio.wait_for(proc.communicate(), 120)
     assert proc.returncode in (0, 1), err.decode()[-2000:]
