@@ -1,26 +1,33 @@
-"""Test support: a fault-injecting origin, relay configs, and a stock TUF client.
+"""Test support: plain helpers behind the fixtures in ``conftest.py``.
 
-The origin is a real aiohttp application serving a publisher's ``public/`` tree
-over loopback; faults are switched per path so tests can play a hostile or broken
-upstream. The TUF client is python-tuf's own ``ngclient.Updater``.
+A fault-injecting origin, relay configs, starting relays (in-process or as a real
+``relay serve`` process), and a stock TUF client. The origin is a real aiohttp
+application serving a publisher's ``public/`` tree over loopback; faults are switched
+per path so tests can play a hostile or broken upstream. The TUF client is
+python-tuf's own ``ngclient.Updater``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
+import socket
+import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 
 from relay.config import Config, load_config
+from relay.publisher.repository import Repository
+from relay.server import make_app
+from relay.server.state import STATE
 
 
 @dataclass
@@ -153,6 +160,15 @@ def relay_config(
     return load_config(None, environ={}, overrides=values)
 
 
+def released(repo: Repository, data: bytes, name: str, **info: Any) -> Repository:
+    """Add one release to ``repo`` and return it (the body of a module's ``repo`` fixture).
+
+    ``info`` takes :meth:`Repository.add_bytes`'s keywords: product, version, kind...
+    """
+    repo.add_bytes(data, name, **info)
+    return repo
+
+
 def write_root(tmp_path: Path, data: bytes, name: str = "root.json") -> Path:
     path = tmp_path / name
     path.write_bytes(data)
@@ -205,30 +221,8 @@ class TufClient:
         await asyncio.to_thread(self.refresh)
 
 
-def snapshot_tree(path: Path) -> dict[str, bytes]:
-    """Every file under ``path`` with its bytes (to check nothing changed)."""
-    out = {}
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            p = Path(root) / f
-            out[str(p.relative_to(path))] = p.read_bytes()
-    return out
-
-
-def copy_public(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest)
-    return dest
-
-
-def metadata_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_bytes())
-
-
 async def start_relay(aiohttp_server: Any, config: Config) -> Any:
     """Start a relay on loopback and wait for its first verified sync."""
-    from relay.server import make_app
-    from relay.server.state import STATE
-
     app = make_app(config)
     server = await aiohttp_server(app)
     state = app[STATE]
@@ -240,8 +234,6 @@ async def start_relay(aiohttp_server: Any, config: Config) -> Any:
 
 
 def relay_state(server: Any) -> Any:
-    from relay.server.state import STATE
-
     return server.app[STATE]
 
 
@@ -253,19 +245,31 @@ async def settle(server: Any) -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-async def start_relay_process(args, port, env=None, preexec_fn=None):
-    """`relay serve` in its own process (prefetch off); wait until /readyz answers 200."""
-    import sys
+@dataclass
+class RelayProcess:
+    """A ``relay serve`` process: ``url`` is its base URL (ending in ``/``)."""
 
-    import aiohttp
+    proc: asyncio.subprocess.Process
+    url: str
+    data_dir: Path
 
+
+async def start_relay_process(
+    args: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> asyncio.subprocess.Process:
+    """`relay serve` in its own process (prefetch off); wait until /readyz answers 200.
+
+    The child inherits the environment, so under coverage (``patch = ["subprocess"]``)
+    it is measured too; stop it with SIGTERM so it exits cleanly and writes its data.
+    """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
