@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 
@@ -9,7 +10,15 @@ import aiohttp
 import pytest
 
 from relay.publisher.repository import Repository
-from tests.support import Fault, TufClient, relay_state, settle, write_root
+from tests.support import (
+    Fault,
+    TufClient,
+    relay_config,
+    relay_state,
+    settle,
+    start_relay,
+    write_root,
+)
 
 BLOB_A = os.urandom(300_000)
 BLOB_B = os.urandom(70_000)
@@ -162,10 +171,6 @@ async def test_readyz_is_503_once_the_served_timestamp_has_expired(
 ):
     # A timestamp that lasts two seconds: agents refuse expired metadata, so the relay
     # must stop calling itself ready once it expired, and say why.
-    import asyncio
-
-    import aiohttp
-
     repo = Repository.init(tmp_path / "short", expires={"timestamp": 2})
     repo.add_bytes(BLOB_B, "sigs.db", product="sigs", version="1.0.0", kind="content")
     origin = await serve_origin(repo)
