@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import coverage
 from aiohttp import web
 from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
@@ -250,6 +251,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+def coverage_env() -> dict[str, str]:
+    """``COVERAGE_PROCESS_START`` for a relay child process, when this process is measured.
+
+    coverage.py's own ``.pth`` file (coverage 7.13+) starts measuring a Python process
+    that finds this variable, with ``[tool.coverage.run]`` from ``pyproject.toml``
+    (``source``, ``parallel``: the child writes its own data file, which pytest-cov
+    combines into the report). It is given to relay processes only, not set for the
+    whole session: a child started to check what a module imports must not get
+    coverage's own imports (multiprocessing) added.
+    """
+    if coverage.Coverage.current() is None:
+        return {}
+    return {"COVERAGE_PROCESS_START": str(PYPROJECT)}
+
+
 @dataclass
 class RelayProcess:
     """A ``relay serve`` process: ``url`` is its base URL (ending in ``/``)."""
@@ -267,8 +286,8 @@ async def start_relay_process(
 ) -> asyncio.subprocess.Process:
     """`relay serve` in its own process (prefetch off); wait until /readyz answers 200.
 
-    The child inherits the environment, so under coverage (``patch = ["subprocess"]``)
-    it is measured too; stop it with SIGTERM so it exits cleanly and writes its data.
+    When the tests are measured, so is the child (see :func:`coverage_env`); stop it
+    with SIGTERM so it exits cleanly and writes its data.
     """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -280,7 +299,7 @@ async def start_relay_process(
         f"127.0.0.1:{port}",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "RELAY_SYNC__PREFETCH": "none", **(env or {})},
+        env={**os.environ, **coverage_env(), "RELAY_SYNC__PREFETCH": "none", **(env or {})},
         preexec_fn=preexec_fn,
     )
     async with aiohttp.ClientSession() as s:
