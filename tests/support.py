@@ -1,26 +1,34 @@
-"""Test support: a fault-injecting origin, relay configs, and a stock TUF client.
+"""Test support: plain helpers behind the fixtures in ``conftest.py``.
 
-The origin is a real aiohttp application serving a publisher's ``public/`` tree
-over loopback; faults are switched per path so tests can play a hostile or broken
-upstream. The TUF client is python-tuf's own ``ngclient.Updater``.
+A fault-injecting origin, relay configs, starting relays (in-process or as a real
+``relay serve`` process), and a stock TUF client. The origin is a real aiohttp
+application serving a publisher's ``public/`` tree over loopback; faults are switched
+per path so tests can play a hostile or broken upstream. The TUF client is
+python-tuf's own ``ngclient.Updater``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
+import socket
+import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import coverage
 from aiohttp import web
 from tuf.api.metadata import Metadata
 from tuf.ngclient import Updater
 
 from relay.config import Config, load_config
+from relay.publisher.repository import Repository
+from relay.server import make_app
+from relay.server.state import STATE
 
 
 @dataclass
@@ -153,6 +161,15 @@ def relay_config(
     return load_config(None, environ={}, overrides=values)
 
 
+def released(repo: Repository, data: bytes, name: str, **info: Any) -> Repository:
+    """Add one release to ``repo`` and return it (the body of a module's ``repo`` fixture).
+
+    ``info`` takes :meth:`Repository.add_bytes`'s keywords: product, version, kind...
+    """
+    repo.add_bytes(data, name, **info)
+    return repo
+
+
 def write_root(tmp_path: Path, data: bytes, name: str = "root.json") -> Path:
     path = tmp_path / name
     path.write_bytes(data)
@@ -205,30 +222,8 @@ class TufClient:
         await asyncio.to_thread(self.refresh)
 
 
-def snapshot_tree(path: Path) -> dict[str, bytes]:
-    """Every file under ``path`` with its bytes (to check nothing changed)."""
-    out = {}
-    for root, _dirs, files in os.walk(path):
-        for f in files:
-            p = Path(root) / f
-            out[str(p.relative_to(path))] = p.read_bytes()
-    return out
-
-
-def copy_public(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest)
-    return dest
-
-
-def metadata_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_bytes())
-
-
 async def start_relay(aiohttp_server: Any, config: Config) -> Any:
     """Start a relay on loopback and wait for its first verified sync."""
-    from relay.server import make_app
-    from relay.server.state import STATE
-
     app = make_app(config)
     server = await aiohttp_server(app)
     state = app[STATE]
@@ -240,8 +235,6 @@ async def start_relay(aiohttp_server: Any, config: Config) -> Any:
 
 
 def relay_state(server: Any) -> Any:
-    from relay.server.state import STATE
-
     return server.app[STATE]
 
 
@@ -253,19 +246,49 @@ async def settle(server: Any) -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-async def start_relay_process(args, port, env=None, preexec_fn=None):
-    """`relay serve` in its own process (prefetch off); wait until /readyz answers 200."""
-    import sys
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
-    import aiohttp
 
+def coverage_env() -> dict[str, str]:
+    """``COVERAGE_PROCESS_START`` for a relay child process, when this process is measured.
+
+    coverage.py's own ``.pth`` file (coverage 7.13+) starts measuring a Python process
+    that finds this variable, with ``[tool.coverage.run]`` from ``pyproject.toml``
+    (``source``, ``parallel``: the child writes its own data file, which pytest-cov
+    combines into the report). It is given to relay processes only, not set for the
+    whole session: a child started to check what a module imports must not get
+    coverage's own imports (multiprocessing) added.
+    """
+    if coverage.Coverage.current() is None:
+        return {}
+    return {"COVERAGE_PROCESS_START": str(PYPROJECT)}
+
+
+@dataclass
+class RelayProcess:
+    """A ``relay serve`` process: ``url`` is its base URL (ending in ``/``)."""
+
+    proc: asyncio.subprocess.Process
+    url: str
+    data_dir: Path
+
+
+async def start_relay_process(
+    args: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> asyncio.subprocess.Process:
+    """`relay serve` in its own process (prefetch off); wait until /readyz answers 200.
+
+    When the tests are measured, so is the child (see :func:`coverage_env`); stop it
+    with SIGTERM so it exits cleanly and writes its data.
+    """
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -276,7 +299,7 @@ async def start_relay_process(args, port, env=None, preexec_fn=None):
         f"127.0.0.1:{port}",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "RELAY_SYNC__PREFETCH": "none", **(env or {})},
+        env={**os.environ, **coverage_env(), "RELAY_SYNC__PREFETCH": "none", **(env or {})},
         preexec_fn=preexec_fn,
     )
     async with aiohttp.ClientSession() as s:

@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from relay.agent.updater import Agent, AgentConfig
-from relay.publisher.repository import Repository
-from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
+from relay.server.replica import pull_parent_policy
+from tests.support import relay_state, released
 
 TOKEN = "t0ken-for-tests"
 V1 = b"one" * 20000
@@ -19,24 +19,14 @@ EULA = b"You agree to everything.\n"
 
 
 @pytest.fixture
-def repo(tmp_path):
-    repo = Repository.init(tmp_path / "repo")
-    repo.add_bytes(V1, "app.bin", product="app", version="1.0.0")
-    return repo
+def repo(repo):
+    return released(repo, V1, "app.bin", product="app", version="1.0.0")
 
 
 @pytest.fixture
-async def relay(tmp_path, repo, aiohttp_server):
-    origin = Origin(repo.public_dir)
-    server = await aiohttp_server(origin.app())
-    root = write_root(tmp_path, repo.root_bytes(1))
-    relay = await start_relay(
-        aiohttp_server,
-        relay_config(tmp_path, [str(server.make_url("/"))], root, **{"admin.token": TOKEN}),
-    )
-    await settle(relay)
-    relay.url = str(relay.make_url("/"))
-    relay.root = root
+async def relay(serve_relay, root_file):
+    relay = await serve_relay(**{"admin.token": TOKEN})
+    relay.root = root_file
     return relay
 
 
@@ -65,6 +55,12 @@ async def admin(relay, method, path, body=None, token=TOKEN):
         )
 
 
+async def set_approval(relay, version, status, token=TOKEN, **fields):
+    """Set the approval of product ``app`` at ``version`` (``fields``: group...)."""
+    body = {"product": "app", "version": version, "status": status, **fields}
+    return await admin(relay, "POST", "/v1/admin/approvals", body, token=token)
+
+
 async def run(agent):
     return await asyncio.to_thread(agent.run_once)
 
@@ -73,12 +69,7 @@ async def test_undefined_software_waits_for_approval_and_audit(tmp_path, relay):
     a = make_agent(tmp_path, relay, "a1")
     s = await run(a)
     assert s.installed == [] and "app" not in a.installed
-    status, body = await admin(
-        relay,
-        "POST",
-        "/v1/admin/approvals",
-        {"product": "app", "version": "1.0.0", "status": "approved"},
-    )
+    status, body = await set_approval(relay, "1.0.0", "approved")
     assert status == 200, body
     s = await run(a)
     assert s.installed == ["app 1.0.0"]
@@ -91,34 +82,19 @@ async def test_undefined_software_waits_for_approval_and_audit(tmp_path, relay):
 
 
 async def test_pilot_ring_then_decline_moves_back(tmp_path, repo, relay):
-    await admin(
-        relay,
-        "POST",
-        "/v1/admin/approvals",
-        {"product": "app", "version": "1.0.0", "status": "approved"},
-    )
+    await set_approval(relay, "1.0.0", "approved")
     pilot, other = make_agent(tmp_path, relay, "p1", "pilot"), make_agent(tmp_path, relay, "d1")
     await run(pilot)
     await run(other)
     repo.add_bytes(V2, "app.bin", product="app", version="1.1.0")
     await relay_state(relay).mirror.sync_once()
-    status, _ = await admin(
-        relay,
-        "POST",
-        "/v1/admin/approvals",
-        {"product": "app", "version": "1.1.0", "status": "approved", "group": "pilot"},
-    )
+    status, _ = await set_approval(relay, "1.1.0", "approved", group="pilot")
     assert status == 200
     assert (await run(pilot)).installed == ["app 1.1.0"]
     assert (await run(other)).installed == []
     assert other.installed["app"]["version"] == "1.0.0"
     # Declined after install: pilot agents move back to the newest approved version.
-    status, _ = await admin(
-        relay,
-        "POST",
-        "/v1/admin/approvals",
-        {"product": "app", "version": "1.1.0", "status": "declined", "group": "pilot"},
-    )
+    status, _ = await set_approval(relay, "1.1.0", "declined", group="pilot")
     assert status == 200
     s = await run(pilot)
     assert s.installed == ["app 1.0.0"]
@@ -173,55 +149,29 @@ async def test_settings_change_and_bad_body(relay):
     assert status == 200 and body["relays_only"] is True
     status, body = await admin(relay, "PUT", "/v1/admin/settings", {"rollout_mode": "soonish"})
     assert status == 400 and "rollout_mode" in body["error"]
-    status, body = await admin(
-        relay,
-        "POST",
-        "/v1/admin/approvals",
-        {"product": "app", "version": "1.0.0", "status": "maybe"},
-    )
+    status, body = await set_approval(relay, "1.0.0", "maybe")
     assert status == 400
 
 
-async def test_replica_follows_parent_and_refuses_local_changes(
-    tmp_path, repo, relay, aiohttp_server
-):
+async def test_replica_follows_parent_and_refuses_local_changes(tmp_path, repo, relay, serve_relay):
     token_file = tmp_path / "parent-token"
     token_file.write_text(TOKEN + "\n")
-    replica = await start_relay(
-        aiohttp_server,
-        relay_config(
-            tmp_path,
-            [relay.url],
-            relay.root,
-            name="replica",
-            **{
-                "policy.mode": "replica",
-                "policy.parent_url": relay.url,
-                "policy.parent_token_file": str(token_file),
-                "admin.token": "replica-token",
-            },
-        ),
+    replica = await serve_relay(
+        [relay.url],
+        name="replica",
+        **{
+            "policy.mode": "replica",
+            "policy.parent_url": relay.url,
+            "policy.parent_token_file": str(token_file),
+            "admin.token": "replica-token",
+        },
     )
-    await settle(replica)
-    await admin(
-        relay,
-        "POST",
-        "/v1/admin/approvals",
-        {"product": "app", "version": "1.0.0", "status": "approved"},
-    )
-    from relay.server.replica import pull_parent_policy
-
+    await set_approval(relay, "1.0.0", "approved")
     rstate = relay_state(replica)
     parent = rstate.upstream.with_base_url(rstate.config.policy.parent_url)
     assert await pull_parent_policy(rstate.config, parent, rstate.policy) is True
     assert rstate.policy.export() == relay_state(relay).policy.export()
-    status, body = await admin(
-        replica,
-        "POST",
-        "/v1/admin/approvals",
-        {"product": "app", "version": "1.0.0", "status": "declined"},
-        token="replica-token",
-    )
+    status, body = await set_approval(replica, "1.0.0", "declined", token="replica-token")
     assert status == 409
     replica.url = str(replica.make_url("/"))
     replica.root = relay.root

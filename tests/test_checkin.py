@@ -8,24 +8,15 @@ import json
 import aiohttp
 import pytest
 
-from relay.publisher.repository import Repository
-from tests.support import relay_config, relay_state, settle, start_relay, write_root
+from tests.support import relay_state, released
 
 V1 = b"v1" * 1000
 SHA = hashlib.sha256(V1).hexdigest()
 
 
 @pytest.fixture
-async def relay(tmp_path, aiohttp_server, serve_origin):
-    repo = Repository.init(tmp_path / "repo")
-    repo.add_bytes(V1, "a.bin", product="app", version="1.0.0", kind="content")
-    origin = await serve_origin(repo)
-    relay = await start_relay(
-        aiohttp_server,
-        relay_config(tmp_path, [origin.url], write_root(tmp_path, repo.root_bytes(1))),
-    )
-    await settle(relay)
-    return relay
+def repo(repo):
+    return released(repo, V1, "a.bin", product="app", version="1.0.0", kind="content")
 
 
 async def post(relay, path, data, **headers):

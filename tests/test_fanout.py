@@ -9,8 +9,7 @@ import os
 import aiohttp
 import pytest
 
-from relay.publisher.repository import Repository
-from tests.support import Fault, relay_config, relay_state, settle, start_relay, write_root
+from tests.support import Fault, relay_state, released
 
 SIZE = 2 * 1024 * 1024
 BLOB = os.urandom(SIZE)
@@ -18,24 +17,12 @@ SHA = hashlib.sha256(BLOB).hexdigest()
 
 
 @pytest.fixture
-def repo(tmp_path):
-    repo = Repository.init(tmp_path / "repo")
-    repo.add_bytes(BLOB, "big.bin", product="big", version="1.0.0")
-    return repo
+def repo(repo):
+    return released(repo, BLOB, "big.bin", product="big", version="1.0.0")
 
 
-@pytest.fixture
-async def origin(repo, serve_origin):
-    return await serve_origin(repo)
-
-
-async def _relay(tmp_path, repo, origin, aiohttp_server, **overrides):
-    root = write_root(tmp_path, repo.root_bytes(1))
-    values = {"sync.prefetch": "none", **overrides}
-    relay = await start_relay(
-        aiohttp_server, relay_config(tmp_path, [str(origin.server.make_url("/"))], root, **values)
-    )
-    await settle(relay)
+async def _relay(serve_relay, repo, **overrides):
+    relay = await serve_relay(**{"sync.prefetch": "none", **overrides})
     relay.blob_path = f"/targets/{repo.targets()[0].url_path}"
     return relay
 
@@ -71,8 +58,8 @@ def _session():
 
 
 @pytest.mark.timeout(120)
-async def test_200_cold_requests_one_upstream_fetch(tmp_path, repo, origin, aiohttp_server):
-    relay = await _relay(tmp_path, repo, origin, aiohttp_server)
+async def test_200_cold_requests_one_upstream_fetch(repo, origin, serve_relay):
+    relay = await _relay(serve_relay, repo)
     async with _session() as session:
         downloads, tasks = await _fan_out(relay, 200, session)
         await asyncio.gather(*tasks)
@@ -87,10 +74,10 @@ async def test_200_cold_requests_one_upstream_fetch(tmp_path, repo, origin, aioh
     assert metrics.coalesced_bytes._value.get() == served[("upstream",)] - SIZE
 
 
-async def test_waiters_get_bytes_before_an_upstream_pause(tmp_path, repo, origin, aiohttp_server):
+async def test_waiters_get_bytes_before_an_upstream_pause(repo, origin, serve_relay):
     half = SIZE // 2
     fault = Fault(pause_at=half, paused=asyncio.Event(), resume=asyncio.Event())
-    relay = await _relay(tmp_path, repo, origin, aiohttp_server)
+    relay = await _relay(serve_relay, repo)
     origin.faults[relay.blob_path.removeprefix("/")] = fault
     async with _session() as session:
         downloads, tasks = await _fan_out(relay, 20, session)
@@ -107,8 +94,8 @@ async def test_waiters_get_bytes_before_an_upstream_pause(tmp_path, repo, origin
     assert origin.hits[relay.blob_path.removeprefix("/")] == 1
 
 
-async def test_upstream_break_is_resumed_invisibly(tmp_path, repo, origin, aiohttp_server):
-    relay = await _relay(tmp_path, repo, origin, aiohttp_server)
+async def test_upstream_break_is_resumed_invisibly(repo, origin, serve_relay):
+    relay = await _relay(serve_relay, repo)
     path = relay.blob_path.removeprefix("/")
     origin.faults[path] = Fault(break_at=SIZE // 3)
     async with _session() as session:
@@ -119,10 +106,8 @@ async def test_upstream_break_is_resumed_invisibly(tmp_path, repo, origin, aioht
     assert any(p == path and r.startswith("bytes=") for p, r in origin.ranges)
 
 
-async def test_corrupt_upstream_every_waiter_short_read_nothing_cached(
-    tmp_path, repo, origin, aiohttp_server
-):
-    relay = await _relay(tmp_path, repo, origin, aiohttp_server)
+async def test_corrupt_upstream_every_waiter_short_read_nothing_cached(repo, origin, serve_relay):
+    relay = await _relay(serve_relay, repo)
     origin.faults[relay.blob_path.removeprefix("/")] = Fault(corrupt=True)
     async with _session() as session:
         downloads, tasks = await _fan_out(relay, 30, session)
@@ -137,11 +122,9 @@ async def test_corrupt_upstream_every_waiter_short_read_nothing_cached(
     assert 'relay_fills_total{result="HashMismatchError"} 1.0' in text
 
 
-async def test_a_waiter_that_disconnects_does_not_cancel_the_fill(
-    tmp_path, repo, origin, aiohttp_server
-):
+async def test_a_waiter_that_disconnects_does_not_cancel_the_fill(repo, origin, serve_relay):
     fault = Fault(pause_at=SIZE // 2, paused=asyncio.Event(), resume=asyncio.Event())
-    relay = await _relay(tmp_path, repo, origin, aiohttp_server)
+    relay = await _relay(serve_relay, repo)
     origin.faults[relay.blob_path.removeprefix("/")] = fault
     async with _session() as session:
         downloads, tasks = await _fan_out(relay, 2, session)
@@ -157,17 +140,9 @@ async def test_a_waiter_that_disconnects_does_not_cancel_the_fill(
     assert relay_state(relay).mirror.store.contains(SHA)
 
 
-async def test_past_the_concurrency_limit_503_with_retry_after(
-    tmp_path, repo, origin, aiohttp_server
-):
+async def test_past_the_concurrency_limit_503_with_retry_after(repo, origin, serve_relay):
     fault = Fault(pause_at=SIZE // 2, paused=asyncio.Event(), resume=asyncio.Event())
-    relay = await _relay(
-        tmp_path,
-        repo,
-        origin,
-        aiohttp_server,
-        **{"limits.max_transfers": 2, "limits.retry_after": 7},
-    )
+    relay = await _relay(serve_relay, repo, **{"limits.max_transfers": 2, "limits.retry_after": 7})
     origin.faults[relay.blob_path.removeprefix("/")] = fault
     async with _session() as session:
         downloads, tasks = await _fan_out(relay, 2, session)
@@ -184,9 +159,9 @@ async def test_past_the_concurrency_limit_503_with_retry_after(
     assert all(hashlib.sha256(d.received).hexdigest() == SHA for d in downloads)
 
 
-async def test_per_agent_limit_through_the_relay(tmp_path, repo, origin, aiohttp_server):
+async def test_per_agent_limit_through_the_relay(repo, origin, serve_relay):
     rate = 512 * 1024
-    relay = await _relay(tmp_path, repo, origin, aiohttp_server, **{"limits.per_agent": rate})
+    relay = await _relay(serve_relay, repo, **{"limits.per_agent": rate})
     await relay_state(relay).mirror.prefetch_now()
     loop = asyncio.get_running_loop()
     arrivals = []

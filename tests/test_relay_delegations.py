@@ -11,7 +11,7 @@ from tuf.api.metadata import DelegatedRole, Delegations, Metadata, MetaFile, Tar
 from tuf.api.serialization.json import JSONSerializer
 
 from relay.publisher.repository import Repository
-from tests.support import TufClient, relay_config, relay_state, settle, start_relay, write_root
+from tests.support import TufClient, relay_state
 
 BLOB = os.urandom(50_000)
 
@@ -68,16 +68,10 @@ def _delegate(repo: Repository) -> str:
     return path
 
 
-async def test_delegated_role_through_the_relay(tmp_path, aiohttp_server, serve_origin):
-    repo = Repository.init(tmp_path / "repo")
+async def test_delegated_role_through_the_relay(tmp_path, repo, serve_relay):
     repo.add_bytes(os.urandom(1000), "a.bin", product="app", version="1.0.0")
     path = _delegate(repo)
-    origin = await serve_origin(repo)
-    relay = await start_relay(
-        aiohttp_server,
-        relay_config(tmp_path, [origin.url], write_root(tmp_path, repo.root_bytes(1))),
-    )
-    await settle(relay)
+    relay = await serve_relay()
     state = relay_state(relay)
     assert path in state.mirror.current.targets
     assert "app/9.9.9/a.bin" not in state.mirror.current.targets

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import resource
@@ -10,9 +9,6 @@ import signal
 
 import aiohttp
 import pytest
-
-from relay.publisher.repository import Repository
-from tests.support import Origin, free_port, start_relay_process, write_root
 
 LIMIT = 1024 * 1024
 
@@ -24,39 +20,22 @@ def _limit_writes():
 
 
 @pytest.mark.timeout(60)
-async def test_write_failure_mid_fill(tmp_path, aiohttp_server):
-    repo = Repository.init(tmp_path / "repo")
+async def test_write_failure_mid_fill(repo, relay_process):
     small = repo.add_bytes(os.urandom(200_000), "small.bin", product="small", version="1.0.0")
     big = repo.add_bytes(os.urandom(3 * LIMIT), "big.bin", product="big", version="1.0.0")
-    origin = Origin(repo.public_dir)
-    server = await aiohttp_server(origin.app())
-    data_dir = tmp_path / "data"
-    args = [
-        "--upstream",
-        str(server.make_url("/")),
-        "--trusted-root",
-        str(write_root(tmp_path, repo.root_bytes(1))),
-        "--data-dir",
-        str(data_dir),
-    ]
-    port = free_port()
-    proc = await start_relay_process(args, port, preexec_fn=_limit_writes)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as s:
-            async with s.get(f"{base}/targets/{small.url_path}") as r:
-                assert hashlib.sha256(await r.read()).hexdigest() == small.sha256
-            with pytest.raises(aiohttp.ClientPayloadError):  # a short read, never a full body
-                async with s.get(f"{base}/targets/{big.url_path}") as r:
-                    await r.read()
-            # Nothing partial is kept; hits are still served.
-            assert list((data_dir / "blobs" / "tmp").iterdir()) == []
-            assert not (data_dir / "blobs" / "sha256" / big.sha256[:2] / big.sha256[2:]).exists()
-            async with s.get(f"{base}/targets/{small.url_path}") as r:
-                assert r.status == 200
-                assert hashlib.sha256(await r.read()).hexdigest() == small.sha256
-            async with s.get(f"{base}/metrics") as r:
-                assert 'relay_fills_total{result="OSError"} 1.0' in await r.text()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 20)
+    relay = await relay_process(preexec_fn=_limit_writes)
+    base, data_dir = relay.url.rstrip("/"), relay.data_dir
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/targets/{small.url_path}") as r:
+            assert hashlib.sha256(await r.read()).hexdigest() == small.sha256
+        with pytest.raises(aiohttp.ClientPayloadError):  # a short read, never a full body
+            async with s.get(f"{base}/targets/{big.url_path}") as r:
+                await r.read()
+        # Nothing partial is kept; hits are still served.
+        assert list((data_dir / "blobs" / "tmp").iterdir()) == []
+        assert not (data_dir / "blobs" / "sha256" / big.sha256[:2] / big.sha256[2:]).exists()
+        async with s.get(f"{base}/targets/{small.url_path}") as r:
+            assert r.status == 200
+            assert hashlib.sha256(await r.read()).hexdigest() == small.sha256
+        async with s.get(f"{base}/metrics") as r:
+            assert 'relay_fills_total{result="OSError"} 1.0' in await r.text()

@@ -12,37 +12,15 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata
 from tuf.api.serialization.json import JSONSerializer
 
-from relay.publisher.repository import Repository
 from relay.server import make_app
-from tests.support import (
-    Fault,
-    TufClient,
-    relay_config,
-    relay_state,
-    settle,
-    start_relay,
-    write_root,
-)
+from tests.support import Fault, TufClient, relay_state, released
 
 BLOB_A = os.urandom(200_000)
 
 
 @pytest.fixture
-def repo(tmp_path):
-    repo = Repository.init(tmp_path / "repo")
-    repo.add_bytes(BLOB_A, "agent.bin", product="agent", version="1.0.0")
-    return repo
-
-
-@pytest.fixture
-async def origin(repo, serve_origin):
-    return await serve_origin(repo)
-
-
-@pytest.fixture
-def cfg(tmp_path, repo, origin):
-    root_file = write_root(tmp_path, repo.root_bytes(1))
-    return relay_config(tmp_path, [str(origin.server.make_url("/"))], root_file)
+def repo(repo):
+    return released(repo, BLOB_A, "agent.bin", product="agent", version="1.0.0")
 
 
 def _ts(repo) -> bytes:
@@ -72,13 +50,10 @@ async def _new_version(repo) -> bytes:
 @pytest.mark.parametrize(
     "fault", [Fault(corrupt=True), Fault(extra=b"x" * 100)], ids=["bad-bytes", "extra-bytes"]
 )
-async def test_bad_target_bytes_are_refused_and_not_cached(
-    cfg, repo, origin, aiohttp_server, tmp_path, fault
-):
+async def test_bad_target_bytes_are_refused_and_not_cached(repo, origin, serve_relay, fault):
     target = repo.targets()[0]
     origin.faults[f"targets/{target.url_path}"] = fault
-    relay = await start_relay(aiohttp_server, cfg)
-    await settle(relay)
+    relay = await serve_relay()
     state = relay_state(relay)
     assert not state.mirror.store.contains(target.sha256)
     # A direct request gets a short read (the connection is aborted), never the bad bytes.
@@ -95,17 +70,19 @@ async def test_bad_target_bytes_are_refused_and_not_cached(
     assert hashlib.sha256(body).hexdigest() == target.sha256
 
 
-async def test_replayed_old_timestamp_refused_also_after_restart(cfg, repo, origin, aiohttp_server):
+async def test_replayed_old_timestamp_refused_also_after_restart(
+    repo, origin, serve_relay, aiohttp_server
+):
     old_ts = _ts(repo)
     await _new_version(repo)
-    relay = await start_relay(aiohttp_server, cfg)
-    await settle(relay)
+    relay = await serve_relay()
     good = relay_state(relay).mirror.current.timestamp_version
     origin.faults["metadata/timestamp.json"] = Fault(body=old_ts)
     assert (await relay_state(relay).mirror.sync_once()).value == "failed"
     assert relay_state(relay).mirror.current.timestamp_version == good
     status, body = await _get(relay, "/metadata/timestamp.json")
     assert status == 200 and body == _ts(repo)
+    cfg = relay_state(relay).config
     await relay.close()
 
     # After a restart, the relay still remembers the newer timestamp.
@@ -119,9 +96,8 @@ async def test_replayed_old_timestamp_refused_also_after_restart(cfg, repo, orig
     assert body == _ts(repo)
 
 
-async def test_mixed_snapshot_and_targets_versions_refused(cfg, repo, origin, aiohttp_server):
-    relay = await start_relay(aiohttp_server, cfg)
-    await settle(relay)
+async def test_mixed_snapshot_and_targets_versions_refused(repo, origin, serve_relay):
+    relay = await serve_relay()
     state = relay_state(relay)
     good = state.mirror.current.timestamp_version
     md = repo.public_dir / "metadata"
@@ -134,9 +110,8 @@ async def test_mixed_snapshot_and_targets_versions_refused(cfg, repo, origin, ai
     assert "targets" in state.mirror.last_sync_error
 
 
-async def test_metadata_signed_with_wrong_key_refused(cfg, repo, origin, aiohttp_server):
-    relay = await start_relay(aiohttp_server, cfg)
-    await settle(relay)
+async def test_metadata_signed_with_wrong_key_refused(repo, origin, serve_relay):
+    relay = await serve_relay()
     state = relay_state(relay)
     good_bytes = state.mirror.metadata_file("timestamp.json")
     intruder = CryptoSigner.generate_ed25519()
@@ -148,9 +123,8 @@ async def test_metadata_signed_with_wrong_key_refused(cfg, repo, origin, aiohttp
     assert state.mirror.metadata_file("timestamp.json") == good_bytes
 
 
-async def test_expired_timestamp_refused(cfg, repo, origin, aiohttp_server):
-    relay = await start_relay(aiohttp_server, cfg)
-    await settle(relay)
+async def test_expired_timestamp_refused(repo, origin, serve_relay):
+    relay = await serve_relay()
     state = relay_state(relay)
     good_bytes = state.mirror.metadata_file("timestamp.json")
     signer = repo.signer("timestamp")
@@ -173,9 +147,8 @@ async def test_expired_timestamp_refused(cfg, repo, origin, aiohttp_server):
     assert got["agent/1.0.0/agent.bin"][0] == BLOB_A
 
 
-async def test_metrics_count_failures_by_reason(cfg, repo, origin, aiohttp_server):
-    relay = await start_relay(aiohttp_server, cfg)
-    await settle(relay)
+async def test_metrics_count_failures_by_reason(repo, origin, serve_relay):
+    relay = await serve_relay()
     origin.faults["metadata/timestamp.json"] = Fault(body=b"{not json")
     await relay_state(relay).mirror.sync_once()
     status, text = await _get(relay, "/metrics")

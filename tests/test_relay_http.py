@@ -9,24 +9,19 @@ import subprocess
 
 import pytest
 
-from relay.publisher.repository import Repository
-from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
+from tests.support import relay_state, released
 
 BLOB = os.urandom(10_000)
 SHA = hashlib.sha256(BLOB).hexdigest()
 
 
 @pytest.fixture
-async def relay(tmp_path, aiohttp_server):
-    repo = Repository.init(tmp_path / "repo")
-    repo.add_bytes(BLOB, "pkg.bin", product="pkg", version="1.0.0")
-    origin = Origin(repo.public_dir)
-    server = await aiohttp_server(origin.app())
-    root = write_root(tmp_path, repo.root_bytes(1))
-    relay = await start_relay(
-        aiohttp_server, relay_config(tmp_path, [str(server.make_url("/"))], root)
-    )
-    await settle(relay)
+def repo(repo):
+    return released(repo, BLOB, "pkg.bin", product="pkg", version="1.0.0")
+
+
+@pytest.fixture
+async def relay(repo, relay):
     relay.url_path = f"/targets/{repo.targets()[0].url_path}"
     return relay
 

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 
+import aiohttp
 import pytest
 
 from relay.publisher.repository import Repository
 from tests.support import (
     Fault,
-    Origin,
     TufClient,
     relay_config,
     relay_state,
@@ -24,8 +25,7 @@ BLOB_B = os.urandom(70_000)
 
 
 @pytest.fixture
-def repo(tmp_path):
-    repo = Repository.init(tmp_path / "repo")
+def repo(repo):
     repo.add_bytes(BLOB_A, "agent.bin", product="agent", version="1.0.0")
     repo.add_bytes(
         BLOB_B,
@@ -39,23 +39,8 @@ def repo(tmp_path):
     return repo
 
 
-@pytest.fixture
-async def origin(repo, serve_origin):
-    return await serve_origin(repo)
-
-
-@pytest.fixture
-def root_file(tmp_path, repo):
-    return write_root(tmp_path, repo.root_bytes(1), "pinned-root.json")
-
-
-async def test_tuf_client_through_relay_each_blob_fetched_once(
-    tmp_path, repo, origin, root_file, aiohttp_server
-):
-    relay = await start_relay(
-        aiohttp_server, relay_config(tmp_path, [str(origin.server.make_url("/"))], root_file)
-    )
-    await settle(relay)
+async def test_tuf_client_through_relay_each_blob_fetched_once(tmp_path, repo, origin, serve_relay):
+    relay = await serve_relay()
     base = str(relay.make_url("/"))
     for n in range(2):
         client = TufClient(tmp_path / f"client{n}", base, repo.root_bytes(1))
@@ -69,14 +54,8 @@ async def test_tuf_client_through_relay_each_blob_fetched_once(
         assert origin.hits[f"targets/{target.url_path}"] == 1, target.path
 
 
-async def test_cold_relay_fetches_on_first_request(
-    tmp_path, repo, origin, root_file, aiohttp_server
-):
-    cfg = relay_config(
-        tmp_path, [str(origin.server.make_url("/"))], root_file, **{"sync.prefetch": "none"}
-    )
-    relay = await start_relay(aiohttp_server, cfg)
-    await settle(relay)
+async def test_cold_relay_fetches_on_first_request(tmp_path, repo, origin, serve_relay):
+    relay = await serve_relay(**{"sync.prefetch": "none"})
     assert origin.target_hits() == 0
     client = TufClient(tmp_path / "client", str(relay.make_url("/")), repo.root_bytes(1))
     got = await client.arefresh_and_download()
@@ -86,29 +65,9 @@ async def test_cold_relay_fetches_on_first_request(
     assert state.mirror.store.contains(hashlib.sha256(BLOB_A).hexdigest())
 
 
-async def test_chain_of_two_relays(tmp_path, repo, origin, root_file, aiohttp_server):
-    parent = await start_relay(
-        aiohttp_server,
-        relay_config(
-            tmp_path,
-            [str(origin.server.make_url("/"))],
-            root_file,
-            name="parent",
-            **{"sync.prefetch": "none"},
-        ),
-    )
-    await settle(parent)
-    child = await start_relay(
-        aiohttp_server,
-        relay_config(
-            tmp_path,
-            [str(parent.make_url("/"))],
-            root_file,
-            name="child",
-            **{"sync.prefetch": "none"},
-        ),
-    )
-    await settle(child)
+async def test_chain_of_two_relays(tmp_path, repo, origin, serve_relay):
+    parent = await serve_relay(name="parent", **{"sync.prefetch": "none"})
+    child = await serve_relay([parent.url], name="child", **{"sync.prefetch": "none"})
     for n in range(3):
         client = TufClient(tmp_path / f"c{n}", str(child.make_url("/")), repo.root_bytes(1))
         got = await client.arefresh_and_download()
@@ -117,13 +76,8 @@ async def test_chain_of_two_relays(tmp_path, repo, origin, root_file, aiohttp_se
         assert origin.hits[f"targets/{target.url_path}"] == 1
 
 
-async def test_new_version_and_root_rotation_followed(
-    tmp_path, repo, origin, root_file, aiohttp_server
-):
-    relay = await start_relay(
-        aiohttp_server, relay_config(tmp_path, [str(origin.server.make_url("/"))], root_file)
-    )
-    await settle(relay)
+async def test_new_version_and_root_rotation_followed(tmp_path, repo, serve_relay):
+    relay = await serve_relay()
     client = TufClient(tmp_path / "client", str(relay.make_url("/")), repo.root_bytes(1))
     await client.arefresh_and_download()
 
@@ -147,23 +101,15 @@ async def test_new_version_and_root_rotation_followed(
 
 
 async def relay_client_get(server, path: str) -> bytes:
-    import aiohttp
-
     async with aiohttp.ClientSession() as session, session.get(server.make_url(path)) as resp:
         assert resp.status == 200, (path, resp.status)
         return await resp.read()
 
 
-async def test_failover_and_outage(tmp_path, repo, origin, root_file, aiohttp_server):
-    down = Origin(repo.public_dir, down=True)
-    down.server = await aiohttp_server(down.app())
-    cfg = relay_config(
-        tmp_path,
-        [str(down.server.make_url("/")), str(origin.server.make_url("/"))],
-        root_file,
-    )
-    relay = await start_relay(aiohttp_server, cfg)
-    await settle(relay)
+async def test_failover_and_outage(tmp_path, repo, origin, serve_origin, serve_relay):
+    down = await serve_origin(repo)
+    down.down = True
+    relay = await serve_relay([down.url, origin.url])
     assert down.hits  # tried first
     client = TufClient(tmp_path / "client", str(relay.make_url("/")), repo.root_bytes(1))
     got = await client.arefresh_and_download()
@@ -173,8 +119,6 @@ async def test_failover_and_outage(tmp_path, repo, origin, root_file, aiohttp_se
     origin.down = True
     state = relay_state(relay)
     await state.mirror.sync_once()
-    import aiohttp
-
     async with aiohttp.ClientSession() as session:
         async with session.get(relay.make_url("/readyz")) as resp:
             body = await resp.json()
@@ -193,14 +137,11 @@ async def test_failover_and_outage(tmp_path, repo, origin, root_file, aiohttp_se
     assert got["sigs/2024.1.0/sigs.db"][0] == BLOB_B
 
 
-async def test_relay_pinned_to_a_newer_root_serves_the_older_chain(
-    tmp_path, repo, origin, aiohttp_server
-):
+async def test_relay_pinned_to_a_newer_root_serves_the_older_chain(tmp_path, repo, serve_relay):
     repo.rotate("root")
     repo.rotate("root")
     pinned = write_root(tmp_path, repo.root_bytes(3), "pinned-3.json")
-    relay = await start_relay(aiohttp_server, relay_config(tmp_path, [origin.url], pinned))
-    await settle(relay)
+    relay = await serve_relay(trusted_root=pinned)
     for version in (1, 2, 3):
         assert await relay_client_get(relay, f"/metadata/{version}.root.json") == repo.root_bytes(
             version
@@ -212,14 +153,13 @@ async def test_relay_pinned_to_a_newer_root_serves_the_older_chain(
 
 
 async def test_older_roots_that_do_not_chain_to_the_pinned_root_are_not_served(
-    tmp_path, repo, origin, aiohttp_server
+    tmp_path, repo, origin, serve_relay
 ):
     repo.rotate("root")
     other = Repository.init(tmp_path / "other")  # a root 1 of someone else
     origin.faults["metadata/1.root.json"] = Fault(body=other.root_bytes(1))
     pinned = write_root(tmp_path, repo.root_bytes(2), "pinned-2.json")
-    relay = await start_relay(aiohttp_server, relay_config(tmp_path, [origin.url], pinned))
-    await settle(relay)
+    relay = await serve_relay(trusted_root=pinned)
     state = relay_state(relay)
     assert state.mirror.current is not None
     assert state.mirror.metadata_file("1.root.json") is None
@@ -231,10 +171,6 @@ async def test_readyz_is_503_once_the_served_timestamp_has_expired(
 ):
     # A timestamp that lasts two seconds: agents refuse expired metadata, so the relay
     # must stop calling itself ready once it expired, and say why.
-    import asyncio
-
-    import aiohttp
-
     repo = Repository.init(tmp_path / "short", expires={"timestamp": 2})
     repo.add_bytes(BLOB_B, "sigs.db", product="sigs", version="1.0.0", kind="content")
     origin = await serve_origin(repo)

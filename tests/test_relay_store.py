@@ -6,30 +6,11 @@ import hashlib
 import os
 
 import aiohttp
-import pytest
 
 from relay.cache.store import ScrubOutcome
-from relay.publisher.repository import Repository
-from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
+from tests.support import relay_state
 
 SIZE = 100_000
-
-
-@pytest.fixture
-def repo(tmp_path):
-    return Repository.init(tmp_path / "repo")
-
-
-async def _start(tmp_path, repo, aiohttp_server, **overrides):
-    origin = Origin(repo.public_dir)
-    origin.server = await aiohttp_server(origin.app())
-    root = write_root(tmp_path, repo.root_bytes(1))
-    relay = await start_relay(
-        aiohttp_server,
-        relay_config(tmp_path, [str(origin.server.make_url("/"))], root, **overrides),
-    )
-    await settle(relay)
-    return origin, relay
 
 
 async def _get(relay, target):
@@ -40,7 +21,7 @@ async def _get(relay, target):
         return r.status, await r.read(), r.headers
 
 
-async def test_quota_evicts_lru_and_never_pinned(tmp_path, repo, aiohttp_server):
+async def test_quota_evicts_lru_and_never_pinned(repo, serve_relay):
     # Product "app": 4 versions, keep_versions=2 pins the two newest.
     app = [
         repo.add_bytes(os.urandom(SIZE), "app.bin", product="app", version=f"1.0.{i}")
@@ -50,10 +31,7 @@ async def test_quota_evicts_lru_and_never_pinned(tmp_path, repo, aiohttp_server)
         repo.add_bytes(os.urandom(SIZE), f"tool{i}.bin", product=f"tool{i}", version="1.0.0")
         for i in range(3)
     ]
-    origin, relay = await _start(
-        tmp_path,
-        repo,
-        aiohttp_server,
+    relay = await serve_relay(
         **{"sync.prefetch": "none", "store.max_bytes": 5 * SIZE, "store.keep_versions": 2},
     )
     store = relay_state(relay).mirror.store
@@ -69,13 +47,10 @@ async def test_quota_evicts_lru_and_never_pinned(tmp_path, repo, aiohttp_server)
     assert not store.contains(app[0].sha256) and not store.contains(app[1].sha256)
 
 
-async def test_full_store_refuses_new_fills_but_serves_hits(tmp_path, repo, aiohttp_server):
+async def test_full_store_refuses_new_fills_but_serves_hits(repo, serve_relay):
     a = repo.add_bytes(os.urandom(SIZE), "a.bin", product="a", version="1.0.0")
     b = repo.add_bytes(os.urandom(SIZE), "b.bin", product="b", version="1.0.0")
-    origin, relay = await _start(
-        tmp_path,
-        repo,
-        aiohttp_server,
+    relay = await serve_relay(
         **{"sync.prefetch": "none", "store.max_bytes": SIZE + 10, "store.retry_after": 42},
     )
     status, _, _ = await _get(relay, a)
@@ -90,9 +65,9 @@ async def test_full_store_refuses_new_fills_but_serves_hits(tmp_path, repo, aioh
         assert 'relay_rejected_total{reason="store_full"}' in await r.text()
 
 
-async def test_scrub_quarantines_and_refetches(tmp_path, repo, aiohttp_server):
+async def test_scrub_quarantines_and_refetches(repo, origin, serve_relay):
     t = repo.add_bytes(os.urandom(SIZE), "a.bin", product="a", version="1.0.0")
-    origin, relay = await _start(tmp_path, repo, aiohttp_server)
+    relay = await serve_relay()
     state = relay_state(relay)
     store = state.mirror.store
     assert origin.hits[f"targets/{t.url_path}"] == 1

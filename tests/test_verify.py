@@ -15,14 +15,12 @@ from tuf.api.serialization.json import JSONSerializer
 
 from relay.core.verify import TimestampOutcome, TrustSession, root_version
 from relay.errors import MetadataRejectedError
-from relay.publisher.repository import Repository
+from tests.support import released
 
 
 @pytest.fixture
-def repo(tmp_path):
-    repo = Repository.init(tmp_path / "repo")
-    repo.add_bytes(os.urandom(1000), "a.bin", product="a", version="1.0.0")
-    return repo
+def repo(repo):
+    return released(repo, os.urandom(1000), "a.bin", product="a", version="1.0.0")
 
 
 def _md(repo, name):
