@@ -152,6 +152,9 @@ class RelayMetrics:
             r, "relay_cache_bytes", "Bytes in the blob store (with fills reserved)."
         )
         self.cache_objects = _gauge(r, "relay_cache_objects", "Blobs in the store.")
+        self.cache_max_bytes = _gauge(
+            r, "relay_cache_max_bytes", "The blob store's quota in bytes (0: unlimited)."
+        )
         self.evictions = _counter(r, "relay_evictions", "Blobs evicted for space.")
         self.fills = _counter(
             r, "relay_fills", "Upstream blob fills by result (ok or an error name).", "result"

@@ -187,6 +187,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     app[ADMIN_TOKEN] = await asyncio.to_thread(config.admin_token)  # may read a file
     metrics.bind(metrics.active_transfers, lambda: float(state.gate.active))
     watch_fleet(state)
+    metrics.cache_max_bytes.set(config.store.max_bytes)
     store.on_removed.append(state.files.forget)
     store.on_evicted.append(lambda _sha, _size: metrics.evictions.inc())
 
