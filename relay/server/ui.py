@@ -562,12 +562,14 @@ async def _to_index(_request: web.Request) -> web.StreamResponse:
 def add_ui_routes(app: web.Application) -> None:
     """Register ``/ui/…`` (and its in-memory sessions)."""
     app[SESSIONS] = Sessions()
-    r = app.router
-    r.add_get("/ui", _to_index)
-    r.add_get("/ui/", index, name="ui")
-    r.add_get("/ui/login", login_form)
-    r.add_post("/ui/login", login)
-    r.add_post("/ui/logout", logout)
-    r.add_post("/ui/approvals", approval)
-    r.add_get("/ui/report.csv", report)
-    r.add_get("/ui/agents/{agent_id}", agent_page)
+    for method, path, handler in (
+        ("GET", "/ui", _to_index),
+        ("GET", "/ui/", index),
+        ("GET", "/ui/login", login_form),
+        ("POST", "/ui/login", login),
+        ("POST", "/ui/logout", logout),
+        ("POST", "/ui/approvals", approval),
+        ("GET", "/ui/report.csv", report),
+        ("GET", "/ui/agents/{agent_id}", agent_page),
+    ):
+        app.router.add_route(method, path, handler)
