@@ -3,6 +3,7 @@ CSV a spreadsheet opens, agent details, version distribution, the token."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -150,3 +151,46 @@ async def test_registry_survives_a_restart(tmp_path, aiohttp_server, fleet):
     again = Registry(state.registry._kv)
     await again.load()
     assert json.dumps([r.to_dict() for r in again.all()], sort_keys=True) == before
+
+
+async def test_cli_report_versions_and_agents(fleet, tmp_path, capsys, monkeypatch):
+    from relay.cli.main import main
+
+    monkeypatch.setenv("RELAY_ADMIN_TOKEN", "fleet-t0ken-for-tests")
+
+    def cli(*argv):
+        return main(["admin", "--url", fleet.url, *argv])
+
+    assert await asyncio.to_thread(cli, "report") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == [
+        "AGENT",
+        "GROUP",
+        "PRODUCT",
+        "INSTALLED",
+        "OFFERED",
+        "STATE",
+        "REASON",
+        "LAST",
+        "SEEN",
+    ]
+    assert len(out) == 5
+    assert any(
+        line.startswith("broken ") and "failed" in line and "install_failed" in line for line in out
+    )
+    assert await asyncio.to_thread(cli, "report", "--state", "failed", "--csv") == 0
+    rows = parse(capsys.readouterr().out)
+    assert [(r["agent_id"], r["reason"]) for r in rows] == [("broken", "install_failed")]
+    assert 'disk full, "C:"' in rows[0]["message"]
+    assert await asyncio.to_thread(cli, "report", "--group", "lab") == 0
+    assert {line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]} == {"lazy", "new"}
+    assert await asyncio.to_thread(cli, "versions") == 0
+    out = capsys.readouterr().out
+    assert (
+        "install_failed: 1" in out
+        and "agents: 4 (up-to-date 1, pending 1, deferred 1, failed 1" in out
+    )
+    assert await asyncio.to_thread(cli, "agents") == 0
+    assert "broken" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli("report", "--state", "exploded")
