@@ -21,7 +21,7 @@ import math
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, urlencode
 
@@ -135,7 +135,10 @@ border-radius:4px;background:var(--bg)}button{cursor:pointer;background:var(--ch
 .bar span{display:block;height:100%;background:var(--info)}
 .login{max-width:22rem;margin:4rem auto;padding:1rem}.login input{width:100%;margin:.5rem 0}
 .error{color:var(--bad)}nav a{margin-right:.75rem}
-@media (max-width:40rem){body{font-size:14px}th,td{padding:.3rem}.hide-sm{display:none}}
+@media (max-width:40rem){body{font-size:14px}.scroll{border:0}thead{display:none}
+tr{display:block;border:1px solid var(--line);border-radius:6px;margin:0 0 .6rem}
+td{display:grid;grid-template-columns:6.5rem minmax(0,1fr);gap:.5rem;border:0;
+padding:.2rem .5rem}td.empty{display:none}td::before{content:attr(data-label);color:var(--mut)}}
 """
 
 
@@ -177,9 +180,18 @@ def _badge(word: str) -> str:
     return f'<span class="badge {_e(word)}">{_e(word)}</span>'
 
 
-def _table(headers: Iterable[str], rows: Iterable[Iterable[str]], *, label: str) -> str:
+def _table(headers: Sequence[str], rows: Iterable[Iterable[str]], *, label: str) -> str:
+    """A table; on a narrow screen each row becomes a card of labelled cells."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td data-label="{_e(h)}"{"" if c else " class=empty"}><div>{c}</div></td>'
+            for h, c in zip(headers, row, strict=True)
+        )
+        + "</tr>"
+        for row in rows
+    )
     return (
         f'<div class="scroll"><table aria-label="{_e(label)}">'
         f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
@@ -531,7 +543,7 @@ def _agent_rows(rows: Iterable[ReportRow], *, link: bool) -> str:
             _e(r.offered_version),
             _badge(r.state),
             _e(r.reason),
-            f'<div class="msg">{_e(r.message)}</div>',
+            f'<div class="msg">{_e(r.message)}</div>' if r.message else "",
             _e(r.last_seen),
         ]
         for r in rows
