@@ -35,6 +35,7 @@ from relay.errors import BodyError
 from relay.fleet.groups import known_groups
 from relay.server.admin import change_approval
 from relay.server.fleet import csv_response, parse_filter
+from relay.server.http import counted
 from relay.server.state import ADMIN_TOKEN, STATE, RelayState
 
 SESSION_COOKIE = "relay_session"
@@ -572,7 +573,7 @@ async def _to_index(_request: web.Request) -> web.StreamResponse:
 
 
 def add_ui_routes(app: web.Application) -> None:
-    """Register ``/ui/…`` (and its in-memory sessions)."""
+    """Register ``/ui/…`` (counted as one route, ``ui``) and its in-memory sessions."""
     app[SESSIONS] = Sessions()
     for method, path, handler in (
         ("GET", "/ui", _to_index),
@@ -584,4 +585,7 @@ def add_ui_routes(app: web.Application) -> None:
         ("GET", "/ui/report.csv", report),
         ("GET", "/ui/agents/{agent_id}", agent_page),
     ):
-        app.router.add_route(method, path, handler)
+        if method == "GET":  # HEAD too, as every GET route of the relay
+            app.router.add_get(path, counted("ui", handler))
+        else:
+            app.router.add_route(method, path, counted("ui", handler))
