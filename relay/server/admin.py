@@ -34,7 +34,7 @@ from relay.core.protocol import now_rfc3339, utc_now
 from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.fleet.groups import known_groups
 from relay.server.fleet import csv_response
-from relay.server.http import bad_request, counted, parse_body, read_json_body
+from relay.server.http import add_counted, bad_request, parse_body, read_json_body
 from relay.server.state import ADMIN_TOKEN, STATE, RelayState
 
 logger = logging.getLogger(__name__)
@@ -336,22 +336,22 @@ def _after_change(state: RelayState) -> None:
 
 def add_admin_routes(app: web.Application) -> None:
     """Register ``/v1/admin/…`` (counted as one route, ``admin``)."""
-    for method, path, handler in (
-        ("GET", "/v1/admin/updates", list_updates),
-        ("POST", "/v1/admin/approvals", set_approval),
-        ("POST", "/v1/admin/eulas", accept),
-        ("GET", "/v1/admin/eulas/{path:.+}", get_eula),
-        ("GET", "/v1/admin/settings", get_settings),
-        ("PUT", "/v1/admin/settings", put_settings),
-        ("GET", "/v1/admin/agents", list_agents),
-        ("GET", "/v1/admin/agents/{agent_id}", get_agent),
-        ("GET", "/v1/admin/report.csv", report_csv),
-        ("GET", "/v1/admin/versions", versions),
-        ("GET", "/v1/admin/audit", audit),
-        ("GET", "/v1/admin/policy", export_policy),
-        ("POST", "/v1/admin/sync", sync_now),
-    ):
-        if method == "GET":  # HEAD too, as every GET route of the relay
-            app.router.add_get(path, counted("admin", handler))
-        else:
-            app.router.add_route(method, path, counted("admin", handler))
+    add_counted(
+        app,
+        "admin",
+        (
+            ("GET", "/v1/admin/updates", list_updates),
+            ("POST", "/v1/admin/approvals", set_approval),
+            ("POST", "/v1/admin/eulas", accept),
+            ("GET", "/v1/admin/eulas/{path:.+}", get_eula),
+            ("GET", "/v1/admin/settings", get_settings),
+            ("PUT", "/v1/admin/settings", put_settings),
+            ("GET", "/v1/admin/agents", list_agents),
+            ("GET", "/v1/admin/agents/{agent_id}", get_agent),
+            ("GET", "/v1/admin/report.csv", report_csv),
+            ("GET", "/v1/admin/versions", versions),
+            ("GET", "/v1/admin/audit", audit),
+            ("GET", "/v1/admin/policy", export_policy),
+            ("POST", "/v1/admin/sync", sync_now),
+        ),
+    )

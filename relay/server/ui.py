@@ -35,7 +35,7 @@ from relay.errors import BodyError
 from relay.fleet.groups import known_groups
 from relay.server.admin import change_approval
 from relay.server.fleet import csv_response, parse_filter
-from relay.server.http import counted
+from relay.server.http import add_counted
 from relay.server.state import ADMIN_TOKEN, STATE, RelayState
 
 SESSION_COOKIE = "relay_session"
@@ -575,17 +575,17 @@ async def _to_index(_request: web.Request) -> web.StreamResponse:
 def add_ui_routes(app: web.Application) -> None:
     """Register ``/ui/…`` (counted as one route, ``ui``) and its in-memory sessions."""
     app[SESSIONS] = Sessions()
-    for method, path, handler in (
-        ("GET", "/ui", _to_index),
-        ("GET", "/ui/", index),
-        ("GET", "/ui/login", login_form),
-        ("POST", "/ui/login", login),
-        ("POST", "/ui/logout", logout),
-        ("POST", "/ui/approvals", approval),
-        ("GET", "/ui/report.csv", report),
-        ("GET", "/ui/agents/{agent_id}", agent_page),
-    ):
-        if method == "GET":  # HEAD too, as every GET route of the relay
-            app.router.add_get(path, counted("ui", handler))
-        else:
-            app.router.add_route(method, path, counted("ui", handler))
+    add_counted(
+        app,
+        "ui",
+        (
+            ("GET", "/ui", _to_index),
+            ("GET", "/ui/", index),
+            ("GET", "/ui/login", login_form),
+            ("POST", "/ui/login", login),
+            ("POST", "/ui/logout", logout),
+            ("POST", "/ui/approvals", approval),
+            ("GET", "/ui/report.csv", report),
+            ("GET", "/ui/agents/{agent_id}", agent_page),
+        ),
+    )
