@@ -18,6 +18,7 @@ from relay.core.fleet import (
     filter_rows,
     to_csv,
     version_table,
+    worst_state,
 )
 from relay.core.policy import Action, RolloutMode
 from relay.core.protocol import Event, ReportEvent
@@ -201,3 +202,9 @@ def test_csv_is_rfc4180_and_parses_back():
     assert parsed[0]["reason"] == nasty and parsed[0]["state"] == "failed"
     # A formula-like cell is written as text.
     assert parsed[1]["reason"] == '\'=HYPERLINK("x")'
+
+
+def test_worst_state_of_one_agent():
+    assert worst_state(ROWS[:2]) is FleetState.FAILED
+    assert worst_state([ROWS[1]]) is FleetState.UP_TO_DATE
+    assert worst_state([]) is FleetState.UNKNOWN

@@ -7,6 +7,7 @@ import asyncio
 import csv
 import io
 import json
+import re
 
 import aiohttp
 import pytest
@@ -191,6 +192,12 @@ async def test_cli_report_versions_and_agents(fleet, tmp_path, capsys, monkeypat
         and "agents: 4 (up-to-date 1, pending 1, deferred 1, failed 1" in out
     )
     assert await asyncio.to_thread(cli, "agents") == 0
-    assert "broken" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(
+        r"^broken +default +127\.0\.0\.1 +failed +failed app 1\.0\.0 \(install_failed\) +1$",
+        out,
+        re.MULTILINE,
+    ), out
+    assert re.search(r"^lazy +lab .* deferred ", out, re.MULTILINE), out
     with pytest.raises(SystemExit):
         cli("report", "--state", "exploded")

@@ -137,8 +137,20 @@ def render_agents(data: dict[str, Any]) -> str:
             f"{last.get('event', '')} {last.get('product', '')} {last.get('to_version', '')}"
             f"{' (' + last['reason'] + ')' if last.get('reason') else ''}"
         ).strip()
-        rows.append((a["agent_id"], a["group"], a["address"], versions, outcome, a["failures"]))
-    return table(rows, ("AGENT", "GROUP", "ADDRESS", "INSTALLED", "LAST OUTCOME", "FAILURES"))
+        rows.append(
+            (
+                a["agent_id"],
+                a["group"],
+                a["address"],
+                versions,
+                a.get("state", ""),
+                outcome,
+                a["failures"],
+            )
+        )
+    return table(
+        rows, ("AGENT", "GROUP", "ADDRESS", "INSTALLED", "STATE", "LAST OUTCOME", "FAILURES")
+    )
 
 
 REPORT_COLUMNS = (

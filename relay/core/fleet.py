@@ -299,26 +299,37 @@ def version_table(rows: Iterable[ReportRow]) -> list[VersionCount]:
     return [table[k] for k in sorted(table)]
 
 
-def count_states(rows: Iterable[ReportRow]) -> dict[FleetState, int]:
-    """Agents by their worst state over their products (every state present, maybe 0).
+_WORST_FIRST = (
+    FleetState.FAILED,
+    FleetState.PENDING,
+    FleetState.DEFERRED,
+    FleetState.UNKNOWN,
+    FleetState.UP_TO_DATE,
+)
+
+
+def worst_state(rows: Iterable[ReportRow]) -> FleetState:
+    """The worst state among one agent's ``rows`` (``unknown`` for none).
 
     Worst first: failed, pending, deferred, unknown, up-to-date.
 
     Raises:
         Nothing.
     """
-    order = [
-        FleetState.FAILED,
-        FleetState.PENDING,
-        FleetState.DEFERRED,
-        FleetState.UNKNOWN,
-        FleetState.UP_TO_DATE,
-    ]
-    worst: dict[str, int] = {}
+    ranks = [_WORST_FIRST.index(r.state) for r in rows]
+    return _WORST_FIRST[min(ranks)] if ranks else FleetState.UNKNOWN
+
+
+def count_states(rows: Iterable[ReportRow]) -> dict[FleetState, int]:
+    """Agents by their worst state over their products (every state present, maybe 0).
+
+    Raises:
+        Nothing.
+    """
+    by_agent: dict[str, list[ReportRow]] = {}
     for row in rows:
-        rank = order.index(row.state)
-        worst[row.agent_id] = min(worst.get(row.agent_id, rank), rank)
+        by_agent.setdefault(row.agent_id, []).append(row)
     counts = dict.fromkeys(FleetState, 0)
-    for rank in worst.values():
-        counts[order[rank]] += 1
+    for agent_rows in by_agent.values():
+        counts[worst_state(agent_rows)] += 1
     return counts

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.core.fleet import count_states, version_table
+from relay.core.fleet import count_states, version_table, worst_state
 from relay.core.policy import (
     RolloutMode,
     Settings,
@@ -266,9 +266,17 @@ async def put_settings(request: web.Request) -> web.Response:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    """``GET /v1/admin/agents``: every agent with versions, offers and recent events."""
+    """``GET /v1/admin/agents``: every agent with versions, offers, recent events, worst state."""
     state = _state(request)
-    return web.json_response({"agents": [r.to_dict() for r in state.registry.all()]})
+    now = utc_now()
+    return web.json_response(
+        {
+            "agents": [
+                {**r.to_dict(), "state": str(worst_state(r.rows(now)))}
+                for r in state.registry.all()
+            ]
+        }
+    )
 
 
 async def get_agent(request: web.Request) -> web.Response:
