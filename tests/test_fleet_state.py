@@ -208,3 +208,28 @@ def test_worst_state_of_one_agent():
     assert worst_state(ROWS[:2]) is FleetState.FAILED
     assert worst_state([ROWS[1]]) is FleetState.UP_TO_DATE
     assert worst_state([]) is FleetState.UNKNOWN
+
+
+def test_registry_rows_follow_changes_and_deadlines():
+    from relay.fleet.registry import Registry
+
+    reg = Registry(None)
+    record = reg.checkin(
+        "a1",
+        group="lab",
+        address="10.0.0.1",
+        installed=[{"product": "app", "version": "1.0.0", "sha256": "0" * 64}],
+        defer_days=3,
+        now=NOW.timestamp(),
+    )
+    record.offered["app"] = ON_DEMAND_2.to_dict()
+    assert [r.state for r in reg.rows(NOW)] == [FleetState.DEFERRED]
+    assert [r.state for r in reg.rows(NOW + dt.timedelta(hours=1))] == [FleetState.DEFERRED]
+    # The deadline passes: the same record is now pending.
+    after = dt.datetime.fromisoformat(LATER) + dt.timedelta(seconds=1)
+    assert [r.state for r in reg.rows(after)] == [FleetState.PENDING]
+    assert [r.state for r in reg.rows(NOW)] == [FleetState.DEFERRED]  # an earlier time
+    # A report changes the record: the rows follow at once.
+    reg.report("a1", [event("app", "failed", reason="install_failed")], address="10.0.0.1")
+    (row,) = reg.rows(NOW)
+    assert (row.state, row.reason) == (FleetState.FAILED, "install_failed")

@@ -100,7 +100,8 @@ class Standing:
     message: str = ""
 
 
-def _parse_time(value: str | None) -> dt.datetime | None:
+def parse_time(value: str | None) -> dt.datetime | None:
+    """An RFC 3339 time (UTC when it names no zone); ``None`` for empty or malformed."""
     if not value:
         return None
     try:
@@ -151,7 +152,7 @@ def derive_state(
         return Standing(FleetState.UP_TO_DATE)
     if installed == offer.version:
         return Standing(FleetState.UP_TO_DATE)
-    deadline = _parse_time(offer.deadline)
+    deadline = parse_time(offer.deadline)
     if (
         offer.mode is RolloutMode.ON_DEMAND
         and defer_days > 0

@@ -13,18 +13,21 @@ Rules:
   and its installed versions, updated by check-ins and by ``installed`` reports
   as they arrive.
 * States are derived on reading (:func:`relay.core.fleet.derive_state`), never
-  stored: they depend on the time (an on-demand deadline passes).
+  stored: they depend on the time (an on-demand deadline passes). The report rows
+  of an agent are kept in memory until its record changes or one of its
+  on-demand deadlines passes, so a scrape or a report costs little per agent.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from relay.core.fleet import LastOffer, ReportRow, derive_state
+from relay.core.fleet import LastOffer, ReportRow, derive_state, parse_time
 from relay.core.protocol import Event, ReportEvent, rfc3339
 from relay.storage.kv import KV
 
@@ -93,6 +96,15 @@ class AgentRecord:
                 {"product": event.product, "version": event.to_version, "sha256": sha}
             )
 
+    def rows_change_at(self) -> float:
+        """When the derived states may change without a new write: the next deadline."""
+        deadlines = [
+            when.timestamp()
+            for raw in self.offered.values()
+            if (when := parse_time(raw.get("deadline"))) is not None
+        ]
+        return min(deadlines, default=math.inf)
+
     def rows(self, now: dt.datetime) -> list[ReportRow]:
         """One report row per product the agent has, was offered or reported on."""
         newest: dict[str, dict[str, Any]] = {}
@@ -141,6 +153,8 @@ class Registry:
     def __init__(self, kv: KV) -> None:
         self._kv = kv
         self._agents: dict[str, AgentRecord] = {}
+        # agent id -> (computed at, valid until, rows); dropped on every change
+        self._rows: dict[str, tuple[float, float, list[ReportRow]]] = {}
 
     async def load(self) -> None:
         """Read every record from disk."""
@@ -163,6 +177,7 @@ class Registry:
     async def save(self, record: AgentRecord) -> None:
         """Persist ``record``."""
         self._agents[record.agent_id] = record
+        self._rows.pop(record.agent_id, None)
         await self._kv.set(_PREFIX + record.agent_id, record.to_dict())
 
     def checkin(
@@ -184,6 +199,7 @@ class Registry:
         record.installed = installed
         record.defer_days = defer_days
         self._agents[agent_id] = record
+        self._rows.pop(agent_id, None)
         return record
 
     def report(
@@ -203,9 +219,18 @@ class Registry:
             record.add_event(event)
         record.last_seen = now
         self._agents[agent_id] = record
+        self._rows.pop(agent_id, None)
         return record
 
     def rows(self, now: dt.datetime | None = None) -> list[ReportRow]:
         """The fleet report: every agent's rows, by agent id then product."""
         now = now or dt.datetime.now(dt.UTC)
-        return [row for record in self.all() for row in record.rows(now)]
+        at = now.timestamp()
+        out: list[ReportRow] = []
+        for record in self.all():
+            cached = self._rows.get(record.agent_id)
+            if cached is None or not cached[0] <= at < cached[1]:
+                cached = (at, record.rows_change_at(), record.rows(now))
+                self._rows[record.agent_id] = cached
+            out.extend(cached[2])
+        return out

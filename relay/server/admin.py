@@ -295,7 +295,7 @@ async def get_agent(request: web.Request) -> web.Response:
 
 async def report_csv(request: web.Request) -> web.Response:
     """``GET /v1/admin/report.csv``: one row per agent and product (``?state=&group=&product=``)."""
-    return csv_response(_state(request), request.query)
+    return await csv_response(_state(request), request.query)
 
 
 async def versions(request: web.Request) -> web.Response:

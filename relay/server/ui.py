@@ -333,7 +333,7 @@ async def report(request: web.Request) -> web.StreamResponse:
     """``GET /ui/report.csv``: the fleet report download (same filters as the admin API)."""
     if _signed_in(request) is None:
         return _see_other("/ui/login")
-    return csv_response(request.app[STATE], request.query)
+    return await csv_response(request.app[STATE], request.query)
 
 
 async def agent_page(request: web.Request) -> web.StreamResponse:
