@@ -225,12 +225,13 @@ class Registry:
     def rows(self, now: dt.datetime | None = None) -> list[ReportRow]:
         """The fleet report: every agent's rows, by agent id then product."""
         now = now or dt.datetime.now(dt.UTC)
+        return [row for record in self.all() for row in self.rows_of(record, now)]
+
+    def rows_of(self, record: AgentRecord, now: dt.datetime) -> list[ReportRow]:
+        """One agent's report rows (kept until its record changes or a deadline passes)."""
         at = now.timestamp()
-        out: list[ReportRow] = []
-        for record in self.all():
-            cached = self._rows.get(record.agent_id)
-            if cached is None or not cached[0] <= at < cached[1]:
-                cached = (at, record.rows_change_at(), record.rows(now))
-                self._rows[record.agent_id] = cached
-            out.extend(cached[2])
-        return out
+        cached = self._rows.get(record.agent_id)
+        if cached is None or not cached[0] <= at < cached[1]:
+            cached = (at, record.rows_change_at(), record.rows(now))
+            self._rows[record.agent_id] = cached
+        return cached[2]

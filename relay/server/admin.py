@@ -272,7 +272,7 @@ async def list_agents(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "agents": [
-                {**r.to_dict(), "state": str(worst_state(r.rows(now)))}
+                {**r.to_dict(), "state": str(worst_state(state.registry.rows_of(r, now)))}
                 for r in state.registry.all()
             ]
         }
@@ -289,7 +289,7 @@ async def get_agent(request: web.Request) -> web.Response:
     record = state.registry.get(request.match_info["agent_id"])
     if record is None:
         raise web.HTTPNotFound(text="no such agent\n")
-    rows = record.rows(utc_now())
+    rows = state.registry.rows_of(record, utc_now())
     return web.json_response({**record.to_dict(), "products": [r.to_dict() for r in rows]})
 
 

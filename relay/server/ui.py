@@ -376,7 +376,7 @@ async def agent_page(request: web.Request) -> web.StreamResponse:
     body = (
         '<p><a href="/ui/">&larr; Status</a></p>'
         f'<div class="card">{facts}</div><h2>Products</h2>'
-        f"{_agent_rows(record.rows(utc_now()), link=False)}"
+        f"{_agent_rows(state.registry.rows_of(record, utc_now()), link=False)}"
         f"<h2>Recent events (newest first)</h2>{events}"
     )
     return _page(f"agent {agent_id}", body, session=session)
