@@ -18,18 +18,38 @@ Questions and their metrics:
   ``relay_timestamp_expiry_seconds``.
 * Is it overloaded? ``relay_active_transfers``, ``relay_rejected_total{reason}``,
   ``relay_throttled_seconds_total{limiter}``.
-* Which agents fail and why? ``relay_agent_events_total{event,reason}``.
+* Which agents fail and why? ``relay_agent_events_total{event,reason}``,
+  ``relay_agents_by_state{state}``, ``relay_agents_by_version{product,version}``
+  (the admin report and ``/ui/`` name the agents).
+* What runs? ``relay_build_info{version}``, and the standard ``process_*`` and
+  ``python_*`` collectors of prometheus-client.
+
+Agent-supplied reasons are free text: the first :data:`MAX_REASONS` distinct
+values get their own label value, later ones count as ``other``. Versions in
+``relay_agents_by_version`` are those of the verified metadata (signed, so
+bounded); any other version an agent reports counts as ``other``.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from relay import __version__
 
 
 class HotCounter(Collector):
@@ -57,7 +77,41 @@ class HotCounter(Collector):
         yield family
 
 
-__all__ = ["CONTENT_TYPE_LATEST", "RelayMetrics"]
+class CallbackGauge(Collector):
+    """A labelled gauge whose series are read from a function at scrape time.
+
+    ``func`` returns label values -> value; until :attr:`func` is set, the
+    series in ``initial`` are reported (so every series exists from the start).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        initial: Mapping[tuple[str, ...], float] | None = None,
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labels = labels
+        self._initial = dict(initial or {})
+        self.func: Callable[[], Mapping[tuple[str, ...], float]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """Yield the metric family (called by the registry at scrape time)."""
+        family = GaugeMetricFamily(self._name, self._doc, labels=self._labels)
+        values = self.func() if self.func is not None else self._initial
+        for key, value in sorted(values.items()):
+            family.add_metric(list(key), value)
+        yield family
+
+
+__all__ = ["CONTENT_TYPE_LATEST", "MAX_REASONS", "STATES", "CallbackGauge", "RelayMetrics"]
+
+MAX_REASONS = 50
+"""Distinct agent-supplied reasons with a label value of their own."""
+STATES = ("up-to-date", "pending", "deferred", "failed", "unknown")
+"""The fleet states (``relay.core.fleet.FleetState`` values), the bounded label set."""
 
 
 def _counter(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Counter:
@@ -71,8 +125,15 @@ def _gauge(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Ga
 class RelayMetrics:
     """Every metric of one relay, in its own registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = __version__) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = _gauge(
+            r, "relay_build_info", "The relay's version (the value is always 1).", "version"
+        )
+        self.build_info.labels(version or "unknown").set(1)
         self.requests = HotCounter(
             "relay_http_requests", "HTTP requests by route and status.", ("route", "status")
         )
@@ -91,6 +152,9 @@ class RelayMetrics:
             r, "relay_cache_bytes", "Bytes in the blob store (with fills reserved)."
         )
         self.cache_objects = _gauge(r, "relay_cache_objects", "Blobs in the store.")
+        self.cache_max_bytes = _gauge(
+            r, "relay_cache_max_bytes", "The blob store's quota in bytes (0: unlimited)."
+        )
         self.evictions = _counter(r, "relay_evictions", "Blobs evicted for space.")
         self.fills = _counter(
             r, "relay_fills", "Upstream blob fills by result (ok or an error name).", "result"
@@ -168,7 +232,37 @@ class RelayMetrics:
             r, "relay_background_failures", "Failures of background loops, by task.", "task"
         )
         self.agents = _gauge(r, "relay_agents", "Agents known to the registry.")
+        self.agents_by_state = CallbackGauge(
+            "relay_agents_by_state",
+            "Agents by their worst state over their products.",
+            ("state",),
+            {(s,): 0.0 for s in STATES},
+        )
+        r.register(self.agents_by_state)
+        self.agents_by_version = CallbackGauge(
+            "relay_agents_by_version",
+            "Agents by installed version of each product (versions of the verified "
+            "metadata; others count as 'other').",
+            ("product", "version"),
+        )
+        r.register(self.agents_by_version)
         self.checkins = _counter(r, "relay_checkins", "Agent check-ins.")
+        self._reasons: set[str] = set()
+        for event in ("checked", "downloaded", "installed", "failed"):
+            self.agent_events.labels(event, "")
+        for source in ("cache", "upstream", "metadata", "delta"):
+            self.bytes_served.values[source,] += 0.0
+        for result in ("new", "unchanged", "failed"):
+            self.sync_runs.labels(result)
+
+    def agent_event(self, event: str, reason: str) -> None:
+        """Count one agent report event; reasons beyond :data:`MAX_REASONS` are ``other``."""
+        if reason and reason not in self._reasons:
+            if len(self._reasons) >= MAX_REASONS:
+                reason = "other"
+            else:
+                self._reasons.add(reason)
+        self.agent_events.labels(event, reason).inc()
 
     def bind(self, gauge: Gauge, func: Callable[[], float]) -> None:
         """Have ``gauge`` report ``func()`` at scrape time."""

@@ -103,8 +103,9 @@ async def test_install_then_upgrade_by_delta_and_reports(tmp_path, repo, relay):
     state = relay_state(relay)
     record = state.registry.get("a1")
     assert record.last_outcome["event"] == "installed" and record.last_outcome["via"] == "delta"
+    # The installed report updates the registry before the next check-in.
     assert record.installed == [
-        {"product": "app", "version": "1.0.0", "sha256": installed["sha256"]}
+        {"product": "app", "version": "1.1.0", "sha256": agent.installed["app"]["sha256"]}
     ]
     text = state.metrics.render().decode()
     assert 'relay_agent_events_total{event="installed",reason=""} 2.0' in text

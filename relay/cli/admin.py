@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import urllib3
 
@@ -134,8 +137,82 @@ def render_agents(data: dict[str, Any]) -> str:
             f"{last.get('event', '')} {last.get('product', '')} {last.get('to_version', '')}"
             f"{' (' + last['reason'] + ')' if last.get('reason') else ''}"
         ).strip()
-        rows.append((a["agent_id"], a["group"], a["address"], versions, outcome, a["failures"]))
-    return table(rows, ("AGENT", "GROUP", "ADDRESS", "INSTALLED", "LAST OUTCOME", "FAILURES"))
+        rows.append(
+            (
+                a["agent_id"],
+                a["group"],
+                a["address"],
+                versions,
+                a.get("state", ""),
+                outcome,
+                a["failures"],
+            )
+        )
+    return table(
+        rows, ("AGENT", "GROUP", "ADDRESS", "INSTALLED", "STATE", "LAST OUTCOME", "FAILURES")
+    )
+
+
+REPORT_COLUMNS = (
+    ("agent_id", "AGENT"),
+    ("group", "GROUP"),
+    ("product", "PRODUCT"),
+    ("installed_version", "INSTALLED"),
+    ("offered_version", "OFFERED"),
+    ("state", "STATE"),
+    ("reason", "REASON"),
+    ("last_seen", "LAST SEEN"),
+)
+
+
+def render_report(text: str) -> str:
+    """The fleet report CSV as a table (messages are left to the CSV and ``/ui/``)."""
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    return table(
+        [[" ".join(row.get(k, "").split()) for k, _ in REPORT_COLUMNS] for row in rows],
+        [h for _, h in REPORT_COLUMNS],
+    )
+
+
+def _report(client: AdminClient, args: argparse.Namespace) -> str:
+    query = urlencode(
+        {k: v for k in ("state", "group", "product") if (v := getattr(args, k, None))}
+    )
+    text = client.call("GET", "/v1/admin/report.csv" + (f"?{query}" if query else ""))
+    return str(text).rstrip("\r\n") if args.csv else render_report(str(text))
+
+
+def render_versions(data: dict[str, Any]) -> str:
+    """Agents per product, version and group; then agents by state."""
+    rows = []
+    for v in data["versions"]:
+        reasons = ", ".join(f"{r or '?'}: {n}" for r, n in sorted(v["reasons"].items()))
+        rows.append(
+            (
+                v["product"],
+                v["version"],
+                v["group"],
+                v["installed"],
+                v["up_to_date"],
+                v["pending"],
+                v["deferred"],
+                v["failed"],
+                reasons,
+            )
+        )
+    header = (
+        "PRODUCT",
+        "VERSION",
+        "GROUP",
+        "INSTALLED",
+        "UP-TO-DATE",
+        "PENDING",
+        "DEFERRED",
+        "FAILED",
+        "REASONS",
+    )
+    states = ", ".join(f"{s} {n}" for s, n in data["states"].items())
+    return f"{table(rows, header)}\n\nagents: {data['agents']} ({states})"
 
 
 def render_audit(data: dict[str, Any]) -> str:
@@ -228,6 +305,8 @@ _ACTIONS: dict[str, Callable[[AdminClient, argparse.Namespace], str]] = {
     "accept-eula": _accept_eula,
     "settings": _settings,
     "agents": lambda c, _: render_agents(c.call("GET", "/v1/admin/agents")),
+    "report": _report,
+    "versions": lambda c, _: render_versions(c.call("GET", "/v1/admin/versions")),
     "audit": lambda c, _: render_audit(c.call("GET", "/v1/admin/audit")),
     "sync": lambda c, _: str(c.call("POST", "/v1/admin/sync")["result"]),
 }

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from relay import __version__
 from relay.cli.exitcodes import ExitCode
+from relay.core.fleet import FleetState
 from relay.core.units import parse_duration
 from relay.errors import ConfigError, PublishError, RelayError
 
@@ -59,6 +60,14 @@ def _admin_parser(p: argparse.ArgumentParser) -> None:
         help="e.g. --set relays_only=true --set beta_groups='[\"pilot\"]'",
     )
     sub.add_parser("agents", help="list agents, their versions and last outcome")
+    rp = sub.add_parser(
+        "report", help="the fleet report: one row per agent and product, with state and reason"
+    )
+    rp.add_argument("--csv", action="store_true", help="print RFC 4180 CSV, as the API sends it")
+    rp.add_argument("--state", choices=[str(s) for s in FleetState], help="only this state")
+    rp.add_argument("--group", help="only this group")
+    rp.add_argument("--product", help="only this product")
+    sub.add_parser("versions", help="agents per product, version and group, and by state")
     sub.add_parser("audit", help="show the audit log")
     sub.add_parser("sync", help="sync with the upstream now")
 

@@ -1,23 +1,39 @@
-"""The agent registry: who checked in, what they run, and how their updates went.
+"""The agent registry: who checked in, what they run, what they were offered, how it went.
 
 Rules:
 
 * Records live in the relay's state store (diskcache) and in memory; reads are
-  served from memory, writes go through to disk in a thread.
+  served from memory, writes go through to disk in a thread, one record write
+  per check-in or report.
 * An agent is keyed by its ``agent_id`` (the ``Relay-Agent-Id`` it sends).
 * The registry keeps, per agent, when each (product, version) was first offered:
   on-demand deadlines count from that moment (docs/PROTOCOL.md).
+* It keeps each agent's newest :data:`EVENTS_KEPT` report events (newest first),
+  what it was last offered per product (:class:`relay.core.fleet.LastOffer`),
+  and its installed versions, updated by check-ins and by ``installed`` reports
+  as they arrive.
+* States are derived on reading (:func:`relay.core.fleet.derive_state`), never
+  stored: they depend on the time (an on-demand deadline passes). The report rows
+  of an agent are kept in memory until its record changes or one of its
+  on-demand deadlines passes, so a scrape or a report costs little per agent.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from relay.core.fleet import LastOffer, ReportRow, derive_state, parse_time
+from relay.core.protocol import Event, ReportEvent, rfc3339
 from relay.storage.kv import KV
 
 _PREFIX = "agent:"
+EVENTS_KEPT = 20
+"""Report events kept per agent (the newest)."""
 
 
 @dataclass(slots=True)
@@ -34,6 +50,8 @@ class AgentRecord:
     defer_days: int = 0
     last_outcome: dict[str, Any] | None = None
     failures: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)  # newest first
+    offered: dict[str, dict[str, Any]] = field(default_factory=dict)  # product -> LastOffer
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -52,6 +70,82 @@ class AgentRecord:
                 return item.get("version")
         return None
 
+    def offer_of(self, product: str) -> LastOffer | None:
+        """What the relay last offered for ``product`` (``None``: never, or unreadable)."""
+        raw = self.offered.get(product)
+        if raw is None:
+            return None
+        try:
+            return LastOffer.from_dict(raw)
+        except ValueError:
+            return None
+
+    def add_event(self, event: ReportEvent) -> None:
+        """Record one report event: newest first, bounded; ``installed`` updates versions."""
+        data = event.to_dict()
+        self.events.insert(0, data)
+        del self.events[EVENTS_KEPT:]
+        self.last_outcome = data
+        if event.event is Event.FAILED:
+            self.failures += 1
+        elif event.event is Event.INSTALLED and event.product and event.to_version:
+            offer = self.offer_of(event.product)
+            sha = offer.sha256 if offer is not None and offer.version == event.to_version else ""
+            self.installed = [i for i in self.installed if i.get("product") != event.product]
+            self.installed.append(
+                {"product": event.product, "version": event.to_version, "sha256": sha}
+            )
+
+    def rows_change_at(self) -> float:
+        """When the derived states may change without a new write: the next deadline."""
+        deadlines = [
+            when.timestamp()
+            for raw in self.offered.values()
+            if (when := parse_time(raw.get("deadline"))) is not None
+        ]
+        return min(deadlines, default=math.inf)
+
+    def rows(self, now: dt.datetime) -> list[ReportRow]:
+        """One report row per product the agent has, was offered or reported on."""
+        newest: dict[str, dict[str, Any]] = {}
+        for event in self.events:
+            newest.setdefault(str(event.get("product", "")), event)
+        products = {str(i.get("product", "")) for i in self.installed}
+        products |= set(self.offered) | {p for p in newest if p}
+        latest = self.events[0] if self.events else {}
+        if not latest.get("product") and latest.get("event") == Event.FAILED:
+            products.add("")
+        last_seen = rfc3339(self.last_seen) if self.last_seen else ""
+        out = []
+        for product in sorted(products):
+            installed = self.version_of(product)
+            offer = self.offer_of(product)
+            last = newest.get(product)
+            standing = derive_state(
+                installed=installed,
+                offer=offer,
+                last_event=last,
+                defer_days=self.defer_days,
+                now=now,
+            )
+            out.append(
+                ReportRow(
+                    agent_id=self.agent_id,
+                    group=self.group,
+                    product=product,
+                    installed_version=installed or "",
+                    offered_version=offer.version if offer is not None else "",
+                    state=standing.state,
+                    reason=standing.reason,
+                    message=standing.message,
+                    last_event=str(last.get("event", "")) if last else "",
+                    last_event_at=str(last.get("at", "")) if last else "",
+                    last_seen=last_seen or "",
+                    address=self.address,
+                )
+            )
+        return out
+
 
 class Registry:
     """Agent records in memory, persisted in the state store."""
@@ -59,6 +153,8 @@ class Registry:
     def __init__(self, kv: KV) -> None:
         self._kv = kv
         self._agents: dict[str, AgentRecord] = {}
+        # agent id -> (computed at, valid until, rows); dropped on every change
+        self._rows: dict[str, tuple[float, float, list[ReportRow]]] = {}
 
     async def load(self) -> None:
         """Read every record from disk."""
@@ -81,6 +177,7 @@ class Registry:
     async def save(self, record: AgentRecord) -> None:
         """Persist ``record``."""
         self._agents[record.agent_id] = record
+        self._rows.pop(record.agent_id, None)
         await self._kv.set(_PREFIX + record.agent_id, record.to_dict())
 
     def checkin(
@@ -102,4 +199,39 @@ class Registry:
         record.installed = installed
         record.defer_days = defer_days
         self._agents[agent_id] = record
+        self._rows.pop(agent_id, None)
         return record
+
+    def report(
+        self,
+        agent_id: str,
+        events: Iterable[ReportEvent],
+        *,
+        address: str,
+        now: float | None = None,
+    ) -> AgentRecord:
+        """Update the in-memory record with report events (call :meth:`save` after)."""
+        now = time.time() if now is None else now
+        record = self._agents.get(agent_id) or AgentRecord(
+            agent_id=agent_id, first_seen=now, address=address
+        )
+        for event in events:
+            record.add_event(event)
+        record.last_seen = now
+        self._agents[agent_id] = record
+        self._rows.pop(agent_id, None)
+        return record
+
+    def rows(self, now: dt.datetime | None = None) -> list[ReportRow]:
+        """The fleet report: every agent's rows, by agent id then product."""
+        now = now or dt.datetime.now(dt.UTC)
+        return [row for record in self.all() for row in self.rows_of(record, now)]
+
+    def rows_of(self, record: AgentRecord, now: dt.datetime) -> list[ReportRow]:
+        """One agent's report rows (kept until its record changes or a deadline passes)."""
+        at = now.timestamp()
+        cached = self._rows.get(record.agent_id)
+        if cached is None or not cached[0] <= at < cached[1]:
+            cached = (at, record.rows_change_at(), record.rows(now))
+            self._rows[record.agent_id] = cached
+        return cached[2]

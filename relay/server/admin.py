@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from relay.core.fleet import count_states, version_table, worst_state
 from relay.core.policy import (
     RolloutMode,
     Settings,
@@ -29,10 +30,11 @@ from relay.core.policy import (
     explicit_approval,
     reset,
 )
-from relay.core.protocol import now_rfc3339
+from relay.core.protocol import now_rfc3339, utc_now
 from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.fleet.groups import known_groups
-from relay.server.http import bad_request, counted, parse_body, read_json_body
+from relay.server.fleet import csv_response
+from relay.server.http import add_counted, bad_request, parse_body, read_json_body
 from relay.server.state import ADMIN_TOKEN, STATE, RelayState
 
 logger = logging.getLogger(__name__)
@@ -115,13 +117,25 @@ def _parse_approval(
     return product, version, status, group, mode
 
 
-async def set_approval(request: web.Request) -> web.Response:
-    """``POST /v1/admin/approvals``: approve, decline or reset an update."""
-    state = _state(request)
-    parsed = await parse_body(request, _parse_approval)
-    if isinstance(parsed, web.Response):
-        return parsed
-    product, version, status, group, mode = parsed
+async def change_approval(
+    state: RelayState,
+    *,
+    product: str,
+    version: str,
+    status: Status,
+    group: str | None,
+    mode: RolloutMode,
+    who: str,
+) -> tuple[int, dict[str, Any]]:
+    """Approve, decline or reset an update; save, audit, and prefetch what became wanted.
+
+    Returns:
+        The HTTP status and JSON body to answer (``404`` for an unknown update,
+        ``409`` on a replica or with an unaccepted EULA).
+
+    Raises:
+        Nothing: refusals are answers.
+    """
     current = state.mirror.current
     target = next(
         (
@@ -132,9 +146,8 @@ async def set_approval(request: web.Request) -> web.Response:
         None,
     )
     if target is None:
-        return web.json_response({"error": f"no update {product} {version}"}, status=404)
+        return 404, {"error": f"no update {product} {version}"}
     policy = state.policy
-    who = request.remote or ""
     try:
         policy.check_writable()
         if status is Status.APPROVED:
@@ -154,14 +167,35 @@ async def set_approval(request: web.Request) -> web.Response:
                 "from": who,
             },
         )
-    except ReplicaReadOnlyError as e:
-        return _conflict(str(e))
-    except EulaNotAcceptedError as e:
-        return _conflict(str(e))
+    except (ReplicaReadOnlyError, EulaNotAcceptedError) as e:
+        return 409, {"error": str(e)}
     _after_change(state)
-    return web.json_response(
-        {"ok": True, "product": product, "version": version, "status": str(status), "group": group}
+    return 200, {
+        "ok": True,
+        "product": product,
+        "version": version,
+        "status": str(status),
+        "group": group,
+    }
+
+
+async def set_approval(request: web.Request) -> web.Response:
+    """``POST /v1/admin/approvals``: approve, decline or reset an update."""
+    state = _state(request)
+    parsed = await parse_body(request, _parse_approval)
+    if isinstance(parsed, web.Response):
+        return parsed
+    product, version, status, group, mode = parsed
+    code, body = await change_approval(
+        state,
+        product=product,
+        version=version,
+        status=status,
+        group=group,
+        mode=mode,
+        who=request.remote or "",
     )
+    return web.json_response(body, status=code)
 
 
 async def accept(request: web.Request) -> web.Response:
@@ -232,9 +266,49 @@ async def put_settings(request: web.Request) -> web.Response:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    """``GET /v1/admin/agents``: every agent with versions and last outcome."""
+    """``GET /v1/admin/agents``: every agent with versions, offers, recent events, worst state."""
     state = _state(request)
-    return web.json_response({"agents": [r.to_dict() for r in state.registry.all()]})
+    now = utc_now()
+    return web.json_response(
+        {
+            "agents": [
+                {**r.to_dict(), "state": str(worst_state(state.registry.rows_of(r, now)))}
+                for r in state.registry.all()
+            ]
+        }
+    )
+
+
+async def get_agent(request: web.Request) -> web.Response:
+    """``GET /v1/admin/agents/{id}``: one agent, its report rows and recent events (newest first).
+
+    Raises:
+        web.HTTPNotFound: no agent with that id.
+    """
+    state = _state(request)
+    record = state.registry.get(request.match_info["agent_id"])
+    if record is None:
+        raise web.HTTPNotFound(text="no such agent\n")
+    rows = state.registry.rows_of(record, utc_now())
+    return web.json_response({**record.to_dict(), "products": [r.to_dict() for r in rows]})
+
+
+async def report_csv(request: web.Request) -> web.Response:
+    """``GET /v1/admin/report.csv``: one row per agent and product (``?state=&group=&product=``)."""
+    return await csv_response(_state(request), request.query)
+
+
+async def versions(request: web.Request) -> web.Response:
+    """``GET /v1/admin/versions``: agents per product, version and group, and by state."""
+    state = _state(request)
+    rows = state.registry.rows()
+    return web.json_response(
+        {
+            "versions": [v.to_dict() for v in version_table(rows)],
+            "states": {str(k): v for k, v in count_states(rows).items()},
+            "agents": len(state.registry),
+        }
+    )
 
 
 async def audit(request: web.Request) -> web.Response:
@@ -270,19 +344,22 @@ def _after_change(state: RelayState) -> None:
 
 def add_admin_routes(app: web.Application) -> None:
     """Register ``/v1/admin/…`` (counted as one route, ``admin``)."""
-    for method, path, handler in (
-        ("GET", "/v1/admin/updates", list_updates),
-        ("POST", "/v1/admin/approvals", set_approval),
-        ("POST", "/v1/admin/eulas", accept),
-        ("GET", "/v1/admin/eulas/{path:.+}", get_eula),
-        ("GET", "/v1/admin/settings", get_settings),
-        ("PUT", "/v1/admin/settings", put_settings),
-        ("GET", "/v1/admin/agents", list_agents),
-        ("GET", "/v1/admin/audit", audit),
-        ("GET", "/v1/admin/policy", export_policy),
-        ("POST", "/v1/admin/sync", sync_now),
-    ):
-        if method == "GET":  # HEAD too, as every GET route of the relay
-            app.router.add_get(path, counted("admin", handler))
-        else:
-            app.router.add_route(method, path, counted("admin", handler))
+    add_counted(
+        app,
+        "admin",
+        (
+            ("GET", "/v1/admin/updates", list_updates),
+            ("POST", "/v1/admin/approvals", set_approval),
+            ("POST", "/v1/admin/eulas", accept),
+            ("GET", "/v1/admin/eulas/{path:.+}", get_eula),
+            ("GET", "/v1/admin/settings", get_settings),
+            ("PUT", "/v1/admin/settings", put_settings),
+            ("GET", "/v1/admin/agents", list_agents),
+            ("GET", "/v1/admin/agents/{agent_id}", get_agent),
+            ("GET", "/v1/admin/report.csv", report_csv),
+            ("GET", "/v1/admin/versions", versions),
+            ("GET", "/v1/admin/audit", audit),
+            ("GET", "/v1/admin/policy", export_policy),
+            ("POST", "/v1/admin/sync", sync_now),
+        ),
+    )

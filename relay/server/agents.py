@@ -6,21 +6,24 @@ Rules:
   validated by the pure parsers of :mod:`relay.core.protocol`; a bad body is
   ``400`` with ``{"error": ...}`` naming the field.
 * A check-in asks the policy for offers, adds delta URLs where a patch from the
-  agent's installed version exists, and records the agent in the registry.
+  agent's installed version exists, and records the agent in the registry with
+  what it was offered per product (a product it neither has nor is offered is
+  not recorded).
+* A report updates the registry (recent events, installed versions) with one
+  record write.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 
 from aiohttp import web
 
-from relay.core.policy import Action, AgentView
+from relay.core.fleet import LastOffer
+from relay.core.policy import Action, AgentView, Offer
 from relay.core.policy import offers as policy_offers
-from relay.core.protocol import parse_checkin, parse_reports, rfc3339, utc_now
-from relay.fleet.registry import AgentRecord
+from relay.core.protocol import Event, parse_checkin, parse_reports, rfc3339, utc_now
 from relay.server.http import parse_body
 from relay.server.state import STATE
 
@@ -32,6 +35,19 @@ logger = logging.getLogger(__name__)
 def _product_version(key: str) -> tuple[str, str]:
     product, _, version = key.partition("@")
     return product, version
+
+
+def _last_offer(offer: Offer, now: dt.datetime) -> LastOffer:
+    target = offer.target
+    moving = offer.action is not Action.NONE and target is not None
+    return LastOffer(
+        action=offer.action,
+        version=target.version if moving and target is not None else "",
+        sha256=target.sha256 if moving and target is not None else "",
+        mode=offer.mode,
+        deadline=rfc3339(offer.deadline),
+        at=rfc3339(now) or "",
+    )
 
 
 def _base_url(request: web.Request, public_url: str) -> str:
@@ -77,9 +93,12 @@ async def checkin(request: web.Request) -> web.StreamResponse:
     base = _base_url(request, state.config.relay.public_url)
     installed_sha = {i.product: i.sha256 for i in req.installed}
     out = []
+    record.offered = {}
     for offer in offers:
         target = offer.target
         delta = None
+        if offer.action is not Action.NONE or offer.product in installed_sha:
+            record.offered[offer.product] = _last_offer(offer, now).to_dict()
         if target is not None and offer.action is not Action.NONE:
             record.first_offered.setdefault(f"{offer.product}@{target.version}", now.timestamp())
             src = installed_sha.get(offer.product)
@@ -132,15 +151,10 @@ async def reports(request: web.Request) -> web.StreamResponse:
     if isinstance(parsed, web.Response):
         return parsed
     agent_id, events = parsed
-    record = state.registry.get(agent_id) or AgentRecord(
-        agent_id=agent_id, first_seen=time.time(), address=request.remote or ""
-    )
+    record = state.registry.report(agent_id, events, address=request.remote or "")
     for event in events:
-        state.metrics.agent_events.labels(event.event, event.reason or "").inc()
-        if event.event == "failed":
-            record.failures += 1
-        record.last_outcome = event.to_dict()
-        if event.event == "failed":
+        state.metrics.agent_event(event.event, event.reason)
+        if event.event is Event.FAILED:
             logger.warning(
                 "agent %s: %s %s -> %s failed (%s): %s",
                 agent_id,
@@ -150,6 +164,5 @@ async def reports(request: web.Request) -> web.StreamResponse:
                 event.reason,
                 event.message,
             )
-    record.last_seen = time.time()
     await state.registry.save(record)
     return web.json_response({"accepted": len(events)}, status=202)

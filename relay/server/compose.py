@@ -36,6 +36,7 @@ from relay.deltas.service import DeltaService
 from relay.errors import ConfigError
 from relay.fleet.approvals import PolicyStore, settings_from_config
 from relay.fleet.registry import Registry
+from relay.server.fleet import watch_fleet
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import ADMIN_TOKEN, CONFIG, METRICS, STATE, RelayState
@@ -185,6 +186,8 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     app[STATE] = state
     app[ADMIN_TOKEN] = await asyncio.to_thread(config.admin_token)  # may read a file
     metrics.bind(metrics.active_transfers, lambda: float(state.gate.active))
+    watch_fleet(state)
+    metrics.cache_max_bytes.set(config.store.max_bytes)
     store.on_removed.append(state.files.forget)
     store.on_evicted.append(lambda _sha, _size: metrics.evictions.inc())
 

@@ -13,7 +13,7 @@ Rules:
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -123,3 +123,17 @@ def counted(name: str, handler: Handler) -> Handler:
         return resp
 
     return wrapped
+
+
+def add_counted(
+    app: web.Application, name: str, routes: Iterable[tuple[str, str, Handler]]
+) -> None:
+    """Register ``(method, path, handler)`` routes counted as one route ``name``.
+
+    A ``GET`` route answers ``HEAD`` too, as every GET route of the relay.
+    """
+    for method, path, handler in routes:
+        if method == "GET":
+            app.router.add_get(path, counted(name, handler))
+        else:
+            app.router.add_route(method, path, counted(name, handler))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from relay.server import admin, agents, blobs, metadata, ops
+from relay.server import admin, agents, blobs, metadata, ops, ui
 from relay.server.http import COUNTS, counted
 from relay.server.metadata import METADATA_HEADERS, MetadataHeaders
 from relay.server.state import METRICS
@@ -30,4 +30,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/checkin", counted("checkin", agents.checkin), name="checkin")
     app.router.add_post("/v1/reports", counted("reports", agents.reports), name="reports")
     admin.add_admin_routes(app)
+    ui.add_ui_routes(app)
     app.router.add_get("/{tail:.*}", counted("other", _not_found), name="other")
