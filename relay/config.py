@@ -72,6 +72,7 @@ DEFAULTS = "built-in defaults"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 PolicyMode = Literal["autonomous", "replica"]
 DeltaFormatName = Literal["zstd", "bsdiff4"]
 
@@ -285,6 +286,14 @@ class RelaySettings:
     access_log: bool = setting(boolean, "boolean: one log line per request", default=True)
     public_url: str = setting(
         _optional_url, 'URL advertised to agents; "" = derived from listen', default=""
+    )
+    drain: float = setting(
+        _duration(), "duration: on SIGTERM/SIGINT, transfers in flight get this long", default=10.0
+    )
+    log_level: LogLevel = setting(
+        choice("debug", "info", "warning", "error"),
+        "debug | info | warning | error (-v: debug)",
+        default="info",
     )
 
     metadata_dir = _UnderDataDir("metadata")  # verified TUF metadata, byte-exact

@@ -57,6 +57,47 @@ class BodyError(RelayError, ValueError):
     """A request body is malformed; the message names the field."""
 
 
+# --- start-up -------------------------------------------------------------
+
+
+class StartupError(RelayError):
+    """The process cannot start: the host or a file is not as the configuration says.
+
+    The message is one line: what is wrong, then what to do about it.
+
+    Attributes:
+        subject: the thing at fault (a key and its value, or a path).
+        problem: what is wrong with it.
+        remedy: what the operator should do.
+    """
+
+    def __init__(self, subject: str, problem: str, remedy: str) -> None:
+        self.subject = subject
+        self.problem = problem
+        self.remedy = remedy
+        super().__init__(f"{subject}: {problem}; {remedy}")
+
+
+class DataDirLockedError(StartupError):
+    """Another process holds the lock on the data directory.
+
+    Attributes:
+        path: the data directory.
+        pid: the process holding the lock, as written in its lock file (``None``
+            when unreadable).
+    """
+
+    def __init__(self, path: str, pid: int | None) -> None:
+        self.path = path
+        self.pid = pid
+        holder = f"PID {pid}" if pid is not None else "a process whose PID is unknown"
+        super().__init__(
+            f"data directory {path}",
+            f"in use by another relay ({holder})",
+            "stop it, or give this relay another relay.data_dir",
+        )
+
+
 # --- publisher ------------------------------------------------------------
 
 

@@ -192,6 +192,12 @@ class RelayMetrics:
             r, "relay_active_transfers", "Blob and delta responses in progress."
         )
         self.rejected = _counter(r, "relay_rejected", "Requests answered 503, by reason.", "reason")
+        self.bandwidth_limit = _gauge(
+            r,
+            "relay_bandwidth_limit_bytes_per_second",
+            "Bandwidth limit in force now, by limit: egress, per_agent, upstream (0 = unlimited).",
+            "limit",
+        )
         self.throttled_seconds = _counter(
             r,
             "relay_throttled_seconds",

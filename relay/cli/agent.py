@@ -12,6 +12,7 @@ from relay.agent.updater import Agent, AgentConfig
 from relay.cli.exitcodes import ExitCode
 from relay.config import load_config
 from relay.errors import ConfigError
+from relay.storage.fsio import ensure_directory
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -35,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     Raises:
         ConfigError: no trusted root, no relay and no origin, or an invalid key.
+        StartupError: the state or install directory is a file or not writable.
     """
     config = load_config(args.config, os.environ, _overrides(args))
     settings = config.agent
@@ -49,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(
             "agent.relays", None, config.source_of("agent.relays"), "give --relay (or --origin)"
         )
+    ensure_directory(settings.state_dir, "agent.state_dir (--state-dir)")
+    ensure_directory(settings.install_dir, "agent.install_dir (--install-dir)")
     agent = Agent(AgentConfig.from_settings(settings))
     logging.getLogger("relay").setLevel(logging.INFO)
     while True:

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,15 +23,17 @@ from relay import __version__
 from relay.cli.exitcodes import ExitCode
 from relay.core.fleet import FleetState
 from relay.core.units import parse_duration
-from relay.errors import ConfigError, PublishError, RelayError
+from relay.errors import ConfigError, PublishError, RelayError, StartupError
 
 _EPILOG = """\
 exit codes:
   0    success
   1    the command failed (the message says why; nothing was changed)
-  2    usage error (bad arguments)
+  2    usage error (bad arguments), or a start-up mistake (port in use, address not
+       on this host, data directory locked, not a directory or not writable, trusted
+       root missing or not a TUF root): one line, a traceback only with -v
   3    configuration error (names the key and the file or variable)
-  130  interrupted
+  130  interrupted (`relay serve` stops cleanly on SIGINT or SIGTERM and exits 0)
 """
 
 
@@ -277,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"relay: configuration error: {e}", file=sys.stderr)
         return ExitCode.CONFIG
+    except StartupError as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"relay: cannot start: {e}", file=sys.stderr)
+        return ExitCode.STARTUP
     except PublishError as e:
         # One line, whatever the message holds: scripts and cron mail read the first line.
         print(f"relay publish: error: {' '.join(str(e).splitlines())}", file=sys.stderr)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 
 from relay.cli.exitcodes import ExitCode
-from relay.config import load_config
-from relay.server.run import serve, setup_logging
+from relay.config import Config, load_config
+from relay.server.run import serve
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, object]:
@@ -24,12 +23,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted.
+    """Serve until SIGTERM or SIGINT (exit 0); SIGHUP re-reads the configuration.
 
     Raises:
         ConfigError: a key of the file, a variable or a flag is invalid.
+        StartupError: the host or a file is not as configured (port in use, data
+            directory locked or not writable, trusted root not a TUF root).
     """
-    config = load_config(args.config, os.environ, _overrides(args))
-    setup_logging(config.relay.log_format, logging.INFO - 10 * min(args.verbose, 1))
-    asyncio.run(serve(config))
+    overrides = _overrides(args)
+    config = load_config(args.config, os.environ, overrides)
+
+    def reload() -> Config:  # on SIGHUP: the same file, variables and flags
+        return load_config(args.config, os.environ, overrides)
+
+    asyncio.run(serve(config, reload=reload, verbose=args.verbose))
     return ExitCode.OK

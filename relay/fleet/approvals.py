@@ -46,6 +46,7 @@ class PolicyStore:
         self.state = PolicyState()
         self.settings = defaults
         self.version = 0  # bumped on every change (cheap change detection)
+        self._saved_settings = False  # settings came from the admin API or a parent
 
     async def load(self) -> None:
         """Read state and settings saved earlier (defaults for what is missing)."""
@@ -55,6 +56,23 @@ class PolicyStore:
             self.state = PolicyState.from_dict(raw_state)
         if isinstance(raw_settings, dict):
             self.settings = Settings.from_dict(raw_settings, base=self.defaults)
+            self._saved_settings = True
+
+    def set_defaults(self, defaults: Settings) -> bool:
+        """Replace the configured defaults (the configuration was re-read).
+
+        Settings never changed through the admin API (or taken from a parent) follow
+        the new defaults; saved settings stay as they are.
+
+        Returns:
+            Whether the settings in force changed.
+        """
+        self.defaults = defaults
+        if self._saved_settings or defaults == self.settings:
+            return False
+        self.settings = defaults
+        self.version += 1
+        return True
 
     def check_writable(self) -> None:
         """Raise if local changes are not allowed.
@@ -94,6 +112,7 @@ class PolicyStore:
             self.state = state
         if settings is not None:
             self.settings = settings
+            self._saved_settings = True
         self.version += 1
 
     async def audit_log(self, limit: int = 1000) -> list[Any]:

@@ -35,13 +35,12 @@ from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.fleet.groups import known_groups
 from relay.server.fleet import csv_response
 from relay.server.http import add_counted, bad_request, parse_body, read_json_body
-from relay.server.state import ADMIN_TOKEN, STATE, RelayState
+from relay.server.state import STATE, RelayState
 
 logger = logging.getLogger(__name__)
 
 
-def _authorised(request: web.Request) -> None:
-    token = request.app[ADMIN_TOKEN]
+def _authorised(request: web.Request, token: str) -> None:
     if not token:
         raise web.HTTPNotFound(text="the admin API is off (no admin token configured)\n")
     header = request.headers.get("Authorization", "")
@@ -55,8 +54,9 @@ def _authorised(request: web.Request) -> None:
 
 
 def _state(request: web.Request) -> RelayState:
-    _authorised(request)
-    return request.app[STATE]
+    state = request.app[STATE]
+    _authorised(request, state.admin_token)
+    return state
 
 
 def _conflict(message: str) -> web.Response:

@@ -24,6 +24,9 @@ Rules:
 * ``Content-Length`` is always set (no chunked encoding for files).
 * Every chunk of a throttled response is paced by the limiter before it is
   read, so no client waits long between bytes.
+* The body bytes actually sent (by ``sendfile`` or by writes) are kept on the
+  response under :data:`BODY_BYTES` for the access log: aiohttp's own count misses
+  what ``sendfile`` sends and includes the header bytes.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 IMMUTABLE = "public, max-age=31536000, immutable"
+BODY_BYTES = web.ResponseKey("body_bytes", int)
+"""Body bytes sent for a blob or patch response (the access log reads it)."""
 # Content-addressed URLs never change: any HTTP cache or CDN in front may keep them.
 _CONTENT_ADDRESSED = {"Cache-Control": IMMUTABLE, "Accept-Ranges": "bytes"}
 
@@ -142,7 +147,13 @@ async def _send_fill(
     try:
         await resp.prepare(request)
         await stream_from_fill(
-            request, resp, fill, decision.start, decision.end, pace, _counter(state, "upstream")
+            request,
+            resp,
+            fill,
+            decision.start,
+            decision.end,
+            pace,
+            _counter(state, "upstream", resp),
         )
     finally:
         fill.detach()
@@ -163,7 +174,7 @@ async def _send_file(
     try:
         await resp.prepare(request)
         await send_file_range(
-            request, resp, entry, decision.start, decision.end, pace, _counter(state, source)
+            request, resp, entry, decision.start, decision.end, pace, _counter(state, source, resp)
         )
     finally:
         state.files.release(entry)
@@ -282,12 +293,15 @@ def _paced_slot(state: RelayState, agent: str) -> Iterator[Pacer | None]:
         state.gate.leave(agent)
 
 
-def _counter(state: RelayState, source: str) -> Callable[[int], None]:
+def _counter(state: RelayState, source: str, resp: web.StreamResponse) -> Callable[[int], None]:
+    """Count body bytes sent: in ``relay_bytes_served_total{source}`` and on ``resp``."""
     key = (source,)
     values = state.metrics.bytes_served.values
+    resp[BODY_BYTES] = 0
 
     def count(n: int) -> None:
         values[key] += n
+        resp[BODY_BYTES] += n
 
     return count
 

@@ -39,9 +39,14 @@ from relay.fleet.registry import Registry
 from relay.server.fleet import watch_fleet
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
-from relay.server.state import ADMIN_TOKEN, CONFIG, METRICS, STATE, RelayState
+from relay.server.state import CONFIG, METRICS, STATE, RelayState
 from relay.storage.kv import KV
-from relay.transfer.bandwidth import BandwidthLimiter, follow_schedule, schedule_from_config
+from relay.transfer.bandwidth import (
+    BandwidthLimiter,
+    LiveSchedule,
+    follow_schedule,
+    schedule_from_config,
+)
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
 
@@ -68,6 +73,31 @@ def read_trusted_root(config: Config) -> bytes:
             config.source_of("upstream.trusted_root"),
             f"cannot be read: {e.strerror}",
         ) from e
+
+
+async def apply_settings(app: web.Application, config: Config) -> None:
+    """Apply to a running relay the settings that can change without a restart.
+
+    Called on SIGHUP with the configuration re-read (:mod:`relay.server.run` keeps
+    the other keys at their running values). Applied: ``[limits]`` (rates and
+    schedule through the running limiters, whose waiting requests are re-evaluated
+    at once; transfer caps), ``[policy]`` defaults (they become the settings unless
+    the admin API changed them) and the keys read per request (``poll_seconds``,
+    ``origin_url``, ``relays``, ``relay.public_url``, ``*.retry_after``), and the
+    ``[admin]`` token. Connections are untouched.
+
+    Raises:
+        ConfigError: ``admin.token_file`` cannot be read; nothing was applied.
+    """
+    state = app[STATE]
+    token = await asyncio.to_thread(config.admin_token)  # may read a file
+    state.schedule.apply(schedule_from_config(config.limits), state.limiter, state.upstream_limiter)
+    state.gate.max_total = config.limits.max_transfers
+    state.gate.max_per_agent = config.limits.max_transfers_per_agent
+    state.admin_token = token
+    state.config = config
+    if state.policy.set_defaults(settings_from_config(config.policy)):
+        state.on_policy_change()
 
 
 def _up(health: UpstreamHealth) -> Callable[[], float]:
@@ -107,12 +137,15 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         headers={"User-Agent": "relay"},
     )
     limits = config.limits
-    schedule = schedule_from_config(limits)
+    schedule = LiveSchedule(schedule_from_config(limits))  # SIGHUP may replace it
     rates = schedule.rates_at(dt.datetime.now().astimezone())
     egress_limiter = BandwidthLimiter(rates.egress, rates.per_agent, max_chunk=limits.chunk_bytes)
     upstream_limiter = BandwidthLimiter(rates.upstream)
     egress_limiter.on_throttle = metrics.throttled_seconds.labels("egress").inc
     upstream_limiter.on_throttle = metrics.throttled_seconds.labels("upstream").inc
+    metrics.bind(metrics.bandwidth_limit.labels("egress"), lambda: egress_limiter.rate)
+    metrics.bind(metrics.bandwidth_limit.labels("per_agent"), lambda: egress_limiter.per_agent)
+    metrics.bind(metrics.bandwidth_limit.labels("upstream"), lambda: upstream_limiter.rate)
     upstream = Upstream(
         AiohttpFetcher(
             session,
@@ -123,9 +156,8 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         list(config.upstream.urls),
         retries=config.upstream.retries,
         backoff=config.upstream.retry_backoff,
-        throttle=partial(upstream_limiter.acquire, None)
-        if schedule.windows or rates.upstream
-        else None,
+        # Free while unlimited (acquire returns at once); SIGHUP may set a rate.
+        throttle=partial(upstream_limiter.acquire, None),
     )
     upstream.on_bytes(lambda base, n: metrics.upstream_bytes.labels(base).inc(n))
     for base in upstream.base_urls:
@@ -182,9 +214,10 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         gate=TransferGate(limits.max_transfers, limits.max_transfers_per_agent),
         limiter=egress_limiter,
         upstream_limiter=upstream_limiter,
+        schedule=schedule,
     )
     app[STATE] = state
-    app[ADMIN_TOKEN] = await asyncio.to_thread(config.admin_token)  # may read a file
+    state.admin_token = await asyncio.to_thread(config.admin_token)  # may read a file
     metrics.bind(metrics.active_transfers, lambda: float(state.gate.active))
     watch_fleet(state)
     metrics.cache_max_bytes.set(config.store.max_bytes)
@@ -225,10 +258,10 @@ async def components(app: web.Application) -> AsyncIterator[None]:
                 state.on_policy_change,
             ),
         )
-    if schedule.windows:
-        bg.supervise(
-            "rate-schedule", partial(follow_schedule, schedule, egress_limiter, upstream_limiter)
-        )
+    # Always followed, windows or not: a reload may add some.
+    bg.supervise(
+        "rate-schedule", partial(follow_schedule, schedule, egress_limiter, upstream_limiter)
+    )
     try:
         yield
     finally:

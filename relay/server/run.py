@@ -1,30 +1,93 @@
-"""Running a relay: listening socket, access log, logging format, signals.
+"""Running a relay as a service: start-up checks, sockets, signals, logs.
 
 Rules:
 
-* One access log line per request, in text or JSON; off entirely with
-  ``relay.access_log = false`` (it is a measurable share of the per-request cost).
-* JSON logs put one object per line, so a log shipper needs no parser.
+* Every start-up mistake an operator can make is found before any component
+  starts and raised as a :class:`relay.errors.StartupError` (one line; the CLI exits
+  2): the data directory or one of its parts is a file or not writable, another
+  relay holds the directory, the trusted root is missing or not a TUF root (checked
+  with the same verifier the sync uses), the address is not on this host, the port
+  is taken or needs privileges.
+* One relay per data directory: an exclusive ``flock`` on ``<data_dir>/relay.lock``
+  held for the life of the process; the file holds the PID, for the message the
+  next one prints. The kernel drops the lock when the process dies, however it dies.
+* SIGTERM or SIGINT: stop accepting, close idle keep-alive connections, let
+  transfers in flight finish for up to ``relay.drain``, cut what is left, clean up,
+  and log one line saying so. A second SIGTERM or SIGINT cuts at once.
+* SIGHUP: re-read the configuration and apply what can change live
+  (:func:`relay.server.app.apply_settings`, plus logging here); log what was
+  applied and what needs a restart. A file that does not load changes nothing, and
+  no connection is touched either way.
+* systemd (``Type=notify``): ``READY=1`` once listening, ``RELOADING=1`` then
+  ``READY=1`` around a reload, ``STOPPING=1`` on a stop, when ``NOTIFY_SOCKET`` is
+  set (sd_notify's datagram protocol, a few lines, no dependency).
+* Access log: one line per request, off with ``relay.access_log = false``. Text:
+  Combined Log Format (what log tools parse), the agent id in the user field.
+  JSON: one object per line. Both give the body bytes actually sent, ``sendfile``
+  included (:data:`relay.server.blobs.BODY_BYTES`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import datetime as dt
+import errno
+import fcntl
 import json
 import logging
+import os
+import signal
+import socket
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
 from relay.config import Config
-from relay.errors import ConfigError
+from relay.core.protocol import AGENT_ID_HEADER, is_agent_id
+from relay.core.verify import TrustSession
+from relay.errors import ConfigError, DataDirLockedError, MetadataRejectedError, StartupError
 from relay.server.app import make_app
+from relay.server.blobs import BODY_BYTES
+from relay.server.compose import apply_settings
+from relay.server.state import STATE
+from relay.storage.fsio import ensure_directory
 
 logger = logging.getLogger(__name__)
+
+LOCK_NAME = "relay.lock"
+ACCESS_LOGGER = "relay.access"
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+# Keys a running relay applies on SIGHUP, by section (every key of the section: "*").
+# The rest keep their running values until a restart.
+LIVE_KEYS: dict[str, frozenset[str]] = {
+    "relay": frozenset({"drain", "log_level", "log_format", "public_url"}),
+    "limits": frozenset({"*"}),
+    "policy": frozenset({"*"}),
+    "admin": frozenset({"*"}),
+    "store": frozenset({"retry_after"}),
+}
+_RESTART_ONLY = {
+    "policy": frozenset({"mode", "parent_url"}),
+    "limits": frozenset({"chunk_bytes"}),  # the limiter's chunk bound is set at start
+}
+_NOT_SERVED = frozenset({"agent"})  # sections `relay serve` does not read
+
+
+# -- logging -------------------------------------------------------------------------
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,43 +109,164 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"))
 
 
+class _ClientFaultFilter(logging.Filter):
+    """Client faults that aiohttp logs as errors with a traceback: one line, not above INFO.
+
+    A client that hangs up mid-response is DEBUG; a malformed request (answered 400)
+    is INFO. Neither is a fault of the relay.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Demote ``record`` if a client caused it; return whether it is still logged."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if record.levelno <= logging.INFO or exc is None:
+            return True
+        if isinstance(exc, ConnectionError):
+            level, what = logging.DEBUG, "the client went away"
+        elif isinstance(exc, HttpProcessingError):
+            level, what = logging.INFO, "a malformed request, answered 400"
+        else:
+            return True
+        detail = " ".join(str(exc).split())[:200]
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        record.msg, record.args = f"{record.getMessage()}: {what}: {detail}", None
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(level)
+
+
+def log_level(config: Config, verbose: int = 0) -> int:
+    """The root log level: ``relay.log_level``, or debug with ``-v``."""
+    return logging.DEBUG if verbose else _LEVELS[config.relay.log_level]
+
+
 def setup_logging(log_format: str, level: int) -> None:
-    """Configure the root logger for ``text`` or ``json`` output."""
+    """Configure logging for ``text`` or ``json`` output (again on SIGHUP).
+
+    Application logs go to stderr at ``level``. Access lines go to stderr too, whatever
+    ``level`` is (``relay.access_log`` turns them off): in text mode bare, one Combined
+    Log Format line each, so log tools parse them; in JSON mode as JSON objects.
+    """
     handler = logging.StreamHandler()
+    access_handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
+        access_handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        access_handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    access = logging.getLogger(ACCESS_LOGGER)
+    access.handlers[:] = [access_handler]
+    access.propagate = False
+    access.setLevel(logging.INFO)
+    # python-tuf logs each key that fails to verify at INFO; the relay's own message
+    # names the failure, so that is detail for -v.
+    logging.getLogger("tuf").setLevel(logging.NOTSET if level <= logging.DEBUG else logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientFaultFilter) for f in server.filters):
+        server.addFilter(_ClientFaultFilter())
+
+
+# -- access log ------------------------------------------------------------------------
+
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_NO_BODY = frozenset({204, 304})
+
+
+def _escape(text: str) -> str:
+    """Escape a client-supplied string for a quoted log field (as Apache does)."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.extend(f"\\x{b:02x}" for b in ch.encode("utf-8", "backslashreplace"))
+    return "".join(out)
+
+
+def body_bytes(request: BaseRequest, response: web.StreamResponse) -> int:
+    """The body bytes sent for ``response`` (headers not counted).
+
+    Blob and delta bodies count what was written or sent with ``sendfile``
+    (:data:`relay.server.blobs.BODY_BYTES`); other responses hold their body.
+    """
+    sent: int | None = response.get(BODY_BYTES)
+    if sent is not None:
+        return sent
+    if request.method == "HEAD" or response.status in _NO_BODY or response.status < 200:
+        return 0
+    if isinstance(response, web.Response):
+        body = response.body
+        if isinstance(body, bytes | bytearray):
+            return len(body)
+        if body is not None and body.size is not None:
+            return body.size
+    return 0
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, path, status, bytes, seconds, agent."""
+    """One line per request: Combined Log Format in text, an object in JSON.
+
+    Text: ``host - agent [time] "request line" status bytes "referer" "user-agent"``,
+    where ``agent`` is the ``Relay-Agent-Id`` (``-`` when absent or malformed) and
+    ``bytes`` the body bytes actually sent (``-`` for none), as Apache's ``combined``.
+    """
+
+    json = False  # set by serve() for relay.log_format = "json"
+    _stamp: tuple[int, str] = (-1, "")
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Write the access line (aiohttp passes the request's duration as ``time``)."""
-        fields = {
-            "remote": request.remote,
-            "method": request.method,
-            "path": request.path_qs,
-            "status": response.status,
-            "bytes": response.body_length,
-            "seconds": round(time, 6),
-            "agent": request.headers.get("Relay-Agent-Id", ""),
-        }
+        headers = request.headers
+        agent = headers.get(AGENT_ID_HEADER, "")
+        agent = agent if agent and is_agent_id(agent) else "-"
+        size = body_bytes(request, response)
+        version = request.version
+        line = f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}"
+        if AccessLogger.json:
+            fields = {
+                "remote": request.remote,
+                "method": request.method,
+                "path": request.raw_path,
+                "status": response.status,
+                "bytes": size,
+                "seconds": round(time, 6),
+                "agent": "" if agent == "-" else agent,
+                "user_agent": headers.get("User-Agent", ""),
+            }
+            self.logger.info('"%s" %s %s', line, response.status, size, extra={"fields": fields})
+            return
         self.logger.info(
-            '%s "%s %s" %s %s %.6f %s',
-            fields["remote"],
-            fields["method"],
-            fields["path"],
-            fields["status"],
-            fields["bytes"],
-            time,
-            fields["agent"],
-            extra={"fields": fields},
+            '%s - %s [%s] "%s" %d %s "%s" "%s"',
+            request.remote or "-",
+            agent,
+            self._time(time),
+            _escape(line),
+            response.status,
+            size or "-",
+            _escape(headers.get("Referer", "-")),
+            _escape(headers.get("User-Agent", "-")),
         )
+
+    @classmethod
+    def _time(cls, duration: float) -> str:
+        # The request's start, local time with its offset; formatted once per second.
+        start = time.time() - duration
+        second = int(start)
+        if cls._stamp[0] != second:
+            d = dt.datetime.fromtimestamp(second).astimezone()
+            text = f"{d.day:02d}/{_MONTHS[d.month - 1]}/{d:%Y:%H:%M:%S %z}"
+            cls._stamp = (second, text)
+        return cls._stamp[1]
+
+
+# -- start-up checks -----------------------------------------------------------------
 
 
 def split_listen(config: Config) -> tuple[str, int]:
@@ -100,31 +284,420 @@ def split_listen(config: Config) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> None:
-    """Run a relay until cancelled."""
+class DataDirLock:
+    """An exclusive ``flock`` on ``<data_dir>/relay.lock``, which holds the owner's PID."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_NAME
+        self._fd: int | None = None
+        self._data_dir = data_dir
+
+    def acquire(self) -> None:
+        """Take the lock and write this process's PID into the file.
+
+        Raises:
+            DataDirLockedError: another process holds it.
+            StartupError: the lock file cannot be created.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise StartupError(
+                f"relay.data_dir {self._data_dir}",
+                f"cannot create {LOCK_NAME}: {e.strerror}",
+                "give the directory to the user the relay runs as",
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _read_pid(fd)
+            os.close(fd)
+            raise DataDirLockedError(str(self._data_dir), pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Drop the lock (the file stays: removing it would race with a new owner)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def check_trusted_root(config: Config) -> None:
+    """Check that ``upstream.trusted_root`` is a readable TUF root.
+
+    It goes through :class:`relay.core.verify.TrustSession`, the verifier every sync
+    starts from, so a file that passes here is one the sync accepts.
+
+    Raises:
+        StartupError: the key is not set, or the file is missing, unreadable, not
+            JSON, or not a root signed by its own keys.
+    """
+    key = "upstream.trusted_root"
+    path = config.upstream.trusted_root
+    fix = "give the root.json the publisher pins (REPO/public/metadata/1.root.json)"
+    if str(path) in ("", "."):
+        raise StartupError(key, f"is not set in {config.source_of(key)}", f"{fix} (--trusted-root)")
+    subject = f"{key} {path}"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise StartupError(subject, f"cannot be read: {e.strerror}", fix) from None
+    try:
+        json.loads(data)
+    except ValueError:
+        raise StartupError(subject, "is not JSON", fix) from None
+    try:
+        TrustSession(data)
+    except MetadataRejectedError as e:
+        raise StartupError(subject, f"is not a TUF root ({e.reason})", fix) from None
+
+
+def prepare_data_dir(config: Config) -> DataDirLock:
+    """Create and check the data directory, then lock it.
+
+    Blocking (files): call it in a thread from the loop.
+
+    Returns:
+        The held lock; release it when the relay stops.
+
+    Raises:
+        StartupError: see :func:`relay.storage.fsio.ensure_directory`.
+        DataDirLockedError: another relay uses the directory.
+    """
+    relay = config.relay
+    ensure_directory(relay.data_dir, "relay.data_dir")
+    lock = DataDirLock(relay.data_dir)
+    lock.acquire()
+    try:
+        for part in (relay.metadata_dir, relay.blobs_dir, relay.deltas_dir, relay.state_dir):
+            ensure_directory(part, "relay.data_dir")
+    except StartupError:
+        lock.release()
+        raise
+    return lock
+
+
+def bind(config: Config) -> list[socket.socket]:
+    """Open the listening sockets of ``relay.listen`` (one per address of the host name).
+
+    Raises:
+        StartupError: the host name does not resolve, the address is not on this
+            host, the port is in use or needs privileges.
+        ConfigError: ``relay.listen`` is not ``HOST:PORT``.
+    """
+    host, port = split_listen(config)
+    subject = f"relay.listen {config.relay.listen}"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise StartupError(
+            subject, f"cannot resolve {host!r}: {e.strerror}", "give an address of this host"
+        ) from None
+    sockets: list[socket.socket] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for family, kind, proto, _name, address in infos:
+            ip = str(address[0])
+            if (family, ip) in seen:
+                continue
+            seen.add((family, ip))
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            # With port 0, every address gets the port the first one was given.
+            bound = sockets[0].getsockname()[1] if port == 0 and len(sockets) > 1 else port
+            try:
+                _listen(sock, (ip, bound, *address[2:]))
+            except OSError as e:
+                raise _bind_error(subject, ip, port, e) from None
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listen(sock: socket.socket, address: tuple[Any, ...]) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind(address)
+    sock.listen(1024)
+    sock.setblocking(False)  # noqa: FBT003 - the stdlib's signature
+
+
+def _bind_error(subject: str, host: str, port: int, e: OSError) -> StartupError:
+    if e.errno == errno.EADDRINUSE:
+        return StartupError(
+            subject,
+            f"port {port} on {host} is in use by another process",
+            f"stop it (`ss -ltnp 'sport = :{port}'` names it) or choose another port",
+        )
+    if e.errno == errno.EADDRNOTAVAIL:
+        return StartupError(
+            subject,
+            f"address {host} is not on this host",
+            "use one of its addresses (`ip -brief address`), or 0.0.0.0 for all of them",
+        )
+    if e.errno == errno.EACCES:
+        return StartupError(
+            subject,
+            f"port {port} needs privileges",
+            "use a port from 1024 up, or grant CAP_NET_BIND_SERVICE",
+        )
+    return StartupError(subject, f"cannot listen: {e.strerror}", "choose another address")
+
+
+# -- systemd -----------------------------------------------------------------------
+
+
+def sd_notify(message: str, environ: dict[str, str] | None = None) -> bool:
+    """Send ``message`` to systemd's notification socket, if there is one.
+
+    The protocol is one datagram of ``KEY=VALUE`` lines on the unix socket named by
+    ``NOTIFY_SOCKET`` (``@`` at the start: the abstract namespace).
+
+    Returns:
+        Whether a message was sent; ``False`` outside systemd or on any error
+        (a missed notification must not stop the relay).
+    """
+    address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as e:
+        logger.debug("sd_notify to %s failed: %s", address, e)
+        return False
+    return True
+
+
+# -- reload ------------------------------------------------------------------------
+
+
+def _is_live(section: str, key: str) -> bool:
+    live = LIVE_KEYS.get(section, frozenset())
+    return ("*" in live or key in live) and key not in _RESTART_ONLY.get(section, frozenset())
+
+
+def split_changes(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
+    """Split the differences between two configurations by when they take effect.
+
+    Returns:
+        The configuration to run with (``running`` with the live keys of ``new``),
+        the dotted keys applied now, and the dotted keys that need a restart.
+    """
+    sections: dict[str, object] = {}
+    applied: list[str] = []
+    restart: list[str] = []
+    for f in dataclasses.fields(Config):
+        old_section, new_section = getattr(running, f.name), getattr(new, f.name)
+        if not dataclasses.is_dataclass(old_section) or f.name in _NOT_SERVED:
+            continue
+        changes = {}
+        for key in (k.name for k in dataclasses.fields(old_section)):
+            value = getattr(new_section, key)
+            if getattr(old_section, key) == value:
+                continue
+            if _is_live(f.name, key):
+                changes[key] = value
+                applied.append(f"{f.name}.{key}")
+            else:
+                restart.append(f"{f.name}.{key}")
+        sections[f.name] = dataclasses.replace(old_section, **changes)  # type: ignore[type-var]
+    live = dataclasses.replace(running, **sections, source=new.source, sources=new.sources)  # type: ignore[arg-type]
+    return live, applied, restart
+
+
+# -- the service ---------------------------------------------------------------------
+
+
+class Service:
+    """One running relay: its sockets, application, lock, signals and configuration.
+
+    Args:
+        config: the configuration to start with.
+        reload: re-reads the configuration (on SIGHUP); ``None``: SIGHUP only logs.
+        verbose: ``-v`` given: debug logs whatever ``relay.log_level`` says.
+    """
+
+    def __init__(
+        self, config: Config, reload: Callable[[], Config] | None = None, verbose: int = 0
+    ) -> None:
+        self.config = config
+        self._reload = reload
+        self._verbose = verbose
+        self._signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
+        self.app: web.Application | None = None
+
+    async def run(self, ready: asyncio.Event | None = None) -> None:
+        """Start, serve until SIGTERM or SIGINT, drain and stop.
+
+        Raises:
+            StartupError: a start-up check failed (nothing was started).
+            ConfigError: a key is missing or malformed.
+        """
+        loop = asyncio.get_running_loop()
+        with self._signal_handlers(loop):
+            lock = await asyncio.to_thread(prepare_data_dir, self.config)
+            try:
+                await asyncio.to_thread(check_trusted_root, self.config)
+                sockets = bind(self.config)
+                await self._serve(sockets, ready)
+            finally:
+                lock.release()
+
+    @contextlib.contextmanager
+    def _signal_handlers(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+            except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+                continue
+            installed.append(sig)
+        try:
+            yield
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def _serve(self, sockets: list[socket.socket], ready: asyncio.Event | None) -> None:
+        app = self.app = make_app(self.config)
+        AccessLogger.json = self.config.relay.log_format == "json"
+        runner = web.AppRunner(
+            app,
+            access_log_class=AccessLogger,
+            access_log=logging.getLogger(ACCESS_LOGGER) if self.config.relay.access_log else None,
+            handle_signals=False,
+        )
+        try:
+            await runner.setup()
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
+            for sock in sockets:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
+                logger.info("relay listening on http://%s:%d/", shown, port)
+            sd_notify(f"READY=1\nSTATUS=listening on {self.config.relay.listen}")
+            if ready is not None:
+                ready.set()
+            while (sig := await self._signals.get()) is signal.SIGHUP:
+                await self.reload()
+            await self._drain(runner, sig)
+        finally:
+            for sock in sockets:
+                sock.close()
+            await runner.cleanup()
+
+    async def reload(self) -> None:
+        """Re-read the configuration and apply what can change live (SIGHUP)."""
+        if self._reload is None or self.app is None:
+            logger.info("SIGHUP: no configuration file to re-read")
+            return
+        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            try:
+                new = await asyncio.to_thread(self._reload)
+                live, applied, restart = split_changes(self.config, new)
+                await apply_settings(self.app, live)
+            except ConfigError as e:
+                logger.error("SIGHUP: configuration not applied, the running one stays: %s", e)  # noqa: TRY400 - one line
+                return
+            self.config = live
+            setup_logging(live.relay.log_format, log_level(live, self._verbose))
+            AccessLogger.json = live.relay.log_format == "json"
+            logger.info(
+                "SIGHUP: configuration re-read from %s: applied %s; needs a restart: %s",
+                live.source,
+                ", ".join(applied) or "no change",
+                ", ".join(restart) or "nothing",
+            )
+        finally:
+            sd_notify("READY=1")
+
+    async def _drain(self, runner: web.AppRunner, sig: signal.Signals) -> None:
+        sd_notify("STOPPING=1")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        drain = self.config.relay.drain
+        for site in list(runner.sites):
+            await site.stop()  # no new connections
+        server = runner.server
+        if server is not None:
+            server.pre_shutdown()  # idle keep-alive connections close; busy ones after
+        gate = runner.app[STATE].gate
+        in_flight = gate.active
+        idle = asyncio.Event()
+        gate.on_idle = idle.set
+        if not gate.active:
+            idle.set()
+        waiters = {
+            asyncio.ensure_future(idle.wait()),
+            asyncio.ensure_future(self._stop_signal()),
+        }
+        _done, pending = await asyncio.wait(
+            waiters, timeout=drain, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        cut = gate.active
+        if server is not None:
+            # Other requests (check-ins, metadata) get what is left of the drain time.
+            await server.shutdown(max(0.1, drain - (loop.time() - started)))
+        logger.log(
+            logging.WARNING if cut else logging.INFO,
+            "stopped on %s after %.1f s: %d transfers in flight finished, %d cut at relay.drain"
+            " (%g s)",
+            sig.name,
+            loop.time() - started,
+            in_flight - cut,
+            cut,
+            drain,
+        )
+
+    async def _stop_signal(self) -> signal.Signals:
+        while (sig := await self._signals.get()) is signal.SIGHUP:
+            logger.info("SIGHUP ignored: the relay is stopping")
+        return sig
+
+
+async def serve(
+    config: Config,
+    *,
+    reload: Callable[[], Config] | None = None,
+    verbose: int = 0,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run a relay until SIGTERM or SIGINT (or cancellation); see the module rules.
+
+    Args:
+        config: the configuration.
+        reload: re-reads the configuration on SIGHUP.
+        verbose: the ``-v`` count (debug logs whatever ``relay.log_level`` says).
+        ready: set once the relay listens.
+
+    Raises:
+        StartupError: a start-up check failed; nothing was started.
+        ConfigError: a key is missing or malformed.
+    """
+    setup_logging(config.relay.log_format, log_level(config, verbose))
     # File opens, reads and fsyncs hop to threads; each hop is short, but many run at
     # once under load, and the default pool (cores + 4) would queue them.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=32, thread_name_prefix="relay-io")
     )
-    app = make_app(config)
-    runner = web.AppRunner(
-        app,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger("relay.access") if config.relay.access_log else None,
-        handle_signals=True,
-    )
-    await runner.setup()
-    host, port = split_listen(config)
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    try:
-        await site.start()
-        logger.warning("relay listening on http://%s:%d/", host, port)
-        if ready is not None:
-            ready.set()
-        started = time.monotonic()
-        while True:
-            await asyncio.sleep(3600)
-            logger.debug("up %.0f s", time.monotonic() - started)
-    finally:
-        await runner.cleanup()
+    await Service(config, reload, verbose).run(ready)

@@ -24,7 +24,7 @@ from relay.deltas.service import DeltaService
 from relay.fleet.approvals import PolicyStore
 from relay.fleet.registry import Registry
 from relay.metrics import RelayMetrics
-from relay.transfer.bandwidth import BandwidthLimiter
+from relay.transfer.bandwidth import BandwidthLimiter, LiveSchedule
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
 
@@ -148,8 +148,11 @@ class RelayState:
     gate: TransferGate
     limiter: BandwidthLimiter
     upstream_limiter: BandwidthLimiter
+    schedule: LiveSchedule  # the rates both limiters follow by the time of day
     started: float = field(default_factory=time.time)
     background: Background = field(init=False)
+    # Read per request (SIGHUP may change it); "" = the admin API is off.
+    admin_token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         self.background = Background(self.metrics)
@@ -167,4 +170,3 @@ class RelayState:
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", RelayMetrics)
 STATE = web.AppKey("state", RelayState)
-ADMIN_TOKEN = web.AppKey("admin_token", str)

@@ -36,7 +36,7 @@ from relay.fleet.groups import known_groups
 from relay.server.admin import change_approval
 from relay.server.fleet import csv_response, parse_filter
 from relay.server.http import add_counted
-from relay.server.state import ADMIN_TOKEN, STATE, RelayState
+from relay.server.state import STATE, RelayState
 
 SESSION_COOKIE = "relay_session"
 SESSION_SECONDS = 8 * 3600
@@ -222,7 +222,7 @@ def _dl(items: Iterable[tuple[str, str]]) -> str:
 
 
 def _ui_on(request: web.Request) -> Sessions:
-    if not request.app[ADMIN_TOKEN]:
+    if not request.app[STATE].admin_token:  # read per request: SIGHUP may change it
         raise web.HTTPNotFound(text="the status page is off (no admin token configured)\n")
     return request.app[SESSIONS]
 
@@ -276,7 +276,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     sessions = _ui_on(request)
     form = await request.post()
     given = form.get("token")
-    token = request.app[ADMIN_TOKEN]
+    token = request.app[STATE].admin_token
     if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
         return _login_page("Wrong token.", status=401)
     sessions.close(request.cookies.get(SESSION_COOKIE))

@@ -10,7 +10,10 @@ import contextlib
 import hashlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
+
+from relay.errors import StartupError
 
 HASH_BLOCK = 1 << 20
 """Bytes read per step by :func:`hash_file` (memory stays bounded whatever the file size)."""
@@ -67,3 +70,47 @@ def hash_file(path: Path) -> tuple[str, int]:
             digest.update(block)
             length += len(block)
     return digest.hexdigest(), length
+
+
+def ensure_directory(path: Path, key: str) -> None:
+    """Create ``path`` if needed, and check that this process can write in it.
+
+    Writability is probed by creating and removing a file, so a read-only mount, an
+    ACL or a missing capability is caught as surely as the mode bits.
+
+    Args:
+        path: the directory.
+        key: what the operator set it with (``relay.data_dir``, ``--install-dir``),
+            for the message.
+
+    Raises:
+        StartupError: ``path`` or a parent of it is a file, or the directory cannot
+            be created or written.
+    """
+    subject = f"{key} {path}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise StartupError(
+            subject, "is a file, not a directory", "remove the file or choose another directory"
+        ) from None
+    except NotADirectoryError:
+        raise StartupError(
+            subject, "a parent of it is a file", "choose a path whose parents are directories"
+        ) from None
+    except OSError as e:
+        raise StartupError(
+            subject,
+            f"cannot be created: {e.strerror}",
+            "create it and give it to the user the program runs as",
+        ) from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=path)
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as e:
+        raise StartupError(
+            subject,
+            f"not writable by this user (uid {os.geteuid()}): {e.strerror}",
+            "give it to the user the program runs as (chown -R) or choose another directory",
+        ) from None

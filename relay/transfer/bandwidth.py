@@ -25,7 +25,8 @@ Rules:
   that will never be sent. An unlimited limiter returns from ``acquire`` without
   awaiting anything.
 * Time-of-day rates are followed by one task, :func:`follow_schedule`, which reads
-  the wall clock through a function it is given.
+  the wall clock through a function it is given. It follows a :class:`LiveSchedule`
+  when the schedule may be replaced while it runs (a configuration reload).
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ import asyncio
 import datetime as dt
 import math
 from collections.abc import Callable
-from typing import Self
+from dataclasses import dataclass
+from typing import Protocol, Self
 
 from relay.config import LimitsSettings
 from relay.core.rates import (
@@ -377,8 +379,41 @@ def _local_now() -> dt.datetime:
     return dt.datetime.now().astimezone()
 
 
+class RatesSource(Protocol):
+    """What :func:`follow_schedule` follows: rates by the time of day."""
+
+    def rates_at(self, when: dt.datetime) -> Rates:
+        """The rates in force at ``when``."""
+        ...
+
+
+@dataclass(slots=True)
+class LiveSchedule:
+    """The schedule in force, replaceable while :func:`follow_schedule` follows it."""
+
+    current: RateSchedule
+
+    def rates_at(self, when: dt.datetime) -> Rates:
+        """The current schedule's rates at ``when``."""
+        return self.current.rates_at(when)
+
+    def apply(
+        self, schedule: RateSchedule, egress: BandwidthLimiter, upstream: BandwidthLimiter
+    ) -> Rates:
+        """Replace the schedule and put both limiters on its rates now (not at the next period).
+
+        Returns:
+            The rates now in force.
+        """
+        self.current = schedule
+        rates = schedule.rates_at(_local_now())
+        egress.set_rates(rates.egress, rates.per_agent)
+        upstream.set_rates(rates.upstream, 0)
+        return rates
+
+
 async def follow_schedule(
-    schedule: RateSchedule,
+    schedule: RatesSource,
     egress: BandwidthLimiter,
     upstream: BandwidthLimiter,
     *,
@@ -415,7 +450,9 @@ async def follow_schedule(
 
 __all__ = [
     "BandwidthLimiter",
+    "LiveSchedule",
     "Pacer",
+    "RatesSource",
     "follow_schedule",
     "schedule_from_config",
 ]

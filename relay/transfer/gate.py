@@ -6,6 +6,7 @@ Past either limit a request is refused with the reason; the server answers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -20,6 +21,7 @@ class TransferGate:
     max_per_agent: int
     active: int = 0
     per_agent: dict[str, int] = field(default_factory=dict)
+    on_idle: Callable[[], None] | None = None  # called when the last transfer leaves
 
     def try_enter(self, agent: str) -> str | None:
         """Take a slot; return ``None``, or the reason it was refused."""
@@ -40,3 +42,5 @@ class TransferGate:
             self.per_agent.pop(agent, None)
         else:
             self.per_agent[agent] = left
+        if self.active == 0 and self.on_idle is not None:
+            self.on_idle()  # a draining relay waits for this
