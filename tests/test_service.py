@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import hashlib
+import json
 import os
 import re
 import signal
@@ -425,6 +426,40 @@ async def test_access_log_is_combined_format_with_the_body_bytes_sent(published,
     assert any(m["request"] == "GET /healthz HTTP/1.1" and m["bytes"] != "-" for m in access)
     loud = [line for line in relay.lines if " WARNING " in line or " ERROR " in line]
     assert loud == []
+
+
+@pytest.mark.timeout(60)
+async def test_json_logs_and_a_reload_back_to_text(published, tmp_path):
+    _repo, target, upstream, root = published
+    config = tmp_path / "relay.toml"
+    config.write_text('[relay]\nlog_format = "json"\n')
+    relay = await _start(["--config", str(config), *_base_args(upstream, root, tmp_path / "data")])
+    url = f"{relay.url}/targets/{target.url_path}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"Relay-Agent-Id": "host-7"}) as r:
+            assert len(await r.read()) == SIZE
+        config.write_text('[relay]\nlog_format = "text"\n')
+        relay.proc.send_signal(signal.SIGHUP)
+        await relay.line("applied relay.log_format")
+        async with s.get(url) as r:
+            assert len(await r.read()) == SIZE
+    assert await relay.stop() == 0
+    reload_line = relay.lines.index(await relay.line("applied relay.log_format"))
+    # Every line before the reload is JSON (but the interpreter's own warning about
+    # `python -m relay.cli.main`, which support.start_relay_process runs).
+    before = [line for line in relay.lines[:reload_line] if not line.startswith("<frozen runpy>")]
+    records = [json.loads(line) for line in before]
+    access = next(
+        r
+        for r in records
+        if r["logger"] == "relay.access"
+        and r["method"] == "GET"
+        and r["path"].startswith("/targets/")
+    )
+    assert (access["status"], access["bytes"], access["agent"]) == (200, SIZE, "host-7")
+    assert COMBINED.match(access["message"])
+    after = [m for m in map(COMBINED.match, relay.lines) if m and "/targets/" in m["request"]]
+    assert [m["bytes"] for m in after] == [str(SIZE)]
 
 
 @pytest.mark.timeout(60)

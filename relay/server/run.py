@@ -35,6 +35,7 @@ import dataclasses
 import datetime as dt
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -210,60 +211,55 @@ def body_bytes(request: BaseRequest, response: web.StreamResponse) -> int:
     return 0
 
 
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: Combined Log Format in text, an object in JSON.
+@functools.lru_cache(maxsize=4)
+def _clf_time(second: int) -> str:
+    """``10/Oct/2000:13:55:36 -0700``: local time with its offset, English month names."""
+    d = dt.datetime.fromtimestamp(second).astimezone()
+    return f"{d.day:02d}/{_MONTHS[d.month - 1]}/{d:%Y:%H:%M:%S %z}"
 
-    Text: ``host - agent [time] "request line" status bytes "referer" "user-agent"``,
-    where ``agent`` is the ``Relay-Agent-Id`` (``-`` when absent or malformed) and
-    ``bytes`` the body bytes actually sent (``-`` for none), as Apache's ``combined``.
+
+class AccessLogger(AbstractAccessLogger):
+    """One record per request; its message is a Combined Log Format line.
+
+    ``host - agent [time] "request line" status bytes "referer" "user-agent"``, where
+    ``agent`` is the ``Relay-Agent-Id`` (``-`` when absent or malformed) and ``bytes``
+    the body bytes actually sent (``-`` for none), as Apache's ``combined``. The
+    record also carries the fields one by one, which :class:`JsonFormatter` writes
+    out: the handler :func:`setup_logging` installs picks text or JSON, so a reload
+    switches the format without touching the connections' loggers.
     """
 
-    json = False  # set by serve() for relay.log_format = "json"
-    _stamp: tuple[int, str] = (-1, "")
-
-    def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
-        """Write the access line (aiohttp passes the request's duration as ``time``)."""
+    def log(self, request: BaseRequest, response: web.StreamResponse, duration: float) -> None:
+        """Write the access line; ``duration`` is the request's, in seconds."""
         headers = request.headers
         agent = headers.get(AGENT_ID_HEADER, "")
         agent = agent if agent and is_agent_id(agent) else "-"
         size = body_bytes(request, response)
         version = request.version
         line = f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}"
-        if AccessLogger.json:
-            fields = {
-                "remote": request.remote,
-                "method": request.method,
-                "path": request.raw_path,
-                "status": response.status,
-                "bytes": size,
-                "seconds": round(time, 6),
-                "agent": "" if agent == "-" else agent,
-                "user_agent": headers.get("User-Agent", ""),
-            }
-            self.logger.info('"%s" %s %s', line, response.status, size, extra={"fields": fields})
-            return
+        user_agent = headers.get("User-Agent", "-")
+        fields = {
+            "remote": request.remote,
+            "method": request.method,
+            "path": request.raw_path,
+            "status": response.status,
+            "bytes": size,
+            "seconds": round(duration, 6),
+            "agent": agent,
+            "user_agent": user_agent,
+        }
         self.logger.info(
             '%s - %s [%s] "%s" %d %s "%s" "%s"',
             request.remote or "-",
             agent,
-            self._time(time),
+            _clf_time(int(time.time() - duration)),  # the time the request started
             _escape(line),
             response.status,
             size or "-",
             _escape(headers.get("Referer", "-")),
-            _escape(headers.get("User-Agent", "-")),
+            _escape(user_agent),
+            extra={"fields": fields},
         )
-
-    @classmethod
-    def _time(cls, duration: float) -> str:
-        # The request's start, local time with its offset; formatted once per second.
-        start = time.time() - duration
-        second = int(start)
-        if cls._stamp[0] != second:
-            d = dt.datetime.fromtimestamp(second).astimezone()
-            text = f"{d.day:02d}/{_MONTHS[d.month - 1]}/{d:%Y:%H:%M:%S %z}"
-            cls._stamp = (second, text)
-        return cls._stamp[1]
 
 
 # -- start-up checks -----------------------------------------------------------------
@@ -346,7 +342,7 @@ def check_trusted_root(config: Config) -> None:
     path = config.upstream.trusted_root
     fix = "give the root.json the publisher pins (REPO/public/metadata/1.root.json)"
     if str(path) in ("", "."):
-        raise StartupError(key, f"is not set in {config.source_of(key)}", f"{fix} (--trusted-root)")
+        raise StartupError(key, "is not set", f"{fix} (--trusted-root)")
     subject = f"{key} {path}"
     try:
         data = path.read_bytes()
@@ -500,25 +496,26 @@ def split_changes(running: Config, new: Config) -> tuple[Config, list[str], list
         The configuration to run with (``running`` with the live keys of ``new``),
         the dotted keys applied now, and the dotted keys that need a restart.
     """
-    sections: dict[str, object] = {}
+    sections: dict[str, Any] = {}
     applied: list[str] = []
     restart: list[str] = []
-    for f in dataclasses.fields(Config):
-        old_section, new_section = getattr(running, f.name), getattr(new, f.name)
-        if not dataclasses.is_dataclass(old_section) or f.name in _NOT_SERVED:
+    for name in (f.name for f in dataclasses.fields(Config)):
+        old_section: Any = getattr(running, name)
+        new_section: Any = getattr(new, name)
+        if name in _NOT_SERVED or not hasattr(old_section, "__dataclass_fields__"):
             continue
         changes = {}
         for key in (k.name for k in dataclasses.fields(old_section)):
             value = getattr(new_section, key)
             if getattr(old_section, key) == value:
                 continue
-            if _is_live(f.name, key):
+            if _is_live(name, key):
                 changes[key] = value
-                applied.append(f"{f.name}.{key}")
+                applied.append(f"{name}.{key}")
             else:
-                restart.append(f"{f.name}.{key}")
-        sections[f.name] = dataclasses.replace(old_section, **changes)  # type: ignore[type-var]
-    live = dataclasses.replace(running, **sections, source=new.source, sources=new.sources)  # type: ignore[arg-type]
+                restart.append(f"{name}.{key}")
+        sections[name] = dataclasses.replace(old_section, **changes)
+    live = dataclasses.replace(running, **sections, source=new.source, sources=new.sources)
     return live, applied, restart
 
 
@@ -577,7 +574,6 @@ class Service:
 
     async def _serve(self, sockets: list[socket.socket], ready: asyncio.Event | None) -> None:
         app = self.app = make_app(self.config)
-        AccessLogger.json = self.config.relay.log_format == "json"
         runner = web.AppRunner(
             app,
             access_log_class=AccessLogger,
@@ -619,7 +615,6 @@ class Service:
                 return
             self.config = live
             setup_logging(live.relay.log_format, log_level(live, self._verbose))
-            AccessLogger.json = live.relay.log_format == "json"
             logger.info(
                 "SIGHUP: configuration re-read from %s: applied %s; needs a restart: %s",
                 live.source,
