@@ -181,6 +181,41 @@ async def test_sigterm_lets_a_throttled_download_finish_then_exits_0(published, 
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("drain", "second_signal"),
+    [("0.5s", False), ("30s", True)],
+    ids=["past relay.drain", "a second SIGTERM"],
+)
+async def test_a_transfer_still_running_is_cut_and_said_so(
+    published, tmp_path, drain, second_signal
+):
+    _repo, target, upstream, root = published
+    notify = NotifySocket(tmp_path / "notify.sock")
+    env = {"RELAY_LIMITS__EGRESS": str(RATE), "RELAY_RELAY__DRAIN": drain}
+    relay = await _start(
+        _base_args(upstream, root, tmp_path / "data"),
+        env={**env, "NOTIFY_SOCKET": str(notify.path)},
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{relay.url}/targets/{target.url_path}") as r:
+                await r.content.readexactly(1024)  # about 2 s of body still to come
+                relay.proc.send_signal(signal.SIGTERM)
+                await notify.expect("STOPPING=1")
+                if second_signal:
+                    relay.proc.send_signal(signal.SIGTERM)
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()  # cut: a short body, never a complete-looking one
+        assert await relay.stop(signalled=True) == 0
+    finally:
+        notify.close()
+    stopped = await relay.line("stopped on SIGTERM")
+    why = "by a second signal" if second_signal else f"at relay.drain ({drain[:-1]} s)"
+    assert f"0 transfers in flight finished, 1 cut {why}" in stopped
+    assert " WARNING " in stopped
+
+
+@pytest.mark.timeout(60)
 async def test_sigint_stops_cleanly_too(published, tmp_path):
     _repo, _target, upstream, root = published
     relay = await _start(_base_args(upstream, root, tmp_path / "data"))
@@ -199,15 +234,20 @@ async def test_sighup_applies_live_settings_and_names_the_rest(published, tmp_pa
     token_file.write_text("first-token\n")
     config = tmp_path / "relay.toml"
 
-    def write_config(egress: str, retries: int) -> None:
+    def write_config(egress: str, retries: int, poll: int, rollout: str) -> None:
         config.write_text(
             f'[limits]\negress = "{egress}"\n'
             f"[upstream]\nretries = {retries}\n"
             f'[admin]\ntoken_file = "{token_file}"\n'
-            "[policy]\npoll_seconds = 600\n"
+            f'[policy]\npoll_seconds = {poll}\nrollout_mode = "{rollout}"\n'
         )
 
-    write_config("100KB", 3)
+    async def checkin_poll_seconds(session: aiohttp.ClientSession) -> int:
+        body = {"agent_id": "host-1", "installed": []}
+        async with session.post(f"{relay.url}/v1/checkin", json=body) as r:
+            return (await r.json())["poll_seconds"]
+
+    write_config("100KB", 3, 600, "forced")
     notify = NotifySocket(tmp_path / "notify.sock")
     relay = await _start(
         ["--config", str(config), *_base_args(upstream, root, tmp_path / "data")],
@@ -218,19 +258,22 @@ async def test_sighup_applies_live_settings_and_names_the_rest(published, tmp_pa
         await notify.expect("READY=1")
         async with aiohttp.ClientSession() as session:
             assert await _metric(session, relay, egress) == 100_000
+            assert await checkin_poll_seconds(session) == 600
             # A throttled download in flight across the reload: never dropped.
             async with session.get(f"{relay.url}/targets/{target.url_path}") as download:
                 first = await download.content.readexactly(1024)
 
-                write_config("2MB", 5)
+                write_config("2MB", 5, 900, "on-demand")
                 token_file.write_text("second-token\n")
                 relay.proc.send_signal(signal.SIGHUP)
                 assert "RELOADING=1" in await notify.expect("RELOADING=1")
                 await notify.expect("READY=1")
                 line = await relay.line("SIGHUP:")
-                assert "applied limits.egress" in line
+                applied = "limits.egress, policy.rollout_mode, policy.poll_seconds"
+                assert f"applied {applied};" in line
                 assert "needs a restart: upstream.retries" in line
                 assert await _metric(session, relay, egress) == 2_000_000
+                assert await checkin_poll_seconds(session) == 900
 
                 admin = f"{relay.url}/v1/admin/settings"
                 bearer = {"Authorization": "Bearer first-token"}
@@ -239,6 +282,8 @@ async def test_sighup_applies_live_settings_and_names_the_rest(published, tmp_pa
                 bearer = {"Authorization": "Bearer second-token"}
                 async with session.get(admin, headers=bearer) as r:
                     assert r.status == 200
+                    # A [policy] default never changed through the admin API follows the file.
+                    assert (await r.json())["rollout_mode"] == "on-demand"
 
                 body = first + await download.read()
             assert hashlib.sha256(body).hexdigest() == target.sha256

@@ -640,28 +640,27 @@ class Service:
         gate.on_idle = idle.set
         if not gate.active:
             idle.set()
-        waiters = {
-            asyncio.ensure_future(idle.wait()),
-            asyncio.ensure_future(self._stop_signal()),
-        }
-        _done, pending = await asyncio.wait(
-            waiters, timeout=drain, return_when=asyncio.FIRST_COMPLETED
-        )
-        for task in pending:
+        second = asyncio.ensure_future(self._stop_signal())
+        waiters = {asyncio.ensure_future(idle.wait()), second}
+        await asyncio.wait(waiters, timeout=drain, return_when=asyncio.FIRST_COMPLETED)
+        interrupted = second.done()
+        for task in waiters:
             task.cancel()
         cut = gate.active
         if server is not None:
-            # Other requests (check-ins, metadata) get what is left of the drain time.
-            await server.shutdown(max(0.1, drain - (loop.time() - started)))
+            # Other requests (check-ins, metadata) get what is left of the drain time,
+            # unless transfers are being cut anyway.
+            left = drain - (loop.time() - started)
+            await server.shutdown(0.1 if cut or interrupted else max(0.1, left))
+        why = "by a second signal" if interrupted else f"at relay.drain ({drain:g} s)"
         logger.log(
             logging.WARNING if cut else logging.INFO,
-            "stopped on %s after %.1f s: %d transfers in flight finished, %d cut at relay.drain"
-            " (%g s)",
+            "stopped on %s after %.1f s: %d transfers in flight finished, %d cut%s",
             sig.name,
             loop.time() - started,
             in_flight - cut,
             cut,
-            drain,
+            f" {why}" if cut else "",
         )
 
     async def _stop_signal(self) -> signal.Signals:
