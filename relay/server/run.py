@@ -553,7 +553,11 @@ class Service:
             try:
                 await asyncio.to_thread(check_trusted_root, self.config)
                 sockets = bind(self.config)
-                await self._serve(sockets, ready)
+                try:
+                    await self._serve(sockets, ready)
+                finally:
+                    for sock in sockets:
+                        sock.close()
             finally:
                 lock.release()
 
@@ -595,8 +599,6 @@ class Service:
                 await self.reload()
             await self._drain(runner, sig)
         finally:
-            for sock in sockets:
-                sock.close()
             await runner.cleanup()
 
     async def reload(self) -> None:
