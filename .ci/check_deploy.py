@@ -79,7 +79,10 @@ def check_compose(tools: Path) -> None:
                 assert (compose.parent / source).exists(), f"{name}: {source} is missing"
     prometheus = YAML(typ="safe").load((DEPLOY / "docker" / "prometheus.yml").read_text())
     targets = {
-        t for job in prometheus["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+        t
+        for job in prometheus["scrape_configs"]
+        for sc in job["static_configs"]
+        for t in sc["targets"]
     }
     assert targets == {"relay-top:8080", "relay-branch:8080"}, targets
 
@@ -103,17 +106,23 @@ def check_dockerfile(tools: Path, work: Path) -> None:
     assert "slim" in values(final, "FROM")[0], "the runtime image is not a slim one"
     user = values(final, "USER")[-1].split(":")[0]
     assert user not in ("root", "0"), f"the image runs as {user}"
-    assert values(final, "RUN") == [], "the runtime stage runs commands: keep them in the build stage"
+    assert values(final, "RUN") == [], (
+        "the runtime stage runs commands: keep them in the build stage"
+    )
     assert any("/var/lib/relay" in v for v in values(final, "VOLUME")), "no data volume"
     health = values(final, "HEALTHCHECK")
     assert health and "/readyz" in health[0], "no HEALTHCHECK on /readyz"
 
-    # The build stage, as written: ARGs become environment variables of each RUN.
+    # The build stage, as written: what its COPY lines bring (which must get through
+    # Dockerfile.dockerignore, an allowlist), then its RUN with the ARGs in the environment.
+    ignore = (path.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     build = stages[0]
     src = work / "src"
     src.mkdir()
     for copy in values(build, "COPY"):
         *sources, _dest = shlex.split(copy)
+        assert set(sources) <= allowed, f"COPY {sources}: not let through by the .dockerignore"
         for source in sources:
             origin = ROOT / source
             if origin.is_dir():
@@ -149,7 +158,16 @@ def check_installed(bin_dir: Path, healthcheck: str, work: Path) -> None:
     run(relay, "publish", "init", repo, stdout=subprocess.DEVNULL)
     origin_port, relay_port = free_port(), free_port()
     origin = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "-b", "127.0.0.1", "-d", repo / "public", str(origin_port)],
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "-b",
+            "127.0.0.1",
+            "-d",
+            repo / "public",
+            str(origin_port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
