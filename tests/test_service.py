@@ -483,7 +483,7 @@ async def test_json_logs_and_a_reload_back_to_text(published, tmp_path):
     async with aiohttp.ClientSession() as s:
         async with s.get(url, headers={"Relay-Agent-Id": "host-7"}) as r:
             assert len(await r.read()) == SIZE
-        config.write_text('[relay]\nlog_format = "text"\n')
+        config.write_text('[relay]\nlog_format = "text"\nlog_level = "warning"\n')
         relay.proc.send_signal(signal.SIGHUP)
         await relay.line("applied relay.log_format")
         async with s.get(url) as r:
@@ -503,8 +503,11 @@ async def test_json_logs_and_a_reload_back_to_text(published, tmp_path):
     )
     assert (access["status"], access["bytes"], access["agent"]) == (200, SIZE, "host-7")
     assert COMBINED.match(access["message"])
-    after = [m for m in map(COMBINED.match, relay.lines) if m and "/targets/" in m["request"]]
-    assert [m["bytes"] for m in after] == [str(SIZE)]
+    after = relay.lines[reload_line + 1 :]
+    targets = [m for m in map(COMBINED.match, after) if m and "/targets/" in m["request"]]
+    assert [m["bytes"] for m in targets] == [str(SIZE)]  # access lines whatever the level
+    assert not any(" INFO " in line for line in after)  # log_level = "warning" applied
+    assert "relay.log_level" in relay.lines[reload_line]
 
 
 @pytest.mark.timeout(60)

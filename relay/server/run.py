@@ -616,13 +616,14 @@ class Service:
                 logger.error("SIGHUP: configuration not applied, the running one stays: %s", e)  # noqa: TRY400 - one line
                 return
             self.config = live
-            setup_logging(live.relay.log_format, log_level(live, self._verbose))
+            # Said before the new log settings take over (a new level may hide INFO).
             logger.info(
                 "SIGHUP: configuration re-read from %s: applied %s; needs a restart: %s",
                 live.source,
                 ", ".join(applied) or "no change",
                 ", ".join(restart) or "nothing",
             )
+            setup_logging(live.relay.log_format, log_level(live, self._verbose))
         finally:
             sd_notify("READY=1")
 
