@@ -12,7 +12,8 @@ Rules:
   held for the life of the process; the file holds the PID, for the message the
   next one prints. The kernel drops the lock when the process dies, however it dies.
 * SIGTERM or SIGINT: stop accepting, close idle keep-alive connections, let
-  transfers in flight finish for up to ``relay.drain``, cut what is left, clean up,
+  transfers in flight finish for up to ``relay.drain`` (other requests get
+  :data:`OTHER_REQUESTS_GRACE` more once they are done), cut what is left, clean up,
   and log one line saying so. A second SIGTERM or SIGINT cuts at once.
 * SIGHUP: re-read the configuration and apply what can change live
   (:func:`relay.server.app.apply_settings`, plus logging here); log what was
@@ -65,6 +66,9 @@ from relay.storage.fsio import ensure_directory
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "relay.lock"
+OTHER_REQUESTS_GRACE = 2.0
+"""Seconds requests other than transfers get once transfers are done, at a stop (a long
+poll would otherwise hold the stop for the whole drain time)."""
 ACCESS_LOGGER = "relay.access"
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -651,9 +655,9 @@ class Service:
             task.cancel()
         cut = gate.active
         if server is not None:
-            # Other requests (check-ins, metadata) get what is left of the drain time,
-            # unless transfers are being cut anyway.
-            left = drain - (loop.time() - started)
+            # Other requests (check-ins, metadata, long polls) had the same wait; they get
+            # a short grace more, within the drain time, unless transfers are cut anyway.
+            left = min(drain - (loop.time() - started), OTHER_REQUESTS_GRACE)
             await server.shutdown(0.1 if cut or interrupted else max(0.1, left))
         why = "by a second signal" if interrupted else f"at relay.drain ({drain:g} s)"
         logger.log(
