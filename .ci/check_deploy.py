@@ -7,8 +7,8 @@ Run by .ci/run with a tools venv (check-jsonschema, dockerfile-parse, hadolint-b
 * systemd: each unit, with ExecStart pointed at the venv's `relay`, passes
   `systemd-analyze verify`; each service's sandbox stays below an exposure of 2.0
   (`systemd-analyze security --offline`).
-* compose.yaml validates against the Compose Specification schema; prometheus.yml is YAML
-  with the two relays as targets.
+* compose.yaml validates against the Compose Specification schema; prometheus.yml passes
+  `promtool check config` and has the two relays as targets.
 * Dockerfile: hadolint; the final stage is slim, runs as a non-root user, declares the data
   volume and a HEALTHCHECK on /readyz; every RUN command runs as written, with its ARGs
   pointing at a fresh venv and a copy of what the COPY lines bring in; the relay it installed
@@ -77,6 +77,14 @@ def check_compose(tools: Path) -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (compose.parent / source).exists(), f"{name}: {source} is missing"
+    step("promtool check config prometheus.yml")
+    run(
+        "promtool",
+        "check",
+        "config",
+        DEPLOY / "docker" / "prometheus.yml",
+        stdout=subprocess.DEVNULL,
+    )
     prometheus = YAML(typ="safe").load((DEPLOY / "docker" / "prometheus.yml").read_text())
     targets = {
         t
