@@ -185,6 +185,10 @@ class RelayFetcher(FetcherInterface):
         except urllib3.exceptions.HTTPError as e:
             raise tuf_exceptions.DownloadError(f"{url}: {e}") from e
         if resp.status >= 400:
+            # The error body is not read: close the connection rather than hand it back
+            # to the pool with those bytes pending (the next request would read them as
+            # its status line).
+            resp.close()
             resp.release_conn()
             raise tuf_exceptions.DownloadHTTPError(f"{url}: HTTP {resp.status}", resp.status)
         return self._chunks(resp)
@@ -555,6 +559,9 @@ class Agent:
                     if got > length:
                         raise PatchRejectedError("patch larger than the full target")
                     f.write(chunk)
+        except BaseException:
+            resp.close()  # the rest of the body must not go back to the pool unread
+            raise
         finally:
             resp.release_conn()
         apply_patch_file(old, patch, out, fmt=fmt, expected_length=length, expected_sha256=sha256)
