@@ -9,16 +9,19 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).parent
 WORK = HERE / "_work"
+REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -37,10 +40,79 @@ def machine() -> str:
                 break
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
+    nginx = nginx.removeprefix("nginx version: ")
+    wrk_version = "absent"
+    if shutil.which("wrk"):
+        first = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
+        wrk_version = (
+            (first.stdout or first.stderr).split()[1] if (first.stdout or first.stderr) else "?"
+        )
     return (
-        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, {platform.platform()}, "
-        f"Python {platform.python_version()}, {nginx}"
+        f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB RAM, Linux {platform.release()} "
+        f"({platform.machine()}), Python {platform.python_version()}, "
+        f"aiohttp {metadata.version('aiohttp')}, {nginx}, wrk {wrk_version}"
     )
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as ``uptime`` prints them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def summary(values: list[float]) -> dict:
+    """Median, min and max of one figure over the runs."""
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "runs": len(values),
+    }
+
+
+def spread(s: dict, fmt: str = ".2f") -> str:
+    """``median (min–max)`` of a :func:`summary`."""
+    return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+
+
+class Tree:
+    """A checkout of the relay whose server is measured, with its own venv.
+
+    The load generators, origins and nginx always run from this checkout; only the relay
+    process comes from the tree, so two commits are measured against the same harness.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path.resolve()
+        venv = self.path / ".venv" / "bin" / "python"
+        self.python = str(venv) if venv.exists() else sys.executable
+        # The CLI became a package (relay/cli/main.py); older trees run relay/cli.py.
+        self.module = (
+            "relay.cli.main" if (self.path / "relay/cli/main.py").exists() else "relay.cli"
+        )
+        self.commit = (
+            subprocess.run(
+                ["git", "-C", str(self.path), "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=False,
+            ).stdout.strip()
+            or self.path.name
+        )
+        self.label = f"relay@{self.commit}"
+        self.aiohttp = subprocess.run(
+            [self.python, "-c", "import aiohttp; print(aiohttp.__version__)"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+
+    def describe(self) -> dict:
+        return {
+            "path": str(self.path),
+            "commit": self.commit,
+            "python": self.python,
+            "aiohttp": self.aiohttp,
+        }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -140,8 +212,11 @@ def wait_http(url: str, ok=(200,), timeout: float = 30) -> None:
 
 
 @contextmanager
-def relay_process(upstream: str, root_file: Path, data_dir: Path, port: int, env=None):
-    """A relay in its own process (one process, access log off)."""
+def relay_process(
+    upstream: str, root_file: Path, data_dir: Path, port: int, env=None, tree: Tree | None = None
+):
+    """A relay in its own process (one process, access log off), from ``tree`` (default: this one)."""
+    tree = tree or Tree(REPO)
     # wrk's 64 connections come from one address without Relay-Agent-Id: as one agent.
     environ = {
         **os.environ,
@@ -151,9 +226,9 @@ def relay_process(upstream: str, root_file: Path, data_dir: Path, port: int, env
     }
     proc = subprocess.Popen(
         [
-            sys.executable,
+            tree.python,
             "-m",
-            "relay.cli.main",
+            tree.module,
             "serve",
             "--upstream",
             upstream,
@@ -165,6 +240,7 @@ def relay_process(upstream: str, root_file: Path, data_dir: Path, port: int, env
             f"127.0.0.1:{port}",
         ],
         env=environ,
+        cwd=tree.path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

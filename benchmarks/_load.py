@@ -99,6 +99,7 @@ async def clients(url: str, n: int, sha256: str, timeout: float, agent_prefix: s
         "clients": n,
         "ok": len(done),
         "last_done_s": max(done) if done else None,
+        "done_s": sorted(done),
         "wall_s": wall,
         "bytes": [r["bytes"] for r in results],
     }

@@ -15,7 +15,11 @@ relay's DeltaEngine diffs the largest pair.
 Tools: /usr/bin/zstd and xdelta3 are Debian packages: `apt-get install -y zstd xdelta3`.
 pip (for the wheels) comes with the venv; PyPI must be reachable on the first run.
 
-Run:  python benchmarks/delta_bench.py
+Each run measures every pair; the median and spread (min–max) over ``--runs`` are printed
+and saved. ``--append`` adds the runs to those saved before, so two checkouts can be run
+turn about, each with its own ``benchmarks/_work``.
+
+Run:  python benchmarks/delta_bench.py [--runs 3] [--append]
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from benchmarks._common import WORK, machine, save  # noqa: E402
+from benchmarks._common import WORK, loadavg, machine, save, spread, summary  # noqa: E402
 from relay.core.protocol import DeltaFormat  # noqa: E402
 from relay.deltas.apply import apply_patch_file  # noqa: E402
 from relay.deltas.engine import DeltaBudget, DeltaEngine, DeltaOutcome  # noqa: E402
@@ -270,15 +274,11 @@ async def loop_stall(old: Path, new: Path, fmt: DeltaFormat) -> tuple[float, flo
     return max(gaps), took
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        mode, fmt, old, new, patch, level = args.worker
-        worker(mode, fmt, Path(old), Path(new), Path(patch), int(level))
-        return
-    DIR.mkdir(parents=True, exist_ok=True)
+TOOLS = ("bsdiff4", "zstd", f"zstd-{HIGH_LEVEL}", "zstd-cli", "xdelta3")
+FIGURES = ("pct", "diff_s", "diff_peak_mb", "apply_s", "apply_peak_mb")
+
+
+def input_pairs() -> list[tuple[str, Path, Path]]:
     pairs = []
     for package, v1, v2, stem in RELEASES:
         try:
@@ -293,6 +293,11 @@ def main() -> None:
             print(f"skipping {package}: {e}")
     s1, s2 = signature_db()
     pairs.append(("signature db text", s1, s2))
+    return pairs
+
+
+def one_run(pairs: list[tuple[str, Path, Path]]) -> dict:
+    load_start = loadavg()
     rows = [
         measure_pair(name.replace(" ", "_").replace(">", ""), old, new) | {"label": name}
         for name, old, new in pairs
@@ -302,42 +307,107 @@ def main() -> None:
     for fmt in DeltaFormat:
         stall, took = asyncio.run(loop_stall(largest[1], largest[2], fmt))
         stalls[str(fmt)] = {"worst_stall_ms": stall * 1000, "diff_s": took, "pair": largest[0]}
+    return {"load_start": load_start, "load_end": loadavg(), "rows": rows, "stalls": stalls}
+
+
+def summarize(runs: list[dict]) -> dict:
+    rows = []
+    for i, first in enumerate(runs[0]["rows"]):
+        row = {"label": first["label"], "new_bytes": first["new_bytes"]}
+        for tool in TOOLS:
+            if tool in first:
+                row[tool] = {f: summary([run["rows"][i][tool][f] for run in runs]) for f in FIGURES}
+        rows.append(row)
+    stalls = {
+        fmt: {
+            "pair": s["pair"],
+            "worst_stall_ms": summary([run["stalls"][fmt]["worst_stall_ms"] for run in runs]),
+            "diff_s": summary([run["stalls"][fmt]["diff_s"] for run in runs]),
+        }
+        for fmt, s in runs[0]["stalls"].items()
+    }
     bs = [r["bsdiff4"] for r in rows]
     zs = [r["zstd"] for r in rows]
-    med_size_ratio = statistics.median(z["pct"] / b["pct"] for z, b in zip(zs, bs))
-    med_speed = statistics.median(b["diff_s"] / z["diff_s"] for z, b in zip(zs, bs))
+    med_size_ratio = statistics.median(
+        z["pct"]["median"] / b["pct"]["median"] for z, b in zip(zs, bs)
+    )
+    med_speed = statistics.median(
+        b["diff_s"]["median"] / z["diff_s"]["median"] for z, b in zip(zs, bs)
+    )
     zstd_first = med_size_ratio <= 1.25 and med_speed >= 10
-    results = {
-        "machine": machine(),
+    return {
         "rows": rows,
         "stalls": stalls,
         "median_zstd_over_bsdiff_size": med_size_ratio,
         "median_bsdiff_over_zstd_time": med_speed,
         "default_order": ["zstd", "bsdiff4"] if zstd_first else ["bsdiff4", "zstd"],
     }
-    save("delta", results)
-    print(f"machine: {results['machine']}")
-    print(
-        f"{'pair':<34}{'tool':<10}{'new MB':>8}{'patch %':>9}{'diff s':>8}{'peak MB':>9}"
-        f"{'apply s':>9}{'peak MB':>9}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for r in rows:
-        for tool in ("bsdiff4", "zstd", f"zstd-{HIGH_LEVEL}", "zstd-cli", "xdelta3"):
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs; medians and min–max over them (3)"
+    )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these runs to the ones saved in benchmarks/_work/delta.json (to alternate with "
+        "another checkout run by run)",
+    )
+    args = parser.parse_args()
+    if args.worker:
+        mode, fmt, old, new, patch, level = args.worker
+        worker(mode, fmt, Path(old), Path(new), Path(patch), int(level))
+        return
+    DIR.mkdir(parents=True, exist_ok=True)
+    pairs = input_pairs()
+    saved = WORK / "delta.json"
+    runs = json.loads(saved.read_text()).get("runs", []) if args.append and saved.exists() else []
+    for i in range(args.runs):
+        runs.append(one_run(pairs))
+        print(
+            f"run {i + 1}/{args.runs} done, load average {runs[-1]['load_start']} -> {runs[-1]['load_end']}"
+        )
+    results = {"machine": machine(), "runs": runs, "summary": summarize(runs)}
+    save("delta", results)
+    report(results)
+
+
+def report(results: dict) -> None:
+    s = results["summary"]
+    print(f"machine: {results['machine']}")
+    for i, run in enumerate(results["runs"], 1):
+        print(
+            f"run {i}: load average (1, 5, 15 min) {run['load_start']} at start, {run['load_end']} at end"
+        )
+    print(f"median (min–max) over {len(results['runs'])} runs")
+    print(
+        f"{'pair':<30}{'tool':<10}{'new MB':>7}{'patch %':>9}{'diff s':>20}{'peak MB':>16}"
+        f"{'apply s':>20}{'peak MB':>16}"
+    )
+    for r in s["rows"]:
+        for tool in TOOLS:
             if tool in r:
                 m = r[tool]
                 print(
-                    f"{r['label']:<34}{tool:<10}{r['new_bytes'] / 1e6:>8.1f}{m['pct']:>9.2f}"
-                    f"{m['diff_s']:>8.2f}{m['diff_peak_mb']:>9.0f}{m['apply_s']:>9.2f}"
-                    f"{m['apply_peak_mb']:>9.0f}"
+                    f"{r['label']:<30}{tool:<10}{r['new_bytes'] / 1e6:>7.1f}{m['pct']['median']:>9.2f}"
+                    f"{spread(m['diff_s']):>20}{spread(m['diff_peak_mb'], '.0f'):>16}"
+                    f"{spread(m['apply_s']):>20}{spread(m['apply_peak_mb'], '.0f'):>16}"
                 )
-    for fmt, s in stalls.items():
+    for fmt, st in s["stalls"].items():
         print(
-            f"event loop worst stall while the engine diffs {s['pair']} with {fmt}: {s['worst_stall_ms']:.1f} ms (diff {s['diff_s']:.1f} s)"
+            f"event loop worst stall while the engine diffs {st['pair']} with {fmt}: "
+            f"{spread(st['worst_stall_ms'], '.1f')} ms (diff {spread(st['diff_s'], '.1f')} s)"
         )
     print(
-        f"median zstd/bsdiff4 patch size: {med_size_ratio:.2f}x; median bsdiff4/zstd diff time: {med_speed:.1f}x"
+        f"median zstd/bsdiff4 patch size: {s['median_zstd_over_bsdiff_size']:.2f}x; "
+        f"median bsdiff4/zstd diff time: {s['median_bsdiff_over_zstd_time']:.1f}x"
     )
-    print(f"default order: {results['default_order']}")
+    print(f"default order: {s['default_order']}")
 
 
 if __name__ == "__main__":

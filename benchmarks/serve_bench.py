@@ -6,7 +6,12 @@ Figures (issue "fan-out under load", a and b):
   b. a 4 KiB metadata file at 64 connections: requests per second.
 
 Load comes from wrk (Debian package), 2 threads, on the same 2-core machine as both servers,
-so all figures share the same handicap. Run:  python benchmarks/serve_bench.py [--seconds 10]
+so all figures share the same handicap. Each run measures nginx (1 worker), then every relay
+tree given with ``--relay-tree`` (the order turns round from run to run, so a drift in the
+machine's load does not always favour the same tree), then nginx (2 workers). Ratios to nginx
+are taken within a run, then the median and the spread (min–max) over the runs are reported.
+
+Run:  python benchmarks/serve_bench.py [--seconds 10] [--runs 3] [--relay-tree DIR ...]
 """
 
 from __future__ import annotations
@@ -20,20 +25,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import (  # noqa: E402
+    REPO,
     WORK,
+    Tree,
     cpu_seconds,
     free_port,
+    loadavg,
     machine,
     nginx,
     nginx_workers_cpu,
     relay_process,
     save,
+    spread,
+    summary,
     wrk,
 )
 from relay.publisher.repository import Repository  # noqa: E402
 
 CONNECTIONS = 64
 MIB = 1024 * 1024
+CASES = ("1MiB", "64MiB", "4KiB")
 
 
 def build_repo(path: Path) -> tuple[Repository, dict[str, str]]:
@@ -65,62 +76,140 @@ def measure(base: str, path: str, pid: int, seconds: int, nginx_master: bool) ->
     result["seconds"] = seconds
     mb = result["bytes_per_s"] * seconds / 1e6
     result["cpu_ms_per_mb"] = 1000 * result["cpu_s"] / mb if mb else float("nan")
+    result["p99_ms"] = p99_ms(result["p99"])
+    result["load"] = loadavg()
     del result["raw"]
     return result
 
 
+def p99_ms(text: str) -> float:
+    for unit, scale in (("us", 1e-3), ("ms", 1.0), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float("nan")
+
+
+def one_run(
+    repo: Repository, root: Path, paths: dict[str, str], trees: list[Tree], seconds: int
+) -> dict:
+    run: dict = {"load_start": loadavg()}
+    n1, n2 = free_port(), free_port()
+    with nginx(repo.public_dir, n1, workers=1) as ng1:
+        for name in CASES:
+            run[f"nginx1/{name}"] = measure(
+                f"http://127.0.0.1:{n1}", paths[name], ng1.pid, seconds, True
+            )
+        for tree in trees:
+            rp = free_port()
+            data = WORK / "serve-relay-data"
+            shutil.rmtree(data, ignore_errors=True)
+            with relay_process(f"http://127.0.0.1:{n1}/", root, data, rp, tree=tree) as relay:
+                # Warm: every blob cached (prefetch) and every file in the page cache.
+                for path in paths.values():
+                    wrk(f"http://127.0.0.1:{rp}{path}", 4, 1)
+                for name in CASES:
+                    run[f"{tree.label}/{name}"] = measure(
+                        f"http://127.0.0.1:{rp}", paths[name], relay.pid, seconds, False
+                    )
+    with nginx(repo.public_dir, n2, workers=2) as ng2:
+        for name in CASES:
+            run[f"nginx2/{name}"] = measure(
+                f"http://127.0.0.1:{n2}", paths[name], ng2.pid, seconds, True
+            )
+    run["load_end"] = loadavg()
+    for tree in trees:
+        r = {k.split("/", 1)[1]: v for k, v in run.items() if k.startswith(tree.label + "/")}
+        run[f"ratios/{tree.label}"] = {
+            "1MiB_vs_nginx1": r["1MiB"]["bytes_per_s"] / run["nginx1/1MiB"]["bytes_per_s"],
+            "1MiB_vs_nginx2": r["1MiB"]["bytes_per_s"] / run["nginx2/1MiB"]["bytes_per_s"],
+            "64MiB_cpu_vs_nginx1": r["64MiB"]["cpu_ms_per_mb"]
+            / run["nginx1/64MiB"]["cpu_ms_per_mb"],
+            "4KiB_rps_vs_nginx1": r["4KiB"]["rps"] / run["nginx1/4KiB"]["rps"],
+        }
+    return run
+
+
+def summarize(runs: list[dict]) -> dict:
+    out: dict = {}
+    for key in runs[0]:
+        if key.startswith("load"):
+            continue
+        out[key] = {
+            figure: summary([run[key][figure] for run in runs])
+            for figure, value in runs[0][key].items()
+            if isinstance(value, float | int) and not isinstance(value, bool)
+        }
+    return out
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=10)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=int, default=10, help="seconds of load per case (10)")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs; medians and min–max over them (3)"
+    )
+    parser.add_argument(
+        "--relay-tree",
+        type=Path,
+        action="append",
+        help="checkout whose relay is measured, with its venv in DIR/.venv (repeatable; default: this one)",
+    )
     args = parser.parse_args()
+    trees = [Tree(p) for p in (args.relay_tree or [REPO])]
     WORK.mkdir(exist_ok=True)
     repo, paths = build_repo(WORK / "serve-repo")
     root = WORK / "serve-root.json"
     root.write_bytes(repo.root_bytes(1))
-    results: dict[str, dict] = {"machine": machine()}
-    n1, n2, rp = free_port(), free_port(), free_port()
-    data = WORK / "serve-relay-data"
-    shutil.rmtree(data, ignore_errors=True)
-    with nginx(repo.public_dir, n1, workers=1) as ng1:
-        with relay_process(f"http://127.0.0.1:{n1}/", root, data, rp) as relay:
-            # Warm: every blob cached (prefetch) and every file in the page cache.
-            for path in paths.values():
-                wrk(f"http://127.0.0.1:{rp}{path}", 4, 1)
-            for name, path in paths.items():
-                results[f"nginx1/{name}"] = measure(
-                    f"http://127.0.0.1:{n1}", path, ng1.pid, args.seconds, True
-                )
-                results[f"relay/{name}"] = measure(
-                    f"http://127.0.0.1:{rp}", path, relay.pid, args.seconds, False
-                )
-    with nginx(repo.public_dir, n2, workers=2) as ng2:
-        for name, path in paths.items():
-            results[f"nginx2/{name}"] = measure(
-                f"http://127.0.0.1:{n2}", path, ng2.pid, args.seconds, True
-            )
-    save("serve", results)
-    print(f"machine: {results['machine']}")
-    print(f"{'case':<16}{'req/s':>10}{'MB/s':>10}{'CPU ms/MB':>11}{'p99':>10}{'non-2xx':>9}")
-    for key, r in results.items():
-        if key == "machine":
-            continue
+    runs = []
+    for i in range(args.runs):
+        order = trees if i % 2 == 0 else trees[::-1]
+        runs.append(one_run(repo, root, paths, order, args.seconds))
         print(
-            f"{key:<16}{r['rps']:>10.0f}{r['bytes_per_s'] / 1e6:>10.1f}{r['cpu_ms_per_mb']:>11.3f}{r['p99']:>10}{r['non_2xx']:>9}"
+            f"run {i + 1}/{args.runs} done, load average {runs[-1]['load_start']} -> {runs[-1]['load_end']}"
         )
-    r = results
+    results = {
+        "machine": machine(),
+        "trees": [t.describe() for t in trees],
+        "seconds": args.seconds,
+        "runs": runs,
+        "summary": summarize(runs),
+    }
+    save("serve", results)
+    report(results, trees)
+
+
+def report(results: dict, trees: list[Tree]) -> None:
+    s = results["summary"]
+    print(f"machine: {results['machine']}")
+    for i, run in enumerate(results["runs"], 1):
+        print(
+            f"run {i}: load average (1, 5, 15 min) {run['load_start']} at start, {run['load_end']} at end"
+        )
+    print(f"median (min–max) over {len(results['runs'])} runs of {results['seconds']} s per case")
+    print(f"{'case':<24}{'req/s':>22}{'MB/s':>22}{'CPU ms/MB':>24}{'p99 ms':>22}")
+    servers = ["nginx1", *(t.label for t in trees), "nginx2"]
+    for name in CASES:
+        for server in servers:
+            r = s[f"{server}/{name}"]
+            print(
+                f"{server + '/' + name:<24}{spread(r['rps'], '.0f'):>22}"
+                f"{spread({k: v / 1e6 for k, v in r['bytes_per_s'].items()}, '.0f'):>22}"
+                f"{spread(r['cpu_ms_per_mb'], '.3f'):>24}{spread(r['p99_ms'], '.1f'):>22}"
+            )
     print()
-    print(
-        f"a. 1 MiB throughput relay/nginx1: {r['relay/1MiB']['bytes_per_s'] / r['nginx1/1MiB']['bytes_per_s']:.2f}x (floor 0.8)"
-    )
-    print(
-        f"   1 MiB throughput relay/nginx2: {r['relay/1MiB']['bytes_per_s'] / r['nginx2/1MiB']['bytes_per_s']:.2f}x"
-    )
-    print(
-        f"   64 MiB CPU per MB relay/nginx1: {r['relay/64MiB']['cpu_ms_per_mb'] / r['nginx1/64MiB']['cpu_ms_per_mb']:.2f}x (ceiling 2)"
-    )
-    print(
-        f"b. 4 KiB metadata req/s relay/nginx1: {r['relay/4KiB']['rps'] / r['nginx1/4KiB']['rps']:.2f}x (floor 0.25)"
-    )
+    for tree in trees:
+        r = s[f"ratios/{tree.label}"]
+        print(f"{tree.label}:")
+        print(f"  a. 1 MiB throughput relay/nginx1: {spread(r['1MiB_vs_nginx1'])}x (floor 0.8)")
+        print(f"     1 MiB throughput relay/nginx2: {spread(r['1MiB_vs_nginx2'])}x")
+        print(
+            f"     64 MiB CPU per MB relay/nginx1: {spread(r['64MiB_cpu_vs_nginx1'])}x (ceiling 2)"
+        )
+        print(
+            f"  b. 4 KiB metadata req/s relay/nginx1: {spread(r['4KiB_rps_vs_nginx1'])}x (floor 0.25)"
+        )
 
 
 if __name__ == "__main__":
