@@ -249,3 +249,10 @@ class InstallError(AgentError):
     def __init__(self, message: str, *, reason: str = "install_failed") -> None:
         self.reason = reason
         super().__init__(message)
+
+
+# --- static export --------------------------------------------------------
+
+
+class ExportError(RelayError):
+    """A static export cannot be completed; the output tree is left as it was."""

@@ -93,21 +93,35 @@ class MetadataDir:
         self.path = path
 
     def load(self) -> tuple[dict[str, bytes], dict[str, object]]:
-        """Read every metadata file and the state record (blocking)."""
+        """Delete temps left by a crash, then :meth:`read` (blocking; the owner only)."""
         self.path.mkdir(parents=True, exist_ok=True)
+        for entry in self.path.iterdir():
+            if entry.name.startswith("."):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+        return self.read()
+
+    def read(self) -> tuple[dict[str, bytes], dict[str, object]]:
+        """Read every metadata file and the state record, changing nothing (blocking).
+
+        Safe beside a running relay: a file pruned while the directory is listed is
+        left out.
+
+        Raises:
+            OSError: the directory cannot be listed.
+        """
         files: dict[str, bytes] = {}
         state: dict[str, object] = {}
         for entry in self.path.iterdir():
             if entry.name.startswith("."):
-                with contextlib.suppress(OSError):
-                    entry.unlink()  # a temp left by a crash
-                continue
+                continue  # a temp being written, or left by a crash
             if entry.name == _STATE_FILE:
                 with contextlib.suppress(ValueError, OSError):
                     state = json.loads(entry.read_bytes())
                 continue
             if entry.name.endswith(".json"):
-                files[entry.name] = entry.read_bytes()
+                with contextlib.suppress(FileNotFoundError):
+                    files[entry.name] = entry.read_bytes()
         return files, state
 
     def save(self, new_files: dict[str, bytes], state: dict[str, object]) -> None:
@@ -133,6 +147,73 @@ class MetadataDir:
 def _version_of(name: str) -> int:
     head = name.split(".", 1)[0]
     return int(head) if head.isdigit() else -1
+
+
+def newest_root_session(
+    pinned_root: bytes, files: Mapping[str, bytes], reference: dt.datetime | None = None
+) -> TrustSession:
+    """A trust session advanced through the stored roots that follow ``pinned_root``.
+
+    A stored root that fails verification ends the walk (it is logged).
+
+    Args:
+        pinned_root: the trusted root's bytes.
+        files: stored metadata, file name to bytes (``N.root.json`` are looked at).
+        reference: the time expiry is judged at (``None``: now).
+
+    Returns:
+        The session, its trusted root the newest one that verified.
+
+    Raises:
+        MetadataRejectedError: ``pinned_root`` itself is not valid root metadata.
+    """
+    session = TrustSession(pinned_root, reference)
+    while True:
+        data = files.get(f"{session.next_root_version}.root.json")
+        if data is None:
+            return session
+        try:
+            session.update_root(data)
+        except MetadataRejectedError as e:
+            logger.warning("stored root %d rejected: %s", session.next_root_version, e)
+            return session
+
+
+def reverify_stored(
+    pinned_root: bytes, files: Mapping[str, bytes], reference: dt.datetime | None
+) -> VerifiedMetadata | None:
+    """Verify stored metadata again from ``pinned_root``, as a client would walk it.
+
+    Args:
+        pinned_root: the trusted root's bytes.
+        files: stored metadata, file name to bytes.
+        reference: the time expiry is judged at (the time it was first verified, so a
+            restart does not refuse what expired since; ``None``: now).
+
+    Returns:
+        The verified generation (every stored root included), or ``None`` when a file
+        it needs is missing.
+
+    Raises:
+        MetadataRejectedError: a signature, version, hash, length or expiry check fails.
+        ValueError: a file is not valid metadata.
+    """
+    session = newest_root_session(pinned_root, files, reference)
+    timestamp = files.get("timestamp.json")
+    if timestamp is None:
+        return None
+    session.update_timestamp(timestamp)
+    snapshot = files.get(f"{session.snapshot_version}.snapshot.json")
+    if snapshot is None:
+        return None
+    session.update_snapshot(snapshot)
+    for role, delegator, version, _ in session.roles_to_load():
+        data = files.get(f"{version}.{role}.json")
+        if data is None:
+            return None
+        session.update_targets(role, delegator, data)
+    # Serve every stored root (older than the pinned one too: clients walk them).
+    return _with_roots(session.result(), files)
 
 
 class Retention(Protocol):
@@ -241,7 +322,7 @@ class Mirror:
             else None
         )
         try:
-            self.current = self._reverify(files, reference)
+            self.current = reverify_stored(self._pinned_root, files, reference)
         except (MetadataRejectedError, ValueError) as e:
             logger.warning("stored metadata cannot be reloaded: %s", e)
             # Keep the verified roots: they still protect against rollback of root.
@@ -252,41 +333,6 @@ class Mirror:
                 self.last_sync_ok = float(verified_at)
         else:
             self._served.update({n: b for n, b in files.items() if n.endswith(".root.json")})
-
-    def _newest_root_session(
-        self, files: dict[str, bytes], reference: dt.datetime | None = None
-    ) -> TrustSession:
-        session = TrustSession(self._pinned_root, reference)
-        while True:
-            data = files.get(f"{session.next_root_version}.root.json")
-            if data is None:
-                return session
-            try:
-                session.update_root(data)
-            except MetadataRejectedError as e:
-                logger.warning("stored root %d rejected: %s", session.next_root_version, e)
-                return session
-
-    def _reverify(
-        self, files: dict[str, bytes], reference: dt.datetime | None
-    ) -> VerifiedMetadata | None:
-        session = self._newest_root_session(files, reference)
-        timestamp = files.get("timestamp.json")
-        if timestamp is None:
-            return None
-        session.update_timestamp(timestamp)
-        snap_name = f"{session.snapshot_version}.snapshot.json"
-        snapshot = files.get(snap_name)
-        if snapshot is None:
-            return None
-        session.update_snapshot(snapshot)
-        for role, delegator, version, _ in session.roles_to_load():
-            data = files.get(f"{version}.{role}.json")
-            if data is None:
-                return None
-            session.update_targets(role, delegator, data)
-        # Serve every stored root (older than the pinned one too: clients walk them).
-        return _with_roots(session.result(), files)
 
     def _publish(self, verified: VerifiedMetadata) -> None:
         self.current = verified
@@ -337,7 +383,7 @@ class Mirror:
     async def _sync(self) -> SyncResult:
         previous = self.current
         known = dict(self._served)
-        session = self._newest_root_session(known)
+        session = newest_root_session(self._pinned_root, known)
         new_roots: dict[str, bytes] = {}
         for _ in range(MAX_ROOT_ROTATIONS):
             name = f"{session.next_root_version}.root.json"

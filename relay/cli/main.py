@@ -173,6 +173,28 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-format", choices=["text", "json"])
 
 
+# -- export ----------------------------------------------------------------------
+
+
+def _export_parser(p: argparse.ArgumentParser) -> None:
+    p.epilog = (
+        "Exit 1 when the metadata does not verify or a stored blob does not match its "
+        "signed hash: OUT is then left as it was."
+    )
+    p.add_argument("out", type=Path, metavar="OUT", help="the tree to write (created if missing)")
+    p.add_argument("--config", type=Path, help="the relay's TOML configuration file")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="the relay's data directory")
+    p.add_argument(
+        "--trusted-root",
+        type=Path,
+        metavar="FILE",
+        help="the pinned root.json (default: upstream.trusted_root, else the oldest stored root)",
+    )
+    p.add_argument(
+        "--check-kept", action="store_true", help="hash the targets already in OUT again"
+    )
+
+
 # -- agent -----------------------------------------------------------------------
 
 
@@ -217,6 +239,15 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]]
             "Run a relay that mirrors and verifies an upstream TUF repository. "
             "Flags override --config, which overrides built-in defaults; "
             "RELAY_<SECTION>__<KEY> variables sit between the file and the flags."
+        ),
+    ),
+    "export": (
+        _export_parser,
+        "write a relay's verified data as a static tree for any web server",
+        (
+            "Write OUT/metadata and OUT/targets/<dir>/<sha256>.<name> from the relay's data "
+            "directory, verified again and hash-checked, so that a plain web server (or a CDN "
+            "origin) can serve stock TUF clients. Incremental; timestamp.json is written last."
         ),
     ),
     "agent": (
