@@ -150,10 +150,27 @@ async def test_damaged_blob_is_refused_and_the_tree_left_as_it_was(
     assert new.sha256 in err
     assert snapshot_tree(out) == before
 
-    # A first run refused the same way creates nothing.
+    # A first run refused the same way creates nothing, whether it links or copies.
     fresh = tmp_path / "fresh"
-    assert await export("--data-dir", data_dir, "--trusted-root", root_file, fresh) == 1
-    assert not fresh.exists()
+    for mode in ((), ("--copy",)):
+        assert await export("--data-dir", data_dir, *mode, fresh) == 1
+        assert not fresh.exists()
+
+
+async def test_copy_mode_shares_no_inode_with_the_store(
+    tmp_path, repo, relay, serve_static, capsys
+):
+    _, config = relay
+    out = tmp_path / "www"
+    assert await export("--data-dir", config.relay.data_dir, "--copy", out) == 0
+    assert "0 linked, 2 copied, 0 kept" in capsys.readouterr().out
+    store = FsBlobStore(config.relay.blobs_dir)
+    for target in repo.targets():
+        exported = out / "targets" / target.url_path
+        assert exported.stat().st_ino != store.path(target.sha256).stat().st_ino
+    client = TufClient(tmp_path / "client", await serve_static(out), repo.root_bytes(1))
+    got = await client.arefresh_and_download()
+    assert got["agent/1.0.0/agent.bin"][0] == AGENT
 
 
 async def test_tampered_metadata_is_refused(tmp_path, root_file, relay, capsys):

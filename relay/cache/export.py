@@ -30,8 +30,6 @@ Everything here blocks: call it from a thread when on an event loop.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -41,7 +39,7 @@ from relay.cache.store import FsBlobStore
 from relay.core.model import Target
 from relay.core.verify import VerifiedMetadata, root_version
 from relay.errors import ExportError, MetadataRejectedError
-from relay.storage.fsio import HASH_BLOCK, fsync_dir, hash_file, write_atomic
+from relay.storage.fsio import copy_hashed, fsync_dir, hash_file, write_atomic
 
 STAGING = ".export-staging"
 """The directory under ``OUT`` where a run stages its new targets."""
@@ -104,19 +102,6 @@ def _check(target: Target, sha256: str, length: int, source: Path) -> None:
         raise ExportError(msg)
 
 
-def _copy_hashed(source: Path, dest: Path) -> tuple[str, int]:
-    digest = hashlib.sha256()
-    length = 0
-    with source.open("rb") as src, dest.open("xb") as out:
-        while block := src.read(HASH_BLOCK):
-            digest.update(block)
-            length += len(block)
-            out.write(block)
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest(), length
-
-
 def _stage(target: Target, source: Path, staged: Path, *, link: bool) -> bool:
     """Put ``source`` at ``staged`` (linked or copied) and check it; True if linked.
 
@@ -132,7 +117,7 @@ def _stage(target: Target, source: Path, staged: Path, *, link: bool) -> bool:
         else:
             _check(target, *hash_file(staged), source)
             return True
-    _check(target, *_copy_hashed(source, staged), source)
+    _check(target, *copy_hashed(source, staged), source)
     return False
 
 
@@ -173,6 +158,7 @@ def export_static(
     *,
     trusted_root: bytes | None = None,
     check_kept: bool = False,
+    link: bool = True,
 ) -> ExportReport:
     """Write (or bring up to date) a static TUF repository tree from a relay's data.
 
@@ -186,6 +172,8 @@ def export_static(
             ``metadata_dir`` anchors the check (the chain of roots and every
             signature after it are still verified).
         check_kept: hash the targets already in ``out`` again.
+        link: hard-link targets from the store when on the same filesystem; ``False``:
+            always copy (``out`` then shares no inode with the store).
 
     Returns:
         What the run did.
@@ -207,7 +195,7 @@ def export_static(
         out.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # left by a run that was killed
         staging.mkdir()
-        same_fs = blobs_dir.exists() and blobs_dir.stat().st_dev == out.stat().st_dev
+        same_fs = link and blobs_dir.exists() and blobs_dir.stat().st_dev == out.stat().st_dev
         seen: set[str] = set()
         for target in verified.targets.values():
             if target.url_path in seen:

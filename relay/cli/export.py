@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         trusted_root=_trusted_root(config),
         check_kept=args.check_kept,
+        link=not args.copy,
     )
     print(
         f"exported {config.relay.data_dir} to {args.out}: timestamp version "

@@ -193,6 +193,11 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--check-kept", action="store_true", help="hash the targets already in OUT again"
     )
+    p.add_argument(
+        "--copy",
+        action="store_true",
+        help="copy targets instead of hard-linking them from the store (same filesystem)",
+    )
 
 
 # -- agent -----------------------------------------------------------------------

@@ -67,7 +67,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from relay.core.model import Target, UpdateInfo
 from relay.errors import PublishError
-from relay.storage.fsio import HASH_BLOCK, fsync_dir, hash_file, write_atomic
+from relay.storage.fsio import copy_hashed, fsync_dir, hash_file, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -907,17 +907,9 @@ def _copy_verified(source: Path, dest: Path, sha: str, length: int) -> None:
         OSError: reading or writing failed.
     """
     tmp = dest.with_name(f".{dest.name}.tmp")
-    digest = hashlib.sha256()
-    copied = 0
     try:
-        with source.open("rb") as src, tmp.open("wb") as out:
-            while chunk := src.read(HASH_BLOCK):
-                digest.update(chunk)
-                copied += len(chunk)
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if copied != length or digest.hexdigest() != sha:
+        digest, copied = copy_hashed(source, tmp)
+        if copied != length or digest != sha:
             raise PublishError(f"{source} changed while it was being added; try again")
         tmp.replace(dest)
     except BaseException:

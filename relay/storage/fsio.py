@@ -114,3 +114,31 @@ def ensure_directory(path: Path, key: str) -> None:
             f"not writable by this user (uid {os.geteuid()}): {e.strerror}",
             "give it to the user the program runs as (chown -R) or choose another directory",
         ) from None
+
+
+def copy_hashed(source: Path, dest: Path) -> tuple[str, int]:
+    """Copy ``source`` to ``dest`` (created or truncated), hashing the bytes as they pass.
+
+    ``dest`` is flushed and fsynced; the caller renames it into place once the digest is
+    what it expects. Blocking: from asyncio, call it in a thread.
+
+    Args:
+        source: the file to read.
+        dest: the file to write.
+
+    Returns:
+        ``(sha256 hex digest, length in bytes)`` of what was written.
+
+    Raises:
+        OSError: reading or writing failed.
+    """
+    digest = hashlib.sha256()
+    length = 0
+    with source.open("rb") as src, dest.open("wb") as out:
+        while block := src.read(HASH_BLOCK):
+            digest.update(block)
+            length += len(block)
+            out.write(block)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest(), length
