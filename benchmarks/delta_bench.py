@@ -239,12 +239,15 @@ def measure_pair(name: str, old: Path, new: Path) -> dict:
     return row
 
 
-async def loop_stall(old: Path, new: Path, fmt: DeltaFormat) -> tuple[float, float]:
-    """Worst gap of a 10 ms ticker while the relay's engine diffs (old, new)."""
-    engine = DeltaEngine(
-        workers=1,
-        budget=DeltaBudget(max_memory=2**40, max_seconds=600, max_ratio=1.0, zstd_level=LEVEL),
-    )
+async def loop_stall(
+    old: Path, new: Path, fmt: DeltaFormat | None, seconds: float = 0
+) -> tuple[float, float]:
+    """Worst gap of a 10 ms ticker while the relay's engine diffs (old, new).
+
+    With ``fmt`` None, the same ticker runs ``seconds`` with nothing else on the loop: the
+    baseline that the machine's own scheduling delays give (on a loaded machine they,
+    not the engine, can be the largest gap).
+    """
     loop = asyncio.get_running_loop()
     gaps: list[float] = []
 
@@ -260,15 +263,22 @@ async def loop_stall(old: Path, new: Path, fmt: DeltaFormat) -> tuple[float, flo
     digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
     t = asyncio.create_task(ticker())
     t0 = loop.time()
-    result = await engine.compute(
-        old,
-        new,
-        fmt=fmt,
-        new_sha256=digest,
-        new_length=len(data),
-        dest=DIR / f"stall.{fmt}",
-    )
-    assert result.outcome is DeltaOutcome.COMPUTED, result
+    if fmt is None:
+        await asyncio.sleep(seconds)
+    else:
+        engine = DeltaEngine(
+            workers=1,
+            budget=DeltaBudget(max_memory=2**40, max_seconds=600, max_ratio=1.0, zstd_level=LEVEL),
+        )
+        result = await engine.compute(
+            old,
+            new,
+            fmt=fmt,
+            new_sha256=digest,
+            new_length=len(data),
+            dest=DIR / f"stall.{fmt}",
+        )
+        assert result.outcome is DeltaOutcome.COMPUTED, result
     took = loop.time() - t0
     t.cancel()
     return max(gaps), took
@@ -307,6 +317,9 @@ def one_run(pairs: list[tuple[str, Path, Path]]) -> dict:
     for fmt in DeltaFormat:
         stall, took = asyncio.run(loop_stall(largest[1], largest[2], fmt))
         stalls[str(fmt)] = {"worst_stall_ms": stall * 1000, "diff_s": took, "pair": largest[0]}
+    idle_for = stalls[str(DeltaFormat.BSDIFF4)]["diff_s"]
+    stall, took = asyncio.run(loop_stall(largest[1], largest[2], None, idle_for))
+    stalls["idle"] = {"worst_stall_ms": stall * 1000, "diff_s": took, "pair": "nothing (baseline)"}
     return {"load_start": load_start, "load_end": loadavg(), "rows": rows, "stalls": stalls}
 
 
@@ -399,9 +412,14 @@ def report(results: dict) -> None:
                     f"{spread(m['apply_s']):>20}{spread(m['apply_peak_mb'], '.0f'):>16}"
                 )
     for fmt, st in s["stalls"].items():
+        doing = (
+            "nothing else runs (baseline)"
+            if fmt == "idle"
+            else f"the engine diffs {st['pair']} with {fmt}"
+        )
         print(
-            f"event loop worst stall while the engine diffs {st['pair']} with {fmt}: "
-            f"{spread(st['worst_stall_ms'], '.1f')} ms (diff {spread(st['diff_s'], '.1f')} s)"
+            f"event loop worst stall while {doing}: "
+            f"{spread(st['worst_stall_ms'], '.1f')} ms (for {spread(st['diff_s'], '.1f')} s)"
         )
     print(
         f"median zstd/bsdiff4 patch size: {s['median_zstd_over_bsdiff_size']:.2f}x; "

@@ -1,0 +1,166 @@
+"""Print the Markdown tables of RESULTS.md from the JSON the benchmarks saved.
+
+Every cell is ``median (min–max)`` over the runs of the file. Run:
+
+    python benchmarks/tables.py serve benchmarks/_work/serve.json
+    python benchmarks/tables.py fanout benchmarks/_work/fanout.json
+    python benchmarks/tables.py delta NEW/_work/delta.json [OLD/_work/delta.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent.parent))
+
+from benchmarks._common import spread  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def loads(results: dict) -> str:
+    return "; ".join(
+        f"run {i}: {run['load_start'].split()[0]} → {run['load_end'].split()[0]}"
+        for i, run in enumerate(results["runs"], 1)
+    )
+
+
+def serve(results: dict) -> None:
+    s = results["summary"]
+    trees = [f"relay@{t['commit']}" for t in results["trees"]]
+    print(
+        f"{len(results['runs'])} runs of {results['seconds']} s per case; 1-minute load average {loads(results)}\n"
+    )
+    print("| case | server | req/s | MB/s | server CPU ms/MB | p99 ms |")
+    print("|---|---|---:|---:|---:|---:|")
+    names = {"1MiB": "1 MiB blob", "64MiB": "64 MiB blob", "4KiB": "4 KiB metadata"}
+    for case, label in names.items():
+        for server in ["nginx1", *trees, "nginx2"]:
+            r = s[f"{server}/{case}"]
+            shown = {"nginx1": "nginx, 1 worker", "nginx2": "nginx, 2 workers"}.get(
+                server, f"**{server}**"
+            )
+            mbs = {k: v / 1e6 if k != "runs" else v for k, v in r["bytes_per_s"].items()}
+            print(
+                f"| {label} | {shown} | {spread(r['rps'], '.0f')} | {spread(mbs, '.0f')} "
+                f"| {spread(r['cpu_ms_per_mb'], '.3f')} | {spread(r['p99_ms'], '.1f')} |"
+            )
+    print("\n| ratio (within each run) | " + " | ".join(trees) + " |")
+    print("|---|" + "---:|" * len(trees))
+    rows = {
+        "1MiB_vs_nginx1": "a. 1 MiB throughput / nginx 1 worker (floor 0.8)",
+        "1MiB_vs_nginx2": "1 MiB throughput / nginx 2 workers",
+        "64MiB_cpu_vs_nginx1": "64 MiB server CPU per MB / nginx 1 worker (ceiling 2)",
+        "4KiB_rps_vs_nginx1": "b. 4 KiB metadata req/s / nginx 1 worker (floor 0.25)",
+    }
+    for key, label in rows.items():
+        cells = " | ".join(f"{spread(s[f'ratios/{t}'][key])}x" for t in trees)
+        print(f"| {label} | {cells} |")
+
+
+def fanout(results: dict) -> None:
+    s = results["summary"]
+    print(f"{len(results['runs'])} runs; 1-minute load average {loads(results)}\n")
+    if s["cold"]:
+        print(
+            "| case | server | upstream bytes / blob | clients OK | last client done, s | of the 4 s upstream |"
+        )
+        print("|---|---|---:|---:|---:|---:|")
+        for case in s["cold"]:
+            label = f"{case['clients']} clients, {case['size'] // MIB} MiB"
+            for who, r in case.items():
+                if not isinstance(r, dict):
+                    continue
+                shown = "nginx proxy_cache_lock" if who == "nginx" else f"**{who}**"
+                print(
+                    f"| {label} | {shown} | {spread(r['upstream_ratio'])} | {spread(r['ok'], '.0f')} "
+                    f"| {spread(r['last_done_s'])} | {spread(r['last_vs_upstream'])}x |"
+                )
+    if s["fair"]:
+        print("\n| server | delivered MiB/s | of the cap | Jain's index |")
+        print("|---|---:|---:|---:|")
+        for who, r in s["fair"].items():
+            rate = {k: v / MIB if k != "runs" else v for k, v in r["rate"].items()}
+            shown = (
+                "nginx, limit_rate cap/50 per connection"
+                if who == "nginx_limit_rate"
+                else f"**{who}**, egress 20 MiB/s"
+            )
+            print(
+                f"| {shown} | {spread(rate)} | {spread(r['rate_vs_cap'], '.3f')} | {spread(r['jain'], '.3f')} |"
+            )
+
+
+def delta(new: dict, old: dict | None) -> None:
+    s = new["summary"]
+    print(f"{len(new['runs'])} runs; 1-minute load average {loads(new)}\n")
+    print(
+        "| pair | tool | new MB | patch % of new | diff s | diff peak MB | apply s | apply peak MB |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in s["rows"]:
+        first = True
+        for tool in ("bsdiff4", "zstd", "zstd-19", "zstd-cli", "xdelta3"):
+            if tool not in r:
+                continue
+            m = r[tool]
+            label = r["label"].replace("->", "→") if first else ""
+            mb = f"{r['new_bytes'] / 1e6:.1f}"
+            shown = {"zstd-19": "zstd level 19", "zstd-cli": "zstd CLI"}.get(tool, f"**{tool}**")
+            print(
+                f"| {label} | {shown} | {mb} | {m['pct']['median']:.2f} | {spread(m['diff_s'])} "
+                f"| {spread(m['diff_peak_mb'], '.0f')} | {spread(m['apply_s'])} | {spread(m['apply_peak_mb'], '.0f')} |"
+            )
+            first = False
+    if old is None:
+        return
+    o = old["summary"]
+    print(
+        f"\nBefore/after, the relay's own formats ({len(old['runs'])} and {len(new['runs'])} runs, turn about):\n"
+    )
+    print(
+        "| pair | format | patch % before → after | diff s before | diff s after | apply s before | apply s after |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for ro, rn in zip(o["rows"], s["rows"]):
+        for tool in ("bsdiff4", "zstd"):
+            a, b = ro[tool], rn[tool]
+            print(
+                f"| {rn['label'].replace('->', '→')} | {tool} | {a['pct']['median']:.2f} → {b['pct']['median']:.2f} "
+                f"| {spread(a['diff_s'])} | {spread(b['diff_s'])} | {spread(a['apply_s'])} | {spread(b['apply_s'])} |"
+            )
+    print("\n| worst event-loop stall while the engine diffs | before | after |")
+    print("|---|---:|---:|")
+    for fmt in s["stalls"]:
+        if fmt in o["stalls"]:
+            print(
+                f"| {fmt} ({s['stalls'][fmt]['pair']}) | {spread(o['stalls'][fmt]['worst_stall_ms'], '.0f')} ms "
+                f"| {spread(s['stalls'][fmt]['worst_stall_ms'], '.0f')} ms |"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("kind", choices=["serve", "fanout", "delta"])
+    parser.add_argument("file", type=Path)
+    parser.add_argument(
+        "before", type=Path, nargs="?", help="delta: the other checkout's delta.json"
+    )
+    args = parser.parse_args()
+    results = json.loads(args.file.read_text())
+    print(f"Machine: {results['machine']}\n")
+    if args.kind == "serve":
+        serve(results)
+    elif args.kind == "fanout":
+        fanout(results)
+    else:
+        delta(results, json.loads(args.before.read_text()) if args.before else None)
+
+
+if __name__ == "__main__":
+    main()
