@@ -172,6 +172,14 @@ async def test_copy_mode_shares_no_inode_with_the_store(
     got = await client.arefresh_and_download()
     assert got["agent/1.0.0/agent.bin"][0] == AGENT
 
+    # A damaged file in the tree is kept by a plain run, found by --check-kept.
+    exported = out / "targets" / repo.targets()[0].url_path
+    exported.write_bytes(b"x" * exported.stat().st_size)
+    assert await export("--data-dir", config.relay.data_dir, out) == 0
+    capsys.readouterr()
+    assert await export("--data-dir", config.relay.data_dir, "--check-kept", out) == 1
+    assert f"the exported file {exported} has sha256" in capsys.readouterr().err
+
 
 async def test_tampered_metadata_is_refused(tmp_path, root_file, relay, capsys):
     _, config = relay

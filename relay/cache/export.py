@@ -74,7 +74,8 @@ def _pinned_root(files: dict[str, bytes], trusted_root: bytes | None) -> bytes:
     if trusted_root is not None:
         return trusted_root
     roots = sorted(
-        (n for n in files if n.endswith(".root.json")), key=lambda n: int(n[: n.index(".")])
+        (n for n in files if n.endswith(".root.json") and n.split(".", 1)[0].isdigit()),
+        key=lambda n: int(n.split(".", 1)[0]),
     )
     if not roots:
         msg = "no root metadata in the data directory and no trusted root given"
@@ -91,15 +92,31 @@ def _inside(base: Path, relative: str) -> Path:
     return base.joinpath(*parts)
 
 
-def _check(target: Target, sha256: str, length: int, source: Path) -> None:
+_STORED = (
+    "the stored blob {}",
+    "delete the blob (the relay fetches it again) or let its scrub quarantine it",
+)
+_KEPT = "the exported file {}", "delete it"
+
+
+def _check(
+    target: Target, sha256: str, length: int, source: Path, what: tuple[str, str] = _STORED
+) -> None:
     if (sha256, length) != (target.sha256, target.length):
         msg = (
-            f"{target.path}: the stored blob {source} has sha256 {sha256} and {length} bytes; "
+            f"{target.path}: {what[0].format(source)} has sha256 {sha256} and {length} bytes; "
             f"the metadata signed sha256 {target.sha256} and {target.length} bytes. Nothing was "
-            f"exported: delete the blob (the relay fetches it again) or let its scrub "
-            f"quarantine it, then export again"
+            f"exported: {what[1]}, then export again"
         )
         raise ExportError(msg)
+
+
+def _hard_link(source: Path, dest: Path) -> bool:
+    try:
+        dest.hardlink_to(source)
+    except OSError:  # no hard links on this filesystem, or a link limit: copy instead
+        return False
+    return True
 
 
 def _stage(target: Target, source: Path, staged: Path, *, link: bool) -> bool:
@@ -109,14 +126,9 @@ def _stage(target: Target, source: Path, staged: Path, *, link: bool) -> bool:
         ExportError: the bytes do not match the signed sha256 and length.
     """
     staged.parent.mkdir(parents=True, exist_ok=True)
-    if link:
-        try:
-            staged.hardlink_to(source)
-        except OSError:
-            link = False  # e.g. a filesystem without hard links, or a link limit
-        else:
-            _check(target, *hash_file(staged), source)
-            return True
+    if link and _hard_link(source, staged):
+        _check(target, *hash_file(staged), source)
+        return True
     _check(target, *copy_hashed(source, staged), source)
     return False
 
@@ -204,7 +216,7 @@ def export_static(
             dest = _inside(targets_dir, target.url_path)
             if dest.is_file() and dest.stat().st_size == target.length:
                 if check_kept:
-                    _check(target, *hash_file(dest), dest)
+                    _check(target, *hash_file(dest), dest, _KEPT)
                 kept += 1
                 continue
             source = store.path(target.sha256)
