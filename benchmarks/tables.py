@@ -109,7 +109,9 @@ def delta(new: dict, old: dict | None) -> None:
             m = r[tool]
             label = r["label"].replace("->", "→") if first else ""
             mb = f"{r['new_bytes'] / 1e6:.1f}"
-            shown = {"zstd-19": "zstd level 19", "zstd-cli": "zstd CLI"}.get(tool, f"**{tool}**")
+            shown = {"zstd-19": "zstd level 19", "zstd-cli": "zstd CLI", "xdelta3": "xdelta3"}.get(
+                tool, f"**{tool}**"
+            )
             print(
                 f"| {label} | {shown} | {mb} | {m['pct']['median']:.2f} | {spread(m['diff_s'])} "
                 f"| {spread(m['diff_peak_mb'], '.0f')} | {spread(m['apply_s'])} | {spread(m['apply_peak_mb'], '.0f')} |"
