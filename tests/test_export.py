@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,6 @@ from tests.support import (
     TufClient,
     relay_config,
     settle,
-    snapshot_tree,
     start_relay,
     write_root,
 )
@@ -49,6 +49,11 @@ async def relay(tmp_path, repo, root_file, serve_origin, aiohttp_server):
     server = await start_relay(aiohttp_server, config)
     await settle(server)
     return server, config
+
+
+def snapshot_tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes (to check that nothing changed)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
 async def export(*argv) -> int:
