@@ -331,11 +331,14 @@ class UpstreamSettings:
 class SyncSettings:
     """``[sync]``: metadata polling and prefetch."""
 
+    # Short: the top relay learns of new content by polling timestamp.json (two small
+    # requests per poll, about 1.2 kB: benchmarks/RESULTS.md, "Events"); a child relay
+    # learns of it at once from its parent's GET /v1/events.
     interval: float = setting(
-        _duration(positive=True), "duration, > 0, between metadata polls", default=300.0
+        _duration(positive=True), "duration, > 0, between metadata polls", default=10.0
     )
     jitter: float = setting(
-        _duration(), "duration: at most this much random delay added per poll", default=30.0
+        _duration(), "duration: at most this much random delay added per poll", default=5.0
     )
     prefetch: str = setting(
         choice(*Prefetch),
@@ -441,6 +444,22 @@ class PolicySettings(Settings):
 
 
 @dataclass(frozen=True, slots=True)
+class EventsSettings:
+    """``[events]``: the ``GET /v1/events`` long poll (docs/PROTOCOL.md, "Events")."""
+
+    hold: float = setting(
+        _duration(positive=True),
+        "duration, > 0: how long GET /v1/events is held without a change",
+        default=55.0,
+    )
+    splay: float = setting(
+        _duration(),
+        "duration: the agents woken by one change are spread over it",
+        default=30.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class AdminSettings:
     """``[admin]``: the admin API (off when there is no token)."""
 
@@ -485,6 +504,11 @@ class AgentSettings:
     install_command: str = setting(
         string, 'command line run after placing a file; "" = none', default=""
     )
+    uninstall_command: str = setting(
+        string,
+        'command line run to remove a declined version; "" = delete the file',
+        default="",
+    )
     install_timeout: float = setting(_duration(positive=True), "duration, > 0", default=300.0)
     defer_days: int = setting(
         integer(0, MAX_DEFERRAL_DAYS),
@@ -516,6 +540,7 @@ class Config:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     delta: DeltaSettings = field(default_factory=DeltaSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     agent: AgentSettings = field(default_factory=AgentSettings)
     source: str = DEFAULTS  # the file path, or "built-in defaults"; for messages
@@ -746,7 +771,7 @@ __all__ = [
     "AgentSettings",
     "Config",
     "DeltaSettings",
-    "LimitsSettings",
+    "EventsSettings",
     "PolicySettings",
     "RelaySettings",
     "ScheduleEntry",

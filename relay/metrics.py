@@ -198,6 +198,9 @@ class RelayMetrics:
             "Bandwidth limit in force now, by limit: egress, per_agent, upstream (0 = unlimited).",
             "limit",
         )
+        self.events_held = _gauge(
+            r, "relay_events_held", "GET /v1/events requests held, waiting for a change."
+        )
         self.throttled_seconds = _counter(
             r,
             "relay_throttled_seconds",

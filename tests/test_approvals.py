@@ -167,10 +167,20 @@ async def test_replica_follows_parent_and_refuses_local_changes(tmp_path, repo, 
         },
     )
     await set_approval(relay, "1.0.0", "approved")
+    status, _ = await admin(
+        relay, "PUT", "/v1/admin/groups/pilot/settings", {"poll_seconds": 900, "events": False}
+    )
+    assert status == 200
     rstate = relay_state(replica)
     parent = rstate.upstream.with_base_url(rstate.config.policy.parent_url)
     assert await pull_parent_policy(rstate.config, parent, rstate.policy) is True
     assert rstate.policy.export() == relay_state(relay).policy.export()
+    assert rstate.policy.group_settings("pilot").poll_seconds == 900  # group settings too
+    assert await pull_parent_policy(rstate.config, parent, rstate.policy) is False
+    status, _ = await admin(
+        replica, "PUT", "/v1/admin/groups/pilot/settings", {"events": True}, token="replica-token"
+    )
+    assert status == 409
     status, body = await set_approval(replica, "1.0.0", "declined", token="replica-token")
     assert status == 409
     replica.url = str(replica.make_url("/"))

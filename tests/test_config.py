@@ -15,7 +15,18 @@ from relay.errors import ConfigError
 from relay.fleet.approvals import settings_from_config
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "relay.example.toml"
-SECTIONS = ("relay", "upstream", "sync", "store", "limits", "delta", "policy", "admin", "agent")
+SECTIONS = (
+    "relay",
+    "upstream",
+    "sync",
+    "store",
+    "limits",
+    "delta",
+    "policy",
+    "events",
+    "admin",
+    "agent",
+)
 
 
 def write(tmp_path: Path, text: str) -> Path:

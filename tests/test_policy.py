@@ -277,9 +277,25 @@ ROWS = [
         version="2.0.0",
     ),
     Row(
-        "declined installed, nothing offerable: none, agent keeps it",
+        "declined installed, nothing offerable: uninstall it, forced",
         [V1],
         st((D, V1, {})),
+        view=agent(installed=[V1]),
+        action=Action.UNINSTALL,
+        version="1.0.0",
+    ),
+    Row(
+        "declined installed, the newer one not approved: uninstall the declined one",
+        [V1, V2],
+        st((D, V1, {})),
+        view=agent(installed=[V1]),
+        action=Action.UNINSTALL,
+        version="1.0.0",
+    ),
+    Row(
+        "declined for another group, nothing offerable here: none, no uninstall",
+        [V1],
+        st((D, V1, {"group": "pilot"})),
         view=agent(installed=[V1]),
     ),
     # Rule 2: the EULA gate.

@@ -16,6 +16,16 @@ One run (:meth:`Agent.run_once`):
 5. Report each outcome (``POST /v1/reports``); reports that cannot be sent are
    kept and sent with the next run.
 
+Between runs (:meth:`Agent.wait`) the agent holds ``GET /v1/events`` on the relay
+it checked in with, so it comes back within seconds of new content or a changed
+policy (after the ``delay_ms`` the relay gives it), and falls back to its poll
+interval when events fail. The group settings of each check-in answer apply at
+once: poll interval, events on or off, the install schedule (a slot drawn at random
+in the next window, :mod:`relay.core.schedule`), new content at once, the actions
+run after each install, and configuration at most once a day. An offer to
+``uninstall`` (a declined version with nothing to move to) runs the configured
+uninstall command, or removes the installed file when none is set.
+
 Relays-only (docs/PROTOCOL.md): until its first successful check-in the agent follows its
 own ``relays_only`` setting, then the relay's persisted answer. With relays-only and
 every relay down, the origin receives no request at all.
@@ -40,10 +50,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import urllib3
 from tuf.api import exceptions as tuf_exceptions
@@ -52,7 +64,7 @@ from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
 from relay.config import AgentSettings
-from relay.core.model import Channel, Target
+from relay.core.model import Channel, Kind, Target
 from relay.core.protocol import (
     AGENT_ID_HEADER,
     DeltaFormat,
@@ -61,6 +73,7 @@ from relay.core.protocol import (
     ReportEvent,
     Via,
 )
+from relay.core.schedule import GroupSettings, Slot, install_gate, plan_slot
 from relay.deltas.apply import apply_patch_file
 from relay.errors import AgentError, InstallError, PatchRejectedError
 from relay.storage.fsio import hash_file
@@ -72,6 +85,9 @@ DEFAULT_POLL = 3600.0  # seconds between runs when the relay names no poll_secon
 _MESSAGE_MAX = 2000  # characters of a report's message (the relay refuses longer ones)
 _CHUNK = 64 * 1024
 _IDENTITY = {"Accept-Encoding": "identity"}  # blobs are hashed as sent: no content coding
+EVENTS_READ_TIMEOUT = 150.0  # seconds: longer than any relay holds GET /v1/events
+EVENTS_RETRY = 5.0  # seconds before retrying events after a failure; doubles
+_MISSING_ROUTES = (404, 405)  # a relay (or origin) without GET /v1/events
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +110,7 @@ class AgentConfig:
     # relay's own "install undefined" defaults: content flows, software waits).
     install_undefined: tuple[str, ...] = ("content",)
     install_command: str = ""  # run with RELAY_PRODUCT, RELAY_VERSION, RELAY_FILE set
+    uninstall_command: str = ""  # the same variables; "" = delete the installed file
     install_timeout: float = 300.0  # seconds
     defer_days: int = 0  # 0, 1, 3 or 7
     accept_delta: tuple[str, ...] = ("zstd", "bsdiff4")
@@ -129,7 +146,10 @@ class RunSummary:
 
     source: str = ""  # the relay (or origin) used, "" if none
     installed: list[str] = field(default_factory=list)
+    uninstalled: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # offers held back: "product version: why"
+    next_at: dt.datetime | None = None  # when a held-back offer may go (None: next check-in)
     outcomes: list[ReportEvent] = field(default_factory=list)
     error: str = ""
 
@@ -145,6 +165,7 @@ class RelayFetcher(FetcherInterface):
         self._headers = {AGENT_ID_HEADER: agent_id}
         self._pool = pool
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
+        self.connect_timeout = timeout
 
     def request(
         self,
@@ -152,6 +173,7 @@ class RelayFetcher(FetcherInterface):
         url: str,
         body: bytes | None = None,
         headers: Mapping[str, str] | None = None,
+        timeout: urllib3.Timeout | None = None,
     ) -> urllib3.BaseHTTPResponse:
         """Send one request (no retries); the body is left to stream.
 
@@ -160,6 +182,7 @@ class RelayFetcher(FetcherInterface):
             url: the absolute URL.
             body: the request body, if any.
             headers: headers besides ``Relay-Agent-Id``.
+            timeout: instead of the agent's request timeout (a long poll).
 
         Returns:
             The response; the caller reads it and releases its connection.
@@ -173,7 +196,7 @@ class RelayFetcher(FetcherInterface):
             body=body,
             preload_content=False,
             headers={**self._headers, **(headers or {})},
-            timeout=self._timeout,
+            timeout=timeout or self._timeout,
             retries=False,
         )
 
@@ -206,10 +229,27 @@ class RelayFetcher(FetcherInterface):
 
 
 class Agent:
-    """A reference update agent."""
+    """A reference update agent.
 
-    def __init__(self, config: AgentConfig) -> None:
+    Args:
+        config: the agent's configuration.
+        clock: the local time, timezone-aware (schedules are local).
+        rng: draws install slots and poll jitter.
+        sleep: waits (seconds) between event polls and before checking in.
+    """
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        clock: Callable[[], dt.datetime] | None = None,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.config = config
+        self._clock = clock or (lambda: dt.datetime.now().astimezone())
+        self._rng = rng or random.Random()
+        self._sleep = sleep
         self._pool = urllib3.PoolManager(num_pools=8, maxsize=4)
         self._http = RelayFetcher(config.agent_id, self._pool, config.request_timeout)
         config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -233,6 +273,11 @@ class Agent:
         data.setdefault("pending_reports", [])
         data.setdefault("relay_answer", None)  # {"relays", "origin", "relays_only", "offers"}
         data.setdefault("actions_done", [])  # "product@version" whose actions ran
+        data.setdefault("settings", None)  # the group settings of the last check-in
+        data.setdefault("generation", "")  # the relay's generation at the last check-in
+        data.setdefault("events_relay", "")  # the relay that gave it
+        data.setdefault("slot", None)  # the install slot (relay.core.schedule.Slot)
+        data.setdefault("last_config_install", None)  # ISO time of the last config install
         return data
 
     def _save_state(self) -> None:
@@ -311,10 +356,32 @@ class Agent:
                     # What the policy allowed this agent: all it may install without a relay.
                     "offers": [o for o in data["offers"] if isinstance(o, dict)],
                 }
+                self._take_settings(relay, data)
                 self._save_state()
                 return relay, data
             logger.info("relay %s answered check-in with HTTP %d", relay, status)
         return None
+
+    def _take_settings(self, relay: str, answer: dict[str, Any]) -> None:
+        """Keep the group settings and the generation of a check-in answer."""
+        raw = answer.get("settings")
+        if isinstance(raw, dict):
+            try:
+                self.state["settings"] = GroupSettings.from_dict(raw).to_dict()
+            except ValueError as e:
+                logger.warning("settings from %s ignored: %s", relay, e)
+        generation = answer.get("generation")
+        self.state["generation"] = generation if isinstance(generation, str) else ""
+        self.state["events_relay"] = relay
+
+    @property
+    def settings(self) -> GroupSettings:
+        """The group settings of the last check-in (the defaults before any)."""
+        raw = self.state.get("settings")
+        if isinstance(raw, dict):
+            with contextlib.suppress(ValueError):
+                return GroupSettings.from_dict(raw)
+        return GroupSettings()
 
     def send_reports(self, relays: Sequence[str]) -> bool:
         """Send pending reports to the first relay that takes them."""
@@ -471,9 +538,13 @@ class Agent:
     def _handle_offer(self, updater: Updater, offer: dict[str, Any], summary: RunSummary) -> None:
         action = offer.get("action")
         product = str(offer.get("product", ""))
+        current = self.installed.get(product)
+        if action == "uninstall" and current is not None:
+            if current.get("version") == offer.get("version"):
+                self._uninstall(product, current, summary)
+            return
         if action not in ("install", "rollback") or not offer.get("target"):
             return
-        current = self.installed.get(product)
         if current is not None and current.get("sha256") == offer.get("sha256"):
             return
         if offer.get("mode") == "on-demand" and self.config.defer_days:
@@ -495,6 +566,10 @@ class Agent:
                     message="the offered target is not in the verified metadata",
                 ),
             )
+            return
+        custom = info.custom if isinstance(info.custom, dict) else {}
+        kind = _kind(custom.get("kind"))
+        if not self._may_install_now(offer, kind, summary):
             return
         with tempfile.TemporaryDirectory(dir=self.config.state_dir) as tmp:
             staged = Path(tmp) / "staged"
@@ -530,8 +605,72 @@ class Agent:
                 return
         self._record(summary, event(Event.INSTALLED, via=via, bytes=nbytes))
         summary.installed.append(f"{product} {to_version}")
-        custom = info.custom if isinstance(info.custom, dict) else {}
-        self._run_actions(product, to_version, custom.get("actions", []))
+        if kind is Kind.CONFIG:
+            self.state["last_config_install"] = self._clock().isoformat()
+            self._save_state()
+        actions = custom.get("actions", [])
+        self._run_actions(
+            product,
+            to_version,
+            [*(actions if isinstance(actions, list) else []), *self.settings.after_install],
+        )
+
+    def _may_install_now(self, offer: dict[str, Any], kind: Kind, summary: RunSummary) -> bool:
+        """Apply the schedule, new-content and once-a-day rules to one offer."""
+        settings = self.settings
+        now = self._clock()
+        slot = None
+        if settings.schedule:
+            kept = Slot.from_dict(self.state.get("slot"))
+            slot = plan_slot(settings.schedule, now, self._rng.random(), kept)
+            if slot != kept:
+                self.state["slot"] = slot.to_dict() if slot is not None else None
+                self._save_state()
+        last_config = self.state.get("last_config_install")
+        gate = install_gate(
+            kind=kind,
+            deadline_passed=offer.get("mode") == "forced" and bool(offer.get("deadline")),
+            leaving_declined=offer.get("action") == "rollback",
+            settings=settings,
+            now=now,
+            slot=slot,
+            last_config_install=dt.datetime.fromisoformat(last_config) if last_config else None,
+        )
+        if gate.now:
+            return True
+        summary.waiting.append(f"{offer.get('product')} {offer.get('version')}: {gate.why}")
+        if gate.not_before is not None and (
+            summary.next_at is None or gate.not_before < summary.next_at
+        ):
+            summary.next_at = gate.not_before
+        logger.info("%s %s held back: %s", offer.get("product"), offer.get("version"), gate.why)
+        return False
+
+    def _uninstall(self, product: str, current: dict[str, str], summary: RunSummary) -> None:
+        """Remove a declined version: the uninstall command, or delete its file."""
+        version = current["version"]
+        file = Path(current["file"])
+        event = functools.partial(ReportEvent, product, version, "")
+        try:
+            if self.config.uninstall_command:
+                self._run(
+                    self.config.uninstall_command,
+                    product,
+                    version,
+                    file,
+                    self.config.install_timeout,
+                    "uninstall",
+                )
+            else:
+                file.unlink(missing_ok=True)
+        except (InstallError, OSError) as e:
+            reason = e.reason if isinstance(e, InstallError) else "uninstall_failed"
+            self._fail(summary, event(Event.FAILED, reason=reason, message=str(e)))
+            return
+        del self.installed[product]
+        self._save_state()
+        self._record(summary, event(Event.UNINSTALLED))
+        summary.uninstalled.append(f"{product} {version}")
 
     def _fail(self, summary: RunSummary, failed: ReportEvent) -> None:
         """Record a product's failure (also listed in ``summary.failed``)."""
@@ -644,15 +783,13 @@ class Agent:
                 f"{what} command exited with {proc.returncode}: {tail}", reason=f"{what}_failed"
             )
 
-    def _run_actions(self, product: str, version: str, actions: object) -> None:
-        if not isinstance(actions, list):
-            return
+    def _run_actions(self, product: str, version: str, actions: Sequence[object]) -> None:
         key = f"{product}@{version}"
-        if key in self.state["actions_done"]:
+        if not actions or key in self.state["actions_done"]:
             return
         self.state["actions_done"].append(key)
         self._save_state()
-        for name in actions:
+        for name in dict.fromkeys(actions):
             command = self.config.actions.get(str(name))
             if not command:
                 logger.info("no command configured for action %r", name)
@@ -667,18 +804,114 @@ class Agent:
         """Seconds to wait before the next run.
 
         Returns:
-            The relay's last ``poll_seconds`` (else :data:`DEFAULT_POLL`) plus up to
-            ``poll_jitter`` at random, so a fleet does not check in all at once.
+            The group settings' ``poll_seconds`` (else the relay's last
+            ``poll_seconds``, else :data:`DEFAULT_POLL`) plus up to ``poll_jitter``
+            at random, so a fleet does not check in all at once.
         """
         answer = self.state.get("relay_answer") or {}
         poll = DEFAULT_POLL
-        if isinstance(answer, dict) and isinstance(answer.get("poll_seconds"), int):
+        if isinstance(self.state.get("settings"), dict):
+            poll = float(self.settings.poll_seconds)
+        elif isinstance(answer, dict) and isinstance(answer.get("poll_seconds"), int):
             poll = float(answer["poll_seconds"])
-        return poll + random.uniform(0, self.config.poll_jitter)
+        return poll + self._rng.uniform(0, self.config.poll_jitter)
+
+    def next_wait(self, summary: RunSummary) -> float:
+        """Seconds until the next run: the poll interval, or sooner for a held-back offer.
+
+        Args:
+            summary: the last run's summary (its ``next_at``).
+
+        Returns:
+            The seconds to pass to :meth:`wait`.
+        """
+        wait = self.poll_interval()
+        if summary.next_at is not None:
+            until = (summary.next_at - self._clock()).total_seconds()
+            wait = min(wait, max(until, 0.0))
+        return wait
+
+    def wait(self, seconds: float) -> str:
+        """Wait up to ``seconds`` for the next run, holding ``GET /v1/events`` meanwhile.
+
+        With events on (the group settings) and a relay that answered the last
+        check-in, the agent holds one event request at a time; an answer ends the
+        wait after its ``delay_ms``. A relay without events, or a failure, falls back
+        to waiting out the interval (failures are retried after a growing pause).
+
+        Args:
+            seconds: the longest wait.
+
+        Returns:
+            ``"event"`` when an event ended the wait, else ``"poll"``.
+        """
+        end = time.monotonic() + seconds
+        retry = EVENTS_RETRY
+        while (left := end - time.monotonic()) > 0:
+            relay, since = self.state.get("events_relay"), self.state.get("generation")
+            if not (self.settings.events and relay and since):
+                self._sleep(left)
+                break
+            try:
+                answer = self._poll_events(str(relay), str(since))
+            except (urllib3.exceptions.HTTPError, ValueError) as e:
+                logger.info("events from %s failed: %s", relay, e)
+                if isinstance(e, _NoEvents):
+                    self._sleep(left)
+                    break
+                self._sleep(min(left, retry))
+                retry *= 2
+                continue
+            if answer is None:
+                continue
+            delay = answer.get("delay_ms", 0)
+            if isinstance(delay, int) and delay > 0:
+                self._sleep(min(delay / 1000, max(end - time.monotonic(), 0.0)))
+            logger.info("event from %s: %s", relay, answer.get("reasons"))
+            return "event"
+        return "poll"
+
+    def _poll_events(self, relay: str, since: str) -> dict[str, Any] | None:
+        """One ``GET /v1/events``: the answer, ``None`` at the end of the hold.
+
+        Raises:
+            urllib3.exceptions.HTTPError: no connection, a timeout, or an unexpected
+                status (:class:`_NoEvents` for a relay without events).
+            ValueError: a body that is not a JSON object.
+        """
+        timeout = urllib3.Timeout(connect=self._http.connect_timeout, read=EVENTS_READ_TIMEOUT)
+        resp = self._http.request(
+            "GET", f"{relay}v1/events?{urlencode({'since': since})}", timeout=timeout
+        )
+        try:
+            raw = resp.read()
+        finally:
+            resp.release_conn()
+        if resp.status == 204:
+            return None
+        if resp.status in _MISSING_ROUTES:
+            raise _NoEvents(f"{relay}: no events (HTTP {resp.status})")
+        if resp.status != 200:
+            raise urllib3.exceptions.HTTPError(f"{relay}: events answered HTTP {resp.status}")
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("events: expected a JSON object")
+        return data
 
     def close(self) -> None:
         """Release connections."""
         self._pool.clear()
+
+
+class _NoEvents(urllib3.exceptions.HTTPError):
+    """The relay offers no ``GET /v1/events``."""
+
+
+def _kind(value: object) -> Kind:
+    try:
+        return Kind(str(value))
+    except ValueError:
+        return Kind.SOFTWARE
 
 
 async def run_once_async(agent: Agent) -> RunSummary:

@@ -475,8 +475,9 @@ class Mirror:
     async def run_sync_loop(self, interval: float, jitter: float) -> None:
         """Sync now, then every ``interval`` (+ jitter) seconds or when triggered."""
         while True:
-            await self.sync_once()
+            # Cleared before the run: a trigger that comes during it asks for another.
             self._wake.clear()
+            await self.sync_once()
             delay = interval + random.uniform(0, jitter)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=delay)

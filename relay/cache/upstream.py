@@ -95,6 +95,11 @@ class Exchange:
     total: int | None = None  # bytes: the full length a resumed response must state
     headers: Mapping[str, str] = field(default_factory=dict)  # extra request headers
     response_headers: Mapping[str, str] = field(default_factory=dict)  # set by the fetcher
+    # Seconds the upstream may hold the request before it answers (a long poll, such as
+    # GET /v1/events): the read timeout and the minimum-rate grace are longer by as
+    # much, and 204 No Content is an answer. 0: an ordinary request.
+    hold: float = 0.0
+    status: int = 0  # the response's status, set by the fetcher
 
 
 class SlowRetrievalError(TransportError):
@@ -164,7 +169,8 @@ class Fetcher(abc.ABC):
                 fresh += len(chunk)
                 if received > max_length:
                     raise LengthMismatchError(exchange.url, max_length, received)
-                if self.min_rate and waited > self.grace and fresh < self.min_rate * waited:
+                grace = self.grace + exchange.hold
+                if self.min_rate and waited > grace and fresh < self.min_rate * waited:
                     raise SlowRetrievalError(exchange.url, fresh, waited, self.min_rate)
                 yield chunk
 
@@ -198,6 +204,7 @@ class AiohttpFetcher(Fetcher):
             connect=connect_timeout,
             sock_read=read_timeout,
         )
+        self._read_timeout = read_timeout
         self._headers = dict(headers or {})
 
     async def _fetch(self, exchange: Exchange) -> AsyncIterator[bytes]:
@@ -207,14 +214,25 @@ class AiohttpFetcher(Fetcher):
         headers["Accept-Encoding"] = "identity"
         if offset:
             headers["Range"] = f"bytes={offset}-"
+        timeout = self._timeout
+        if exchange.hold:
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=timeout.sock_connect,
+                connect=timeout.connect,
+                sock_read=self._read_timeout + exchange.hold,
+            )
         async with self._session.get(
             url,
             headers=headers,
-            timeout=self._timeout,
+            timeout=timeout,
             allow_redirects=True,
             auto_decompress=False,
         ) as resp:
             exchange.response_headers = resp.headers
+            exchange.status = resp.status
+            if exchange.hold and resp.status == 204:
+                return
             if offset:
                 content_range = resp.headers.get("Content-Range")
                 if resp.status != 206 or not _range_matches(content_range, offset, exchange.total):
@@ -446,6 +464,35 @@ class Upstream:
                 :class:`relay.errors.LengthMismatchError`).
         """
         return await self._get(path, max_length, headers or {}, _MISSING)
+
+    async def long_poll(
+        self, path: str, *, hold: float, max_length: int, headers: Mapping[str, str] | None = None
+    ) -> bytes | None:
+        """One long poll of ``<base>/<path>`` on the first healthy upstream.
+
+        The same transport, WAN throttle and byte counters as every other request;
+        no retries and no failover (the caller polls again), and the upstreams'
+        health is left alone (an upstream without the path is not failing).
+
+        Args:
+            path: the path under the base URL, with its query (``v1/events?since=...``).
+            hold: the longest the upstream may hold the request, in seconds.
+            max_length: the most bytes the body may have.
+            headers: extra request headers.
+
+        Returns:
+            The body of a ``200``; ``None`` for ``204`` (nothing happened).
+
+        Raises:
+            UpstreamHTTPError: any other status (``404``: the upstream has no such path).
+            TransportError: a network failure, or no answer within ``hold`` plus the
+                read timeout.
+            LengthMismatchError: a body longer than ``max_length``.
+        """
+        base = self._ordered()[0]
+        exchange = Exchange(f"{base}{path}", headers=headers or {}, hold=hold)
+        parts = [c async for c in self._counted(base, exchange, max_length)]
+        return None if exchange.status == 204 else b"".join(parts)
 
     async def _get(
         self, path: str, max_length: int, headers: Mapping[str, str], missing: frozenset[int]

@@ -280,8 +280,16 @@ def _accept_eula(client: AdminClient, args: argparse.Namespace) -> str:
 
 
 def _settings(client: AdminClient, args: argparse.Namespace) -> str:
+    return _show_or_change(client, "/v1/admin/settings", args.set)
+
+
+def _group_settings(client: AdminClient, args: argparse.Namespace) -> str:
+    return _show_or_change(client, f"/v1/admin/groups/{args.group}/settings", args.set)
+
+
+def _show_or_change(client: AdminClient, path: str, sets: Sequence[str]) -> str:
     changes = {}
-    for item in args.set:
+    for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError("--set", item, "command line", "expected KEY=JSON")
@@ -289,11 +297,7 @@ def _settings(client: AdminClient, args: argparse.Namespace) -> str:
             changes[key] = json.loads(value)
         except ValueError:
             changes[key] = value
-    data = (
-        client.call("PUT", "/v1/admin/settings", changes)
-        if changes
-        else client.call("GET", "/v1/admin/settings")
-    )
+    data = client.call("PUT", path, changes) if changes else client.call("GET", path)
     return table(sorted((k, json.dumps(v)) for k, v in data.items()), ("SETTING", "VALUE"))
 
 
@@ -304,6 +308,7 @@ _ACTIONS: dict[str, Callable[[AdminClient, argparse.Namespace], str]] = {
     "reset": _approval,
     "accept-eula": _accept_eula,
     "settings": _settings,
+    "groups": _group_settings,
     "agents": lambda c, _: render_agents(c.call("GET", "/v1/admin/agents")),
     "report": _report,
     "versions": lambda c, _: render_versions(c.call("GET", "/v1/admin/versions")),

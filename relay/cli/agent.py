@@ -1,4 +1,4 @@
-"""``relay agent``: run the reference agent once, or polling."""
+"""``relay agent``: run the reference agent once, or in its loop (events between check-ins)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import argparse
 import logging
 import os
 import sys
-import time
 
-from relay.agent.updater import Agent, AgentConfig
+from relay.agent.updater import Agent, AgentConfig, RunSummary
 from relay.cli.exitcodes import ExitCode
 from relay.config import load_config
 from relay.errors import ConfigError
@@ -57,14 +56,23 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("relay").setLevel(logging.INFO)
     while True:
         summary = agent.run_once()
-        for line in summary.installed:
-            print(f"installed {line}")
-        for line in summary.failed:
-            print(f"failed {line}", file=sys.stderr)
-        if summary.error:
-            print(f"relay agent: {summary.error}", file=sys.stderr)
-        elif not summary.installed and not summary.failed:
-            print(f"up to date (via {summary.source})")
+        _print(summary)
         if args.once:
             return ExitCode.FAILURE if summary.error or summary.failed else ExitCode.OK
-        time.sleep(agent.poll_interval())
+        # Between runs: hold the relay's events, wake for a held-back offer's slot.
+        agent.wait(agent.next_wait(summary))
+
+
+def _print(summary: RunSummary) -> None:
+    for line in summary.installed:
+        print(f"installed {line}", flush=True)
+    for line in summary.uninstalled:
+        print(f"uninstalled {line}", flush=True)
+    for line in summary.waiting:
+        print(f"waiting {line}", flush=True)
+    for line in summary.failed:
+        print(f"failed {line}", file=sys.stderr, flush=True)
+    if summary.error:
+        print(f"relay agent: {summary.error}", file=sys.stderr, flush=True)
+    elif not (summary.installed or summary.uninstalled or summary.failed or summary.waiting):
+        print(f"up to date (via {summary.source})", flush=True)

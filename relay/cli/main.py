@@ -62,6 +62,19 @@ def _admin_parser(p: argparse.ArgumentParser) -> None:
         metavar="KEY=JSON",
         help="e.g. --set relays_only=true --set beta_groups='[\"pilot\"]'",
     )
+    gs = sub.add_parser(
+        "groups", help="show a group's agent settings (schedule, events...), or change them"
+    )
+    gs.add_argument("group", help="the agent group, e.g. default")
+    gs.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="e.g. --set poll_seconds=600 --set schedule="
+        '\'[{"days": ["sat"], "start": "02:00", "window": "2h"}]\' '
+        '--set actions=\'{"after_install": ["scan-now"]}\'',
+    )
     sub.add_parser("agents", help="list agents, their versions and last outcome")
     rp = sub.add_parser(
         "report", help="the fleet report: one row per agent and product, with state and reason"

@@ -150,6 +150,10 @@ def derive_state(
         if installed is None:
             return Standing(FleetState.UNKNOWN, "not installed and nothing to offer")
         return Standing(FleetState.UP_TO_DATE)
+    if offer.action is Action.UNINSTALL:  # a declined version with nothing to move to
+        if installed != offer.version:
+            return Standing(FleetState.UP_TO_DATE, f"{offer.version} declined: uninstalled")
+        return Standing(FleetState.PENDING, f"uninstall {offer.version}: offered {offer.at}")
     if installed == offer.version:
         return Standing(FleetState.UP_TO_DATE)
     deadline = parse_time(offer.deadline)

@@ -28,8 +28,8 @@ Rules (docs/PROTOCOL.md), applied to one target for one agent group:
       leave it. ``install`` best if it is newer, ``rollback`` to best if it is
       older (the newest offerable version older than the declined one, since
       best is then the newest offerable of all). With nothing offerable,
-      ``none`` with no target: there is no signed version to move to, and
-      uninstalling is not the relay's decision, so the agent keeps it.
+      ``uninstall`` with the declined version as target: there is no signed
+      version to move to, so the agent removes it.
       Leaving a declined version is always forced, without a deadline.
    c. The agent has best (same version and same sha256): ``none`` with best as
       target. Same version with another sha256: ``install`` best (a repair).
@@ -101,6 +101,8 @@ class Action(StrEnum):
     """Install the offered (newer) version."""
     ROLLBACK = "rollback"
     """Move back to the offered older version: the installed one is declined."""
+    UNINSTALL = "uninstall"
+    """Remove the installed version: it is declined and nothing else may be offered."""
     NONE = "none"
     """Nothing to do."""
 
@@ -590,7 +592,7 @@ def offer_for_product(
         and effective_status(state, settings, current, agent.group) is Status.DECLINED
     ):  # 4b
         if best is None:
-            return Offer(product, Action.NONE, None)
+            return Offer(product, Action.UNINSTALL, current, RolloutMode.FORCED, None)
         action = Action.INSTALL if current.info.semver < best.info.semver else Action.ROLLBACK
         return Offer(product, action, best, RolloutMode.FORCED, None)
     if best is None:

@@ -97,6 +97,7 @@ class Event(StrEnum):
     CHECKED = "checked"
     DOWNLOADED = "downloaded"
     INSTALLED = "installed"
+    UNINSTALLED = "uninstalled"
     FAILED = "failed"
 
 

@@ -11,17 +11,20 @@ Rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from relay.config import PolicySettings
 from relay.core.policy import PolicyState, Settings
 from relay.core.protocol import now_rfc3339
+from relay.core.schedule import GroupSettings
 from relay.core.schema import project
 from relay.errors import ReplicaReadOnlyError
 from relay.storage.kv import KV
 
 _STATE = "policy:state"
 _SETTINGS = "policy:settings"
+_GROUPS = "policy:group-settings"
 
 
 def settings_from_config(policy: PolicySettings) -> Settings:
@@ -39,7 +42,14 @@ def settings_from_config(policy: PolicySettings) -> Settings:
 class PolicyStore:
     """Approvals and settings of one relay, persisted, with an audit log."""
 
-    def __init__(self, kv: KV, defaults: Settings, *, replica: bool = False) -> None:
+    def __init__(
+        self,
+        kv: KV,
+        defaults: Settings,
+        *,
+        replica: bool = False,
+        group_defaults: GroupSettings | None = None,
+    ) -> None:
         self._kv = kv
         self.defaults = defaults
         self.replica = replica
@@ -47,6 +57,9 @@ class PolicyStore:
         self.settings = defaults
         self.version = 0  # bumped on every change (cheap change detection)
         self._saved_settings = False  # settings came from the admin API or a parent
+        self.group_defaults = group_defaults or GroupSettings()
+        self.groups: dict[str, GroupSettings] = {}  # agent settings set per group
+        self.listeners: list[Callable[[], None]] = []  # called after every change
 
     async def load(self) -> None:
         """Read state and settings saved earlier (defaults for what is missing)."""
@@ -57,6 +70,9 @@ class PolicyStore:
         if isinstance(raw_settings, dict):
             self.settings = Settings.from_dict(raw_settings, base=self.defaults)
             self._saved_settings = True
+        raw_groups = await self._kv.get(_GROUPS)
+        if isinstance(raw_groups, dict):
+            self.groups = groups_from_dict(raw_groups, self.group_defaults)
 
     def set_defaults(self, defaults: Settings) -> bool:
         """Replace the configured defaults (the configuration was re-read).
@@ -72,6 +88,7 @@ class PolicyStore:
             return False
         self.settings = defaults
         self.version += 1
+        self._changed()
         return True
 
     def check_writable(self) -> None:
@@ -114,11 +131,61 @@ class PolicyStore:
             self.settings = settings
             self._saved_settings = True
         self.version += 1
+        self._changed()
+
+    def _changed(self) -> None:
+        for listener in list(self.listeners):
+            listener()
+
+    def group_settings(self, group: str) -> GroupSettings:
+        """The agent settings of ``group``: its own, else the defaults."""
+        return self.groups.get(group, self.group_defaults)
+
+    async def set_group_settings(
+        self,
+        group: str,
+        settings: GroupSettings,
+        *,
+        audit: dict[str, Any] | None = None,
+        local: bool = True,
+    ) -> None:
+        """Replace the agent settings of ``group``, save them, and record ``audit``.
+
+        Raises:
+            ReplicaReadOnlyError: a local change on a replica.
+        """
+        if local:
+            self.check_writable()
+        groups = {**self.groups, group: settings}
+        # Saved first, then in effect: a change that cannot be saved changes nothing.
+        await self._kv.set(_GROUPS, {g: s.to_dict() for g, s in sorted(groups.items())})
+        if audit is not None:
+            await self._kv.append_log({"at": now_rfc3339(), **audit})
+        self.groups = groups
+        self.version += 1
+        self._changed()
 
     async def audit_log(self, limit: int = 1000) -> list[Any]:
         """The newest audit entries, oldest first."""
         return list(await self._kv.log(limit))
 
     def export(self) -> dict[str, Any]:
-        """What a replica copies: ``{"state": ..., "settings": ...}``."""
-        return {"state": self.state.to_dict(), "settings": self.settings.to_dict()}
+        """What a replica copies: ``{"state": ..., "settings": ..., "groups": ...}``."""
+        return {
+            "state": self.state.to_dict(),
+            "settings": self.settings.to_dict(),
+            "groups": {g: s.to_dict() for g, s in sorted(self.groups.items())},
+        }
+
+
+def groups_from_dict(raw: Mapping[str, Any], base: GroupSettings) -> dict[str, GroupSettings]:
+    """The agent settings per group from their JSON form (``export()["groups"]``).
+
+    Raises:
+        ValueError: a malformed group's settings (the message names the field).
+    """
+    out = {}
+    for group, value in raw.items():
+        if isinstance(group, str) and isinstance(value, dict):
+            out[group] = GroupSettings.from_dict(value, base)
+    return out

@@ -81,7 +81,8 @@ class AgentRecord:
             return None
 
     def add_event(self, event: ReportEvent) -> None:
-        """Record one report event: newest first, bounded; ``installed`` updates versions."""
+        """Record one report event: newest first, bounded; ``installed`` and ``uninstalled``
+        update versions."""
         data = event.to_dict()
         self.events.insert(0, data)
         del self.events[EVENTS_KEPT:]
@@ -95,6 +96,8 @@ class AgentRecord:
             self.installed.append(
                 {"product": event.product, "version": event.to_version, "sha256": sha}
             )
+        elif event.event is Event.UNINSTALLED and event.product:
+            self.installed = [i for i in self.installed if i.get("product") != event.product]
 
     def rows_change_at(self) -> float:
         """When the derived states may change without a new write: the next deadline."""

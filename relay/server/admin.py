@@ -30,7 +30,8 @@ from relay.core.policy import (
     explicit_approval,
     reset,
 )
-from relay.core.protocol import now_rfc3339, utc_now
+from relay.core.protocol import GROUP_RULE, is_group, now_rfc3339, utc_now
+from relay.core.schedule import GroupSettings
 from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.fleet.groups import known_groups
 from relay.server.fleet import csv_response
@@ -265,6 +266,54 @@ async def put_settings(request: web.Request) -> web.Response:
     return web.json_response(new.to_dict())
 
 
+def _group(request: web.Request) -> str:
+    group = request.match_info["group"]
+    if not is_group(group):
+        raise web.HTTPBadRequest(
+            text=f'{{"error": "group: {GROUP_RULE}"}}', content_type="application/json"
+        )
+    return group
+
+
+async def get_group_settings(request: web.Request) -> web.Response:
+    """``GET /v1/admin/groups/{group}/settings``: the agent settings of a group."""
+    state = _state(request)
+    return web.json_response(state.policy.group_settings(_group(request)).to_dict())
+
+
+async def put_group_settings(request: web.Request) -> web.Response:
+    """``PUT /v1/admin/groups/{group}/settings``: change some of a group's agent settings."""
+    state = _state(request)
+    group = _group(request)
+    policy = state.policy
+    new = await parse_body(
+        request, lambda body: _group_settings(body, policy.group_settings(group))
+    )
+    if isinstance(new, web.Response):
+        return new
+    try:
+        await policy.set_group_settings(
+            group,
+            new,
+            audit={
+                "action": "group-settings",
+                "group": group,
+                "settings": new.to_dict(),
+                "from": request.remote or "",
+            },
+        )
+    except ReplicaReadOnlyError as e:
+        return _conflict(str(e))
+    return web.json_response(new.to_dict())
+
+
+def _group_settings(body: dict[str, Any], base: GroupSettings) -> GroupSettings:
+    try:
+        return GroupSettings.from_dict(body, base)
+    except ValueError as e:
+        raise BodyError(str(e)) from None
+
+
 async def list_agents(request: web.Request) -> web.Response:
     """``GET /v1/admin/agents``: every agent with versions, offers, recent events, worst state."""
     state = _state(request)
@@ -354,6 +403,8 @@ def add_admin_routes(app: web.Application) -> None:
             ("GET", "/v1/admin/eulas/{path:.+}", get_eula),
             ("GET", "/v1/admin/settings", get_settings),
             ("PUT", "/v1/admin/settings", put_settings),
+            ("GET", "/v1/admin/groups/{group}/settings", get_group_settings),
+            ("PUT", "/v1/admin/groups/{group}/settings", put_group_settings),
             ("GET", "/v1/admin/agents", list_agents),
             ("GET", "/v1/admin/agents/{agent_id}", get_agent),
             ("GET", "/v1/admin/report.csv", report_csv),

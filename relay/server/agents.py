@@ -24,6 +24,7 @@ from relay.core.fleet import LastOffer
 from relay.core.policy import Action, AgentView, Offer
 from relay.core.policy import offers as policy_offers
 from relay.core.protocol import Event, parse_checkin, parse_reports, rfc3339, utc_now
+from relay.server.events import EVENTS
 from relay.server.http import parse_body
 from relay.server.state import STATE
 
@@ -99,7 +100,7 @@ async def checkin(request: web.Request) -> web.StreamResponse:
         delta = None
         if offer.action is not Action.NONE or offer.product in installed_sha:
             record.offered[offer.product] = _last_offer(offer, now).to_dict()
-        if target is not None and offer.action is not Action.NONE:
+        if target is not None and offer.action in (Action.INSTALL, Action.ROLLBACK):
             record.first_offered.setdefault(f"{offer.product}@{target.version}", now.timestamp())
             src = installed_sha.get(offer.product)
             if src is not None and src != target.sha256 and state.deltas is not None:
@@ -133,13 +134,16 @@ async def checkin(request: web.Request) -> web.StreamResponse:
     origin = None
     if not relays_only:
         origin = cfg.policy.origin_url or (cfg.upstream.urls[0] if cfg.upstream.urls else None)
+    settings = policy.group_settings(req.group)
     return web.json_response(
         {
             "offers": out,
             "relays": [f"{base}/", *cfg.policy.relays],
             "origin": origin,
             "relays_only": relays_only,
-            "poll_seconds": cfg.policy.poll_seconds,
+            "poll_seconds": settings.poll_seconds,
+            "generation": str(request.app[EVENTS].generation(req.group)),
+            "settings": settings.to_dict(),
         }
     )
 

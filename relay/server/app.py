@@ -7,6 +7,7 @@ from aiohttp import web
 from relay.config import Config
 from relay.metrics import RelayMetrics
 from relay.server.compose import components
+from relay.server.events import answer_held
 from relay.server.routes import add_routes
 from relay.server.state import CONFIG, METRICS
 
@@ -22,5 +23,6 @@ def make_app(config: Config, *, metrics: RelayMetrics | None = None) -> web.Appl
     app[CONFIG] = config
     app[METRICS] = metrics or RelayMetrics()
     app.cleanup_ctx.append(components)
+    app.on_shutdown.append(answer_held)
     add_routes(app)
     return app

@@ -30,6 +30,7 @@ from relay.config import Config
 from relay.core.model import Target
 from relay.core.policy import Prefetch
 from relay.core.protocol import DeltaFormat
+from relay.core.schedule import GroupSettings
 from relay.core.verify import VerifiedMetadata
 from relay.deltas.engine import DeltaBudget, DeltaEngine
 from relay.deltas.service import DeltaService
@@ -37,6 +38,7 @@ from relay.errors import ConfigError
 from relay.fleet.approvals import PolicyStore, settings_from_config
 from relay.fleet.registry import Registry
 from relay.server.fleet import watch_fleet
+from relay.server.events import EVENTS, EventHub, follow_mirror, follow_upstream
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import CONFIG, METRICS, STATE, RelayState
@@ -168,9 +170,15 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     registry = Registry(kv)
     await registry.load()
     policy = PolicyStore(
-        kv, settings_from_config(config.policy), replica=config.policy.mode == "replica"
+        kv,
+        settings_from_config(config.policy),
+        replica=config.policy.mode == "replica",
+        group_defaults=GroupSettings(poll_seconds=config.policy.poll_seconds),
     )
     await policy.load()
+    hub = EventHub(policy, hold=config.events.hold, splay=config.events.splay)
+    app[EVENTS] = hub
+    metrics.bind(metrics.events_held, lambda: float(hub.waiting))
 
     # -- the cache and the deltas, with the pin policy between them
     pins = PinPolicy(policy=policy, registry=registry, keep_versions=config.store.keep_versions)
@@ -241,10 +249,21 @@ async def components(app: web.Application) -> AsyncIterator[None]:
 
     track(mirror.current)
     mirror.listeners.append(after_sync)
+    follow_mirror(hub, mirror)
 
     # -- background work: loops supervised (restarted with back-off, shown in /readyz)
     bg = state.background
     bg.supervise("sync", partial(mirror.run_sync_loop, config.sync.interval, config.sync.jitter))
+    bg.supervise(
+        "upstream-events",
+        partial(
+            follow_upstream,
+            upstream,
+            mirror,
+            hold=config.events.hold,
+            fallback=config.sync.interval,
+        ),
+    )
     if config.store.scrub_interval:
         bg.supervise("scrub", partial(mirror.run_scrub_loop, config.store.scrub_interval))
     if policy.replica:
@@ -265,6 +284,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        hub.close()
         await bg.close()
         await deltas.close()
         await mirror.close()

@@ -1,4 +1,4 @@
-"""Replica mode: approvals and settings come from the parent relay (WSUS's replica).
+"""Replica mode: approvals, settings and group agent settings come from the parent relay.
 
 A replica polls the parent's ``GET /v1/admin/policy`` with the token in
 ``policy.parent_token_file`` and applies it whole; local admin writes answer 409.
@@ -15,7 +15,7 @@ from relay.cache.upstream import Upstream
 from relay.config import Config
 from relay.core.policy import PolicyState, Settings
 from relay.errors import RelayError
-from relay.fleet.approvals import PolicyStore
+from relay.fleet.approvals import PolicyStore, groups_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +43,21 @@ async def pull_parent_policy(config: Config, parent: Upstream, policy: PolicySto
         data = json.loads(raw)
         new_state = PolicyState.from_dict(data["state"])
         new_settings = Settings.from_dict(data["settings"], base=policy.defaults)
-    except (RelayError, ValueError, KeyError, TypeError, RecursionError) as e:
+        new_groups = groups_from_dict(data.get("groups", {}), policy.group_defaults)
+    except (RelayError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         logger.warning("parent policy from %s unusable: %s", config.policy.parent_url, e)
         return False
-    if new_state == policy.state and new_settings == policy.settings:
-        return False
-    await policy.update(
-        state=new_state,
-        settings=new_settings,
-        local=False,
-        audit={"action": "replica-update", "from": config.policy.parent_url},
-    )
-    return True
+    audit = {"action": "replica-update", "from": config.policy.parent_url}
+    changed = new_state != policy.state or new_settings != policy.settings
+    if changed:
+        await policy.update(state=new_state, settings=new_settings, local=False, audit=audit)
+    for group, settings in sorted(new_groups.items()):
+        if policy.group_settings(group) != settings:
+            await policy.set_group_settings(
+                group, settings, local=False, audit={**audit, "group": group}
+            )
+            changed = True
+    return changed
 
 
 async def follow_parent(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from relay.server import admin, agents, blobs, metadata, ops, ui
+from relay.server import admin, agents, blobs, events, metadata, ops, ui
 from relay.server.http import COUNTS, counted
 from relay.server.metadata import METADATA_HEADERS, MetadataHeaders
 from relay.server.state import METRICS
@@ -25,6 +25,7 @@ def add_routes(app: web.Application) -> None:
         ("/healthz", ops.healthz, "healthz"),
         ("/readyz", ops.readyz, "readyz"),
         ("/metrics", ops.metrics_handler, "metrics"),
+        ("/v1/events", events.events, "events"),
     ):
         app.router.add_get(path, counted(name, handler), name=name)
     app.router.add_post("/v1/checkin", counted("checkin", agents.checkin), name="checkin")
