@@ -32,6 +32,7 @@ ON_DEMAND_2 = LastOffer(Action.INSTALL, "2.0.0", mode=RolloutMode.ON_DEMAND, dea
 PAST_DEMAND_2 = LastOffer(Action.INSTALL, "2.0.0", mode=RolloutMode.FORCED, deadline=EARLIER)
 ROLLBACK_1 = LastOffer(Action.ROLLBACK, "1.0.0")
 NOTHING = LastOffer(Action.NONE)
+UNINSTALL_1 = LastOffer(Action.UNINSTALL, "1.0.0")
 
 
 def failed(to_version="2.0.0", reason="install_failed", message="exit 3"):
@@ -90,6 +91,9 @@ def failed(to_version="2.0.0", reason="install_failed", message="exit 3"):
             "downloaded",
         ),
         ("2.0.0", ROLLBACK_1, None, 0, FleetState.PENDING, "rollback 1.0.0"),
+        # a declined version with nothing to move to: uninstall it
+        ("1.0.0", UNINSTALL_1, None, 0, FleetState.PENDING, "uninstall 1.0.0"),
+        (None, UNINSTALL_1, {"event": "uninstalled"}, 0, FleetState.UP_TO_DATE, "uninstalled"),
     ],
 )
 def test_state_rules(installed, offer, event, defer, state, reason):
@@ -130,6 +134,19 @@ def test_record_keeps_newest_events_bounded_and_installed_versions_follow_report
     assert record.installed == [{"product": "app", "version": "2.0.0", "sha256": INSTALL_2.sha256}]
     (row,) = record.rows(NOW)
     assert row.state is FleetState.UP_TO_DATE and row.installed_version == "2.0.0"
+
+
+def test_an_uninstalled_report_removes_the_version():
+    record = AgentRecord(
+        "a1", installed=[{"product": "app", "version": "1.0.0", "sha256": "0" * 64}]
+    )
+    record.offered["app"] = UNINSTALL_1.to_dict()
+    (row,) = record.rows(NOW)
+    assert row.state is FleetState.PENDING
+    record.add_event(event("app", "uninstalled", to_version=""))
+    assert record.installed == []
+    (row,) = record.rows(NOW)
+    assert (row.state, row.installed_version) == (FleetState.UP_TO_DATE, "")
 
 
 def test_agent_level_failure_is_a_row_while_it_is_the_newest_event():

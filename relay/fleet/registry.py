@@ -81,8 +81,7 @@ class AgentRecord:
             return None
 
     def add_event(self, event: ReportEvent) -> None:
-        """Record one report event: newest first, bounded; ``installed`` and ``uninstalled``
-        update versions."""
+        """Record one report event: newest first, bounded; it updates the versions installed."""
         data = event.to_dict()
         self.events.insert(0, data)
         del self.events[EVENTS_KEPT:]

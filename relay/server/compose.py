@@ -37,8 +37,8 @@ from relay.deltas.service import DeltaService
 from relay.errors import ConfigError
 from relay.fleet.approvals import PolicyStore, settings_from_config
 from relay.fleet.registry import Registry
-from relay.server.fleet import watch_fleet
 from relay.server.events import EVENTS, EventHub, follow_mirror, follow_upstream
+from relay.server.fleet import watch_fleet
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import CONFIG, METRICS, STATE, RelayState
