@@ -146,4 +146,4 @@ async def test_new_content_reaches_every_agent_through_two_relays(tmp_path):
             if proc.returncode is None:
                 proc.terminate()
         for proc in procs:
-            await proc.wait()
+            await proc.communicate()  # reads and closes the relays' stderr pipes too

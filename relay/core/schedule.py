@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from relay.core.model import Kind
 from relay.core.protocol import is_group
@@ -137,15 +137,7 @@ class GroupSettings:
             if key in ("events", "on_new_content", "config_once_a_day"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{key}: expected true or false")
-                flags = {k: getattr(out, k) for k in ("events", "on_new_content")}
-                flags["config_once_a_day"] = out.config_once_a_day
-                flags[key] = value
-                out = replace(
-                    out,
-                    events=flags["events"],
-                    on_new_content=flags["on_new_content"],
-                    config_once_a_day=flags["config_once_a_day"],
-                )
+                out = replace(out, **cast("dict[str, Any]", {key: value}))
             elif key == "poll_seconds":
                 if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                     raise ValueError("poll_seconds: expected a positive number of seconds")
