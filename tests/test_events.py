@@ -10,6 +10,7 @@ import pytest
 
 from relay.cli.main import main
 from relay.core.events import Generation
+from relay.core.schedule import GroupSettings
 from relay.publisher.repository import Repository
 from relay.server.events import EVENTS
 from tests.support import Origin, relay_config, relay_state, settle, start_relay, write_root
@@ -220,3 +221,26 @@ async def test_held_requests_are_answered_when_the_relay_stops(relay):
         await relay.close()  # runs on_shutdown before waiting for handlers
         assert await waiting == (204, None)
     assert hub.waiting == 0
+
+
+async def test_keys_an_admin_did_not_set_follow_the_configured_defaults(relay):
+    policy = relay_state(relay).policy
+    async with aiohttp.ClientSession() as s:
+        pilot_since = (await checkin(s, relay, "p1", "pilot"))["generation"]
+        status, _ = await put_group(s, relay, "pilot", {"events": False})
+        assert status == 200
+        pilot_since = (await checkin(s, relay, "p1", "pilot"))["generation"]
+        waiting = asyncio.create_task(events(s, relay, "p1", pilot_since))
+        await held(relay, 1)
+        # The configuration is re-read with another poll interval: every group follows it
+        # (the key was never set for them), and their agents are told at once.
+        assert policy.set_group_defaults(GroupSettings(poll_seconds=900))
+        status, body = await waiting
+        assert (status, body["reasons"]) == (200, ["settings"])
+        answer = await checkin(s, relay, "p1", "pilot")
+        assert (answer["settings"]["poll_seconds"], answer["settings"]["events"]) == (900, False)
+        status, _ = await put_group(s, relay, "pilot", {"poll_seconds": 60})
+        assert not policy.set_group_defaults(GroupSettings(poll_seconds=900))  # unchanged
+        policy.set_group_defaults(GroupSettings(poll_seconds=1200))
+        assert policy.group_settings("pilot").poll_seconds == 60  # set by the admin: kept
+        assert policy.group_settings("default").poll_seconds == 1200

@@ -58,7 +58,9 @@ class PolicyStore:
         self.version = 0  # bumped on every change (cheap change detection)
         self._saved_settings = False  # settings came from the admin API or a parent
         self.group_defaults = group_defaults or GroupSettings()
-        self.groups: dict[str, GroupSettings] = {}  # agent settings set per group
+        # The agent settings an administrator set per group (JSON form, only the keys
+        # set): the other keys follow the defaults, which follow the configuration.
+        self.groups: dict[str, dict[str, Any]] = {}
         self.listeners: list[Callable[[], None]] = []  # called after every change
 
     async def load(self) -> None:
@@ -72,7 +74,7 @@ class PolicyStore:
             self._saved_settings = True
         raw_groups = await self._kv.get(_GROUPS)
         if isinstance(raw_groups, dict):
-            self.groups = groups_from_dict(raw_groups, self.group_defaults)
+            self.groups = group_overrides(raw_groups, self.group_defaults)
 
     def set_defaults(self, defaults: Settings) -> bool:
         """Replace the configured defaults (the configuration was re-read).
@@ -138,32 +140,59 @@ class PolicyStore:
             listener()
 
     def group_settings(self, group: str) -> GroupSettings:
-        """The agent settings of ``group``: its own, else the defaults."""
-        return self.groups.get(group, self.group_defaults)
+        """The agent settings of ``group``: the keys set for it over the defaults."""
+        return GroupSettings.from_dict(self.groups.get(group, {}), self.group_defaults)
+
+    def set_group_defaults(self, defaults: GroupSettings) -> bool:
+        """Replace the defaults of every group's agent settings (the configuration was re-read).
+
+        Returns:
+            Whether they changed (the listeners are then called).
+        """
+        if defaults == self.group_defaults:
+            return False
+        self.group_defaults = defaults
+        self._changed()
+        return True
 
     async def set_group_settings(
         self,
         group: str,
-        settings: GroupSettings,
+        changes: Mapping[str, Any],
         *,
         audit: dict[str, Any] | None = None,
         local: bool = True,
-    ) -> None:
-        """Replace the agent settings of ``group``, save them, and record ``audit``.
+        replace: bool = False,
+    ) -> GroupSettings:
+        """Set some agent settings of ``group`` (the others are kept), save them, record ``audit``.
+
+        Args:
+            group: the agent group.
+            changes: keys of the JSON form of :class:`GroupSettings` and their values.
+            audit: the audit entry.
+            local: a change made here (refused on a replica), not copied from a parent.
+            replace: ``changes`` are all the keys set for the group (a replica's copy).
+
+        Returns:
+            The group's settings now.
 
         Raises:
+            ValueError: an unknown or malformed key (the message names it).
             ReplicaReadOnlyError: a local change on a replica.
         """
         if local:
             self.check_writable()
-        groups = {**self.groups, group: settings}
+        merged = dict(changes) if replace else {**self.groups.get(group, {}), **changes}
+        new = GroupSettings.from_dict(merged, self.group_defaults)  # checks every key
+        groups = {**self.groups, group: merged}
         # Saved first, then in effect: a change that cannot be saved changes nothing.
-        await self._kv.set(_GROUPS, {g: s.to_dict() for g, s in sorted(groups.items())})
+        await self._kv.set(_GROUPS, dict(sorted(groups.items())))
         if audit is not None:
             await self._kv.append_log({"at": now_rfc3339(), **audit})
         self.groups = groups
         self.version += 1
         self._changed()
+        return new
 
     async def audit_log(self, limit: int = 1000) -> list[Any]:
         """The newest audit entries, oldest first."""
@@ -174,18 +203,20 @@ class PolicyStore:
         return {
             "state": self.state.to_dict(),
             "settings": self.settings.to_dict(),
-            "groups": {g: s.to_dict() for g, s in sorted(self.groups.items())},
+            "groups": dict(sorted(self.groups.items())),
         }
 
 
-def groups_from_dict(raw: Mapping[str, Any], base: GroupSettings) -> dict[str, GroupSettings]:
-    """The agent settings per group from their JSON form (``export()["groups"]``).
+def group_overrides(raw: Mapping[str, Any], base: GroupSettings) -> dict[str, dict[str, Any]]:
+    """The agent settings set per group, from their JSON form (``export()["groups"]``).
 
     Raises:
-        ValueError: a malformed group's settings (the message names the field).
+        ValueError: a malformed group name or settings (the message names the field).
     """
     out = {}
     for group, value in raw.items():
-        if isinstance(group, str) and isinstance(value, dict):
-            out[group] = GroupSettings.from_dict(value, base)
+        if not isinstance(group, str) or not isinstance(value, dict):
+            raise ValueError(f"groups.{group}: expected an object of settings")
+        GroupSettings.from_dict(value, base)
+        out[group] = dict(value)
     return out

@@ -31,7 +31,6 @@ from relay.core.policy import (
     reset,
 )
 from relay.core.protocol import GROUP_RULE, is_group, now_rfc3339, utc_now
-from relay.core.schedule import GroupSettings
 from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
 from relay.fleet.groups import known_groups
 from relay.server.fleet import csv_response
@@ -282,36 +281,28 @@ async def get_group_settings(request: web.Request) -> web.Response:
 
 
 async def put_group_settings(request: web.Request) -> web.Response:
-    """``PUT /v1/admin/groups/{group}/settings``: change some of a group's agent settings."""
+    """``PUT /v1/admin/groups/{group}/settings``: set some of a group's agent settings."""
     state = _state(request)
     group = _group(request)
-    policy = state.policy
-    new = await parse_body(
-        request, lambda body: _group_settings(body, policy.group_settings(group))
-    )
-    if isinstance(new, web.Response):
-        return new
+    body = await read_json_body(request)
+    if isinstance(body, web.Response):
+        return body
     try:
-        await policy.set_group_settings(
+        new = await state.policy.set_group_settings(
             group,
-            new,
+            body,
             audit={
                 "action": "group-settings",
                 "group": group,
-                "settings": new.to_dict(),
+                "changes": body,
                 "from": request.remote or "",
             },
         )
+    except ValueError as e:
+        return bad_request(str(e))
     except ReplicaReadOnlyError as e:
         return _conflict(str(e))
     return web.json_response(new.to_dict())
-
-
-def _group_settings(body: dict[str, Any], base: GroupSettings) -> GroupSettings:
-    try:
-        return GroupSettings.from_dict(body, base)
-    except ValueError as e:
-        raise BodyError(str(e)) from None
 
 
 async def list_agents(request: web.Request) -> web.Response:

@@ -100,6 +100,7 @@ async def apply_settings(app: web.Application, config: Config) -> None:
     state.config = config
     if state.policy.set_defaults(settings_from_config(config.policy)):
         state.on_policy_change()
+    state.policy.set_group_defaults(GroupSettings(poll_seconds=config.policy.poll_seconds))
 
 
 def _up(health: UpstreamHealth) -> Callable[[], float]:

@@ -15,7 +15,7 @@ from relay.cache.upstream import Upstream
 from relay.config import Config
 from relay.core.policy import PolicyState, Settings
 from relay.errors import RelayError
-from relay.fleet.approvals import PolicyStore, groups_from_dict
+from relay.fleet.approvals import PolicyStore, group_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ async def pull_parent_policy(config: Config, parent: Upstream, policy: PolicySto
         data = json.loads(raw)
         new_state = PolicyState.from_dict(data["state"])
         new_settings = Settings.from_dict(data["settings"], base=policy.defaults)
-        new_groups = groups_from_dict(data.get("groups", {}), policy.group_defaults)
+        new_groups = group_overrides(data.get("groups", {}), policy.group_defaults)
     except (RelayError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         logger.warning("parent policy from %s unusable: %s", config.policy.parent_url, e)
         return False
@@ -51,10 +51,10 @@ async def pull_parent_policy(config: Config, parent: Upstream, policy: PolicySto
     changed = new_state != policy.state or new_settings != policy.settings
     if changed:
         await policy.update(state=new_state, settings=new_settings, local=False, audit=audit)
-    for group, settings in sorted(new_groups.items()):
-        if policy.group_settings(group) != settings:
+    for group, overrides in sorted(new_groups.items()):
+        if policy.groups.get(group) != overrides:
             await policy.set_group_settings(
-                group, settings, local=False, audit={**audit, "group": group}
+                group, overrides, local=False, replace=True, audit={**audit, "group": group}
             )
             changed = True
     return changed
