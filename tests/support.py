@@ -314,3 +314,14 @@ async def start_relay_process(
     proc.kill()
     _, err = await proc.communicate()
     raise AssertionError(f"relay did not become ready: {err.decode()[-2000:]}")
+
+
+def agent_headers(server: Any, agent_id: str) -> dict[str, str]:
+    """``Relay-Agent-Id`` and a valid ``Relay-Agent-Token`` for an in-process relay."""
+    import time
+
+    from relay.core.tokens import issue_token
+    from relay.server.state import AGENT_SECRET
+
+    token = issue_token(server.app[AGENT_SECRET], agent_id, time.time())
+    return {"Relay-Agent-Id": agent_id, "Relay-Agent-Token": token}

@@ -9,7 +9,7 @@ import os
 import aiohttp
 import pytest
 
-from tests.support import Fault, relay_state, released
+from tests.support import Fault, agent_headers, relay_state, released
 
 SIZE = 2 * 1024 * 1024
 BLOB = os.urandom(SIZE)
@@ -30,15 +30,15 @@ async def _relay(serve_relay, repo, **overrides):
 class Download:
     """One client download that records what it received, as it arrives."""
 
-    def __init__(self, session, url, agent):
-        self.session, self.url, self.agent = session, url, agent
+    def __init__(self, session, url, headers):
+        self.session, self.url, self.headers = session, url, headers
         self.received = bytearray()
         self.status = None
         self.error = None
 
     async def run(self):
         try:
-            async with self.session.get(self.url, headers={"Relay-Agent-Id": self.agent}) as r:
+            async with self.session.get(self.url, headers=self.headers) as r:
                 self.status = r.status
                 async for chunk in r.content.iter_any():
                     self.received += chunk
@@ -48,7 +48,7 @@ class Download:
 
 async def _fan_out(relay, n, session):
     url = relay.make_url(relay.blob_path)
-    downloads = [Download(session, url, f"agent-{i}") for i in range(n)]
+    downloads = [Download(session, url, agent_headers(relay, f"agent-{i}")) for i in range(n)]
     tasks = [asyncio.create_task(d.run()) for d in downloads]
     return downloads, tasks
 
@@ -169,7 +169,7 @@ async def test_per_agent_limit_through_the_relay(repo, origin, serve_relay):
 
         async def one(agent):
             async with session.get(
-                relay.make_url(relay.blob_path), headers={"Relay-Agent-Id": agent}
+                relay.make_url(relay.blob_path), headers=agent_headers(relay, agent)
             ) as r:
                 async for chunk in r.content.iter_any():
                     arrivals.append((loop.time(), agent, len(chunk)))

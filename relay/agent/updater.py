@@ -5,7 +5,10 @@ One run (:meth:`Agent.run_once`):
 1. Check in with the first relay that answers (``POST /v1/checkin``), in order.
 2. Refresh TUF metadata through that relay with python-tuf's ``Updater``; its
    metadata directory persists across runs (rollback protection survives
-   restarts); every request carries ``Relay-Agent-Id`` (our own fetcher).
+   restarts); every request carries ``Relay-Agent-Id`` and, once a check-in has
+   answered one, ``Relay-Agent-Token`` (our own fetcher). A relay that answers
+   ``503`` with ``Retry-After`` is asked again after that wait, as long as the
+   waits fit in ``busy_wait``; only then does the request fail.
 3. For each offer to install or roll back: download the delta when one is offered
    and apply it to the verified installed file (declared size checked first, the
    result's sha256 after); otherwise, or if the patch is refused, the full target
@@ -67,6 +70,7 @@ from relay.config import AgentSettings
 from relay.core.model import Channel, Kind, Target
 from relay.core.protocol import (
     AGENT_ID_HEADER,
+    AGENT_TOKEN_HEADER,
     DeltaFormat,
     Event,
     InstalledItem,
@@ -117,6 +121,7 @@ class AgentConfig:
     actions: Mapping[str, str] = field(default_factory=dict)  # action name -> command
     request_timeout: float = 30.0  # seconds (connect, and the longest gap between bytes)
     poll_jitter: float = 60.0  # seconds, at most, added at random to each poll interval
+    busy_wait: float = 300.0  # seconds, at most, one request waits on 503 Retry-After answers
 
     @classmethod
     def from_settings(cls, settings: AgentSettings, **overrides: object) -> AgentConfig:
@@ -155,17 +160,24 @@ class RunSummary:
 
 
 class RelayFetcher(FetcherInterface):
-    """python-tuf fetcher that sends ``Relay-Agent-Id`` on every request.
+    """python-tuf fetcher that sends ``Relay-Agent-Id`` (and its token) on every request.
 
     The agent's own requests (check-in, reports, deltas) go through :meth:`request`
-    too: one pool, one timeout, the same header.
+    too: one pool, one timeout, the same headers, the same patience with a busy relay.
     """
 
-    def __init__(self, agent_id: str, pool: urllib3.PoolManager, timeout: float) -> None:
+    def __init__(
+        self, agent_id: str, pool: urllib3.PoolManager, timeout: float, busy_wait: float = 300.0
+    ) -> None:
         self._headers = {AGENT_ID_HEADER: agent_id}
         self._pool = pool
         self._timeout = urllib3.Timeout(connect=timeout, read=timeout)
         self.connect_timeout = timeout
+        self._busy_wait = busy_wait
+
+    def set_token(self, token: str) -> None:
+        """Send ``token`` as ``Relay-Agent-Token`` from now on (from the last check-in)."""
+        self._headers[AGENT_TOKEN_HEADER] = token
 
     def request(
         self,
@@ -184,21 +196,35 @@ class RelayFetcher(FetcherInterface):
             headers: headers besides ``Relay-Agent-Id``.
             timeout: instead of the agent's request timeout (a long poll).
 
+        A ``503`` with ``Retry-After`` is asked again after that many seconds while
+        the waits fit in ``busy_wait`` (whole seconds, with up to 10 % more at random
+        so a fleet turned away at once does not come back at once).
+
         Returns:
             The response; the caller reads it and releases its connection.
 
         Raises:
             urllib3.exceptions.HTTPError: no connection, or a timeout.
         """
-        return self._pool.request(
-            method,
-            url,
-            body=body,
-            preload_content=False,
-            headers={**self._headers, **(headers or {})},
-            timeout=timeout or self._timeout,
-            retries=False,
-        )
+        waited = 0.0
+        while True:
+            resp = self._pool.request(
+                method,
+                url,
+                body=body,
+                preload_content=False,
+                headers={**self._headers, **(headers or {})},
+                timeout=timeout or self._timeout,
+                retries=False,
+            )
+            wait = retry_after(resp)
+            if wait is None or waited + wait > self._busy_wait:
+                return resp
+            resp.drain_conn()
+            resp.release_conn()
+            logger.info("%s: relay busy (503), asking again in %.0f s", url, wait)
+            time.sleep(wait * (1 + random.random() / 10))
+            waited += wait
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         try:
@@ -228,6 +254,17 @@ class RelayFetcher(FetcherInterface):
             resp.release_conn()
 
 
+def retry_after(resp: urllib3.BaseHTTPResponse) -> float | None:
+    """Seconds to wait before asking again: a ``503`` with ``Retry-After`` in seconds.
+
+    ``None`` for any other answer (the date form is not used by relays).
+    """
+    value = resp.headers.get("Retry-After", "")
+    if resp.status != 503 or not value.strip().isdigit():
+        return None
+    return float(value)
+
+
 class Agent:
     """A reference update agent.
 
@@ -251,7 +288,9 @@ class Agent:
         self._rng = rng or random.Random()
         self._sleep = sleep
         self._pool = urllib3.PoolManager(num_pools=8, maxsize=4)
-        self._http = RelayFetcher(config.agent_id, self._pool, config.request_timeout)
+        self._http = RelayFetcher(
+            config.agent_id, self._pool, config.request_timeout, config.busy_wait
+        )
         config.state_dir.mkdir(parents=True, exist_ok=True)
         config.install_dir.mkdir(parents=True, exist_ok=True)
         self.state = self._load_state()
@@ -348,6 +387,8 @@ class Agent:
                 logger.info("relay %s unreachable: %s", relay, e)
                 continue
             if status == 200 and isinstance(data, dict) and isinstance(data.get("offers"), list):
+                if isinstance(token := data.get("agent_token"), str):
+                    self._http.set_token(token)
                 self.state["relay_answer"] = {
                     "relays": [r for r in data.get("relays", []) if isinstance(r, str)],
                     "origin": data.get("origin"),

@@ -25,6 +25,10 @@ from relay.errors import BodyError
 AGENT_ID_HEADER = "Relay-Agent-Id"
 """The header an agent sends on every request (its own id, as in its check-in)."""
 
+AGENT_TOKEN_HEADER = "Relay-Agent-Token"  # noqa: S105 - a header name
+"""The header beside :data:`AGENT_ID_HEADER` carrying the token of the last check-in
+(:mod:`relay.core.tokens`); without a valid one a request counts as its client address."""
+
 DEFAULT_GROUP = "default"
 """The group of an agent that names none."""
 
@@ -99,6 +103,33 @@ class Event(StrEnum):
     INSTALLED = "installed"
     UNINSTALLED = "uninstalled"
     FAILED = "failed"
+
+
+REPORT_REASONS = frozenset(
+    {
+        "",
+        "metadata_rejected",
+        "metadata_unavailable",
+        "origin_unreachable",
+        "offer_mismatch",
+        "delta_rejected",
+        "download_failed",
+        "install_failed",
+        "install_timeout",
+        "action_failed",
+        "action_timeout",
+    }
+)
+"""Reasons the reference agent reports; metrics count any other text as ``other``."""
+
+
+def reason_label(reason: str) -> str:
+    """``reason`` when it is one of :data:`REPORT_REASONS`, else ``"other"``.
+
+    Metric labels must stay a bounded set whatever agents send; the full text stays
+    in the agent's history.
+    """
+    return reason if reason in REPORT_REASONS else "other"
 
 
 class Via(StrEnum):

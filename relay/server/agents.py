@@ -6,27 +6,42 @@ Rules:
   validated by the pure parsers of :mod:`relay.core.protocol`; a bad body is
   ``400`` with ``{"error": ...}`` naming the field.
 * A check-in asks the policy for offers, adds delta URLs where a patch from the
-  agent's installed version exists, and records the agent in the registry with
+  agent's installed version exists, records the agent in the registry with
   what it was offered per product (a product it neither has nor is offered is
-  not recorded).
-* A report updates the registry (recent events, installed versions) with one
-  record write.
+  not recorded), and answers an ``agent_token`` (:mod:`relay.core.tokens`) the
+  agent sends back as ``Relay-Agent-Token``. A check-in whose valid token names
+  another id is 403.
+* Reports come only from agents that checked in: with a valid token for the id
+  they name, or, without one, from the address that id last checked in from
+  (else 403; a report never creates a record). A report updates the registry
+  (recent events, installed versions) with one record write. Reasons outside the
+  known set count as ``other`` in metrics; the text stays in the agent's record.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 
 from aiohttp import web
 
 from relay.core.fleet import LastOffer
 from relay.core.policy import Action, AgentView, Offer
 from relay.core.policy import offers as policy_offers
-from relay.core.protocol import Event, parse_checkin, parse_reports, rfc3339, utc_now
+from relay.core.protocol import (
+    AGENT_TOKEN_HEADER,
+    Event,
+    parse_checkin,
+    parse_reports,
+    reason_label,
+    rfc3339,
+    utc_now,
+)
+from relay.core.tokens import issue_token
 from relay.server.events import EVENTS
-from relay.server.http import parse_body
-from relay.server.state import STATE
+from relay.server.http import parse_body, verified_agent
+from relay.server.state import AGENT_SECRET, STATE
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +80,9 @@ async def checkin(request: web.Request) -> web.StreamResponse:
     )
     if isinstance(req, web.Response):
         return req
+    proven = verified_agent(request)
+    if proven is not None and proven != req.agent_id:
+        return _forbidden(f"agent_id: the token is for {proven}, not {req.agent_id}")
     current = state.mirror.current
     if current is None:
         return web.json_response(
@@ -144,8 +162,13 @@ async def checkin(request: web.Request) -> web.StreamResponse:
             "poll_seconds": settings.poll_seconds,
             "generation": str(request.app[EVENTS].generation(req.group)),
             "settings": settings.to_dict(),
+            "agent_token": issue_token(request.app[AGENT_SECRET], req.agent_id, time.time()),
         }
     )
+
+
+def _forbidden(message: str) -> web.Response:
+    return web.json_response({"error": message}, status=403)
 
 
 async def reports(request: web.Request) -> web.StreamResponse:
@@ -155,18 +178,26 @@ async def reports(request: web.Request) -> web.StreamResponse:
     if isinstance(parsed, web.Response):
         return parsed
     agent_id, events = parsed
+    known = state.registry.get(agent_id)
+    if known is None:
+        return _forbidden(f"agent_id: {agent_id} has not checked in with this relay")
+    if verified_agent(request) != agent_id and known.address != (request.remote or ""):
+        return _forbidden(f"agent_id: no valid {AGENT_TOKEN_HEADER} for {agent_id}")
     record = state.registry.report(agent_id, events, address=request.remote or "")
+    failed = [e for e in events if e.event is Event.FAILED]
     for event in events:
-        state.metrics.agent_event(event.event, event.reason)
-        if event.event is Event.FAILED:
-            logger.warning(
-                "agent %s: %s %s -> %s failed (%s): %s",
-                agent_id,
-                event.product,
-                event.from_version,
-                event.to_version,
-                event.reason,
-                event.message,
-            )
+        state.metrics.agent_event(event.event, reason_label(event.reason))
+    if failed:  # one line per report, whatever it holds
+        first = failed[0]
+        logger.warning(
+            "agent %s: %s %s -> %s failed (%s): %s%s",
+            agent_id,
+            first.product,
+            first.from_version,
+            first.to_version,
+            first.reason,
+            first.message,
+            f" (and {len(failed) - 1} more failures)" if len(failed) > 1 else "",
+        )
     await state.registry.save(record)
     return web.json_response({"accepted": len(events)}, status=202)

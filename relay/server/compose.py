@@ -31,6 +31,7 @@ from relay.core.model import Target
 from relay.core.policy import Prefetch
 from relay.core.protocol import DeltaFormat
 from relay.core.schedule import GroupSettings
+from relay.core.tokens import SECRET_BYTES
 from relay.core.verify import VerifiedMetadata
 from relay.deltas.engine import DeltaBudget, DeltaEngine
 from relay.deltas.service import DeltaService
@@ -41,8 +42,9 @@ from relay.server.events import EVENTS, EventHub, follow_mirror, follow_upstream
 from relay.server.fleet import watch_fleet
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
-from relay.server.state import CONFIG, METRICS, STATE, RelayState
+from relay.server.state import AGENT_SECRET, CONFIG, METRICS, STATE, RelayState
 from relay.storage.kv import KV
+from relay.storage.secret import load_or_create_secret
 from relay.transfer.bandwidth import (
     BandwidthLimiter,
     LiveSchedule,
@@ -53,6 +55,9 @@ from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
 
 logger = logging.getLogger(__name__)
+
+AGENT_SECRET_FILE = "agent-token.key"  # noqa: S105 - a file name
+"""The key of agent tokens, in the data directory (mode 0600, made at first start)."""
 
 
 def read_trusted_root(config: Config) -> bytes:
@@ -227,6 +232,9 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     )
     app[STATE] = state
     state.admin_token = await asyncio.to_thread(config.admin_token)  # may read a file
+    app[AGENT_SECRET] = await asyncio.to_thread(
+        load_or_create_secret, config.relay.data_dir / AGENT_SECRET_FILE, SECRET_BYTES
+    )
     metrics.bind(metrics.active_transfers, lambda: float(state.gate.active))
     watch_fleet(state)
     metrics.cache_max_bytes.set(config.store.max_bytes)

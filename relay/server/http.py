@@ -13,16 +13,23 @@ Rules:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from relay.core.protocol import AGENT_ID_HEADER, is_agent_id, parse_json_object
+from relay.core.protocol import (
+    AGENT_ID_HEADER,
+    AGENT_TOKEN_HEADER,
+    is_agent_id,
+    parse_json_object,
+)
 from relay.core.rfc9110 import Decision, decide
+from relay.core.tokens import verify_token
 from relay.errors import BodyError, StateUnavailableError
 from relay.metrics import RelayMetrics
-from relay.server.state import METRICS
+from relay.server.state import AGENT_SECRET, METRICS
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +40,28 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COUNTS = web.AppKey("request_counts", dict[tuple[str, ...], float])
 
 
+def verified_agent(request: web.Request) -> str | None:
+    """The ``Relay-Agent-Id`` of ``request`` when its ``Relay-Agent-Token`` proves it."""
+    agent_id = request.headers.get(AGENT_ID_HEADER)
+    token = request.headers.get(AGENT_TOKEN_HEADER)
+    if agent_id is None or token is None or not is_agent_id(agent_id):
+        return None
+    secret = request.app.get(AGENT_SECRET)
+    if not secret or not verify_token(secret, agent_id, token, time.time()):
+        return None
+    return agent_id
+
+
 def agent_key(request: web.Request) -> str:
-    """The agent a request counts against: its ``Relay-Agent-Id``, else its address."""
-    header = request.headers.get(AGENT_ID_HEADER)
-    if header is not None and is_agent_id(header):
-        return header
-    return request.remote or "unknown"
+    """What a request counts against: its proven agent id, else its client address.
+
+    ``agent:<id>`` when the ``Relay-Agent-Token`` proves the id, else
+    ``addr:<client address>``: an id anyone can type is worth no more than its address.
+    """
+    agent_id = verified_agent(request)
+    if agent_id is not None:
+        return f"agent:{agent_id}"
+    return f"addr:{request.remote or 'unknown'}"
 
 
 def bad_request(message: str) -> web.Response:

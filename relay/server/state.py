@@ -170,3 +170,5 @@ class RelayState:
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", RelayMetrics)
 STATE = web.AppKey("state", RelayState)
+AGENT_SECRET = web.AppKey("agent_secret", bytes)
+"""The key of agent tokens (:mod:`relay.core.tokens`), from ``<data_dir>/agent-token.key``."""
