@@ -383,6 +383,38 @@ class LimitsSettings:
     schedule: tuple[ScheduleEntry, ...] = setting(
         _schedule, "time-of-day rates (array of tables)", default=()
     )
+    max_connections: int = setting(
+        integer(0),
+        "integer: open client connections (at most 3/4 of the open-file limit); 0 = that bound",
+        default=10_000,
+    )
+    header_timeout: float = setting(
+        _duration(positive=True),
+        "duration from a request's first byte to the end of its headers (else 408)",
+        default=10.0,
+    )
+    idle_timeout: float = setting(
+        _duration(positive=True),
+        "duration a keep-alive connection may wait for its next request",
+        default=30.0,
+    )
+    max_request_head: int = setting(
+        _size(1024),
+        "size of a request line and all its headers together (else 431)",
+        default=32 * 1024,
+    )
+    max_header_size: int = setting(
+        _size(256), "size of the request line or of one header (else 400/431)", default=8190
+    )
+    max_headers: int = setting(
+        integer(8), "integer >= 8: headers in one request (else 431)", default=64
+    )
+    min_send_rate: int = setting(
+        _rate, "rate a client must take while a response waits for it; 0 = off", default=1024
+    )
+    slow_send_window: float = setting(
+        _duration(positive=True), "duration over which min_send_rate is measured", default=60.0
+    )
 
 
 @dataclass(frozen=True, slots=True)

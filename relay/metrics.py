@@ -17,15 +17,17 @@ Questions and their metrics:
 * Is the relay current? ``relay_sync_*``, ``relay_seconds_since_last_sync``,
   ``relay_timestamp_expiry_seconds``.
 * Is it overloaded? ``relay_active_transfers``, ``relay_rejected_total{reason}``,
-  ``relay_throttled_seconds_total{limiter}``.
+  ``relay_throttled_seconds_total{limiter}``, ``relay_connections``,
+  ``relay_connections_closed_total{reason}``, ``relay_accept_errors_total``.
 * Which agents fail and why? ``relay_agent_events_total{event,reason}``,
   ``relay_agents_by_state{state}``, ``relay_agents_by_version{product,version}``
   (the admin report and ``/ui/`` name the agents).
 * What runs? ``relay_build_info{version}``, and the standard ``process_*`` and
   ``python_*`` collectors of prometheus-client.
 
-Agent-supplied reasons are free text: the first :data:`MAX_REASONS` distinct
-values get their own label value, later ones count as ``other``. Versions in
+Agent-supplied reasons outside the reference agent's set count as ``other``
+(:func:`relay.core.protocol.reason_label`); beyond that, the first
+:data:`MAX_REASONS` distinct values get their own label value. Versions in
 ``relay_agents_by_version`` are those of the verified metadata (signed, so
 bounded); any other version an agent reports counts as ``other``.
 """
@@ -200,6 +202,17 @@ class RelayMetrics:
         )
         self.events_held = _gauge(
             r, "relay_events_held", "GET /v1/events requests held, waiting for a change."
+        )
+        self.connections = _gauge(r, "relay_connections", "Open client connections.")
+        self.connections_closed = _counter(
+            r,
+            "relay_connections_closed",
+            "Client connections refused or closed by a limit, by reason (over_capacity, "
+            "evicted, header_timeout, head_too_large, slow_reader).",
+            "reason",
+        )
+        self.accept_errors = _counter(
+            r, "relay_accept_errors", "Connections not accepted for lack of file descriptors."
         )
         self.throttled_seconds = _counter(
             r,

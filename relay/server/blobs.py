@@ -13,8 +13,8 @@
    chunks (throttled), or the growing fill's bytes as they arrive (followers).
 
 ``GET /deltas/{from}/{to}`` is the same path over the relay-made patches; a 404
-means "fetch the full target" and asks the delta service to make the patch
-for next time (never awaited by the request).
+means "fetch the full target". It never starts work: patches are computed after
+a sync, and for the pairs check-ins offer (any client may ask for any pair here).
 
 Rules:
 
@@ -199,8 +199,6 @@ async def delta(request: web.Request) -> web.StreamResponse:
     # 2. open
     patch = deltas.lookup(src, dst, formats_from_accept(request.headers.get("Accept")))
     if patch is None:
-        if state.config.delta.enabled:
-            deltas.request(src, dst)  # compute it for next time; never wait for it here
         raise web.HTTPNotFound(text="no delta for this pair: fetch the full target\n")
     # 3. decide
     etag = f'"delta-{src[:16]}-{dst[:16]}-{patch.format}"'

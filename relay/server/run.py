@@ -60,6 +60,7 @@ from relay.errors import ConfigError, DataDirLockedError, MetadataRejectedError,
 from relay.server.app import make_app
 from relay.server.blobs import BODY_BYTES
 from relay.server.compose import apply_settings
+from relay.server.connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from relay.server.state import STATE
 from relay.storage.fsio import ensure_directory
 
@@ -582,16 +583,19 @@ class Service:
 
     async def _serve(self, sockets: list[socket.socket], ready: asyncio.Event | None) -> None:
         app = self.app = make_app(self.config)
+        limits = ConnectionLimits.from_config(self.config)
+        guard = ConnectionGuard(app, limits)
         runner = web.AppRunner(
             app,
             access_log_class=AccessLogger,
             access_log=logging.getLogger(ACCESS_LOGGER) if self.config.relay.access_log else None,
             handle_signals=False,
+            **limits.handler_args(),
         )
         try:
             await runner.setup()
             for sock in sockets:
-                await web.SockSite(runner, sock).start()
+                await GuardedSite(runner, sock, guard).start()
             for sock in sockets:
                 host, port = sock.getsockname()[:2]
                 shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
