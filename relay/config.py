@@ -433,6 +433,11 @@ class DeltaSettings:
         integer(0, 64), "integer 0..64: older versions diffed against each new one", default=3
     )
     workers: int = setting(integer(1, 64), "integer 1..64: diff processes", default=1)
+    max_queued: int = setting(
+        integer(1, 100_000),
+        "integer >= 1: pairs check-ins may queue for diffing at once (more are dropped)",
+        default=32,
+    )
     max_memory: int = setting(
         _size(), "size: a diff estimated to need more is skipped", default=2 * 1024**3
     )

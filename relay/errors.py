@@ -201,6 +201,23 @@ class StoreFullError(StoreError):
         super().__init__(f"store full: need {needed} bytes, {available} can be freed")
 
 
+class TargetBackoffError(StoreError):
+    """The upstream's copy of a target failed verification recently.
+
+    It is not fetched again until the backoff ends (answer 503 with ``Retry-After``).
+
+    Attributes:
+        retry_after: seconds until the next fetch may start.
+    """
+
+    def __init__(self, path: str, retry_after: float, reason: str) -> None:
+        self.retry_after = retry_after
+        super().__init__(
+            f"{path}: the upstream's copy failed verification ({reason}); "
+            f"not fetched again for {retry_after:.0f} s"
+        )
+
+
 class NotInMetadataError(StoreError):
     """The requested path is not in the verified metadata (so it is a 404)."""
 

@@ -204,6 +204,18 @@ class RelayMetrics:
             r, "relay_events_held", "GET /v1/events requests held, waiting for a change."
         )
         self.connections = _gauge(r, "relay_connections", "Open client connections.")
+        self.admin_signin_failures = _counter(
+            r,
+            "relay_admin_signin_failures",
+            "Admin requests refused: a missing or wrong token (refused), or an address past "
+            "the failure limit (rate_limited).",
+            "outcome",
+        )
+        self.fill_backoff = _gauge(
+            r,
+            "relay_fill_backoff_targets",
+            "Targets not fetched again for now: their upstream copy failed verification.",
+        )
         self.connections_closed = _counter(
             r,
             "relay_connections_closed",

@@ -120,7 +120,8 @@ async def test_eula_must_be_accepted_before_approval(tmp_path, repo, relay):
     a = make_agent(tmp_path, relay, "a1")
     assert "app 2.0.0" in (await run(a)).installed
     _, audit = await admin(relay, "GET", "/v1/admin/audit")
-    assert [e["action"] for e in audit["audit"]] == ["accept-eula", "set-approved"]
+    actions = [e["action"] for e in audit["audit"]]
+    assert actions == ["refused-approval", "accept-eula", "set-approved"]
 
 
 @pytest.mark.parametrize("token", [None, "wrong"])
@@ -139,7 +140,13 @@ async def test_admin_without_or_with_wrong_token_is_401_and_changes_nothing(rela
         status, _ = await admin(relay, method, path, body, token=token)
         assert status == 401
     assert state.policy.export() == before
-    assert await state.policy.audit_log() == []
+    # Each refusal is recorded (in the background), and nothing else.
+    for _ in range(100):
+        if len(await state.policy.audit_log()) == 3:
+            break
+        await asyncio.sleep(0.02)
+    entries = await state.policy.audit_log()
+    assert [(e["action"], e["from"]) for e in entries] == [("refused-sign-in", "127.0.0.1")] * 3
 
 
 async def test_settings_change_and_bad_body(relay):

@@ -53,9 +53,19 @@ async def _new_version(repo) -> bytes:
 async def test_bad_target_bytes_are_refused_and_not_cached(repo, origin, serve_relay, fault):
     target = repo.targets()[0]
     origin.faults[f"targets/{target.url_path}"] = fault
-    relay = await serve_relay()
+    relay = await serve_relay()  # synced, and its prefetch of the target failed
     state = relay_state(relay)
     assert not state.mirror.store.contains(target.sha256)
+    # The prefetch failed: asking is 503 with Retry-After, and no new download.
+    hits = origin.hits[f"targets/{target.url_path}"]
+    for _ in range(5):
+        async with aiohttp.ClientSession() as s:
+            async with s.get(relay.make_url(f"/targets/{target.url_path}")) as r:
+                assert r.status == 503
+                assert 0 < int(r.headers["Retry-After"]) <= 60
+    assert origin.hits[f"targets/{target.url_path}"] == hits
+    assert "relay_fill_backoff_targets 1.0" in state.metrics.render().decode()
+    assert state.mirror.clear_backoff() == 1
     # A direct request gets a short read (the connection is aborted), never the bad bytes.
     async with aiohttp.ClientSession() as s:
         with pytest.raises(aiohttp.ClientPayloadError):
@@ -63,8 +73,9 @@ async def test_bad_target_bytes_are_refused_and_not_cached(repo, origin, serve_r
                 await r.read()
     assert not state.mirror.store.contains(target.sha256)
     assert list(state.mirror.store.tmp_dir.iterdir()) == []
-    # Once the upstream is honest again, the blob is fetched and verified.
+    # Once the upstream is honest again and the backoff forgotten, the blob is fetched.
     del origin.faults[f"targets/{target.url_path}"]
+    state.mirror.clear_backoff()
     status, body = await _get(relay, f"/targets/{target.url_path}")
     assert status == 200
     assert hashlib.sha256(body).hexdigest() == target.sha256

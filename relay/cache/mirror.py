@@ -14,6 +14,12 @@ Rules:
   either the stored file or the running :class:`relay.cache.store.Fill`. A fill runs as
   a task of its own; a requester that disconnects does not cancel it.
 * A target is served only if the verified metadata names its path and sha256.
+* A target whose upstream bytes failed verification (hash or length) is not fetched
+  again for a backoff (:data:`BACKOFF_FIRST`, doubling up to :data:`BACKOFF_MAX`,
+  forgotten once a fill of it succeeds or by :meth:`Mirror.clear_backoff`):
+  meanwhile :meth:`Mirror.open_blob` raises :class:`relay.errors.TargetBackoffError`
+  (the server answers 503 with ``Retry-After``), so clients asking again cannot make
+  the relay download the same bad bytes again and again.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from relay.errors import (
     RelayError,
     StoreError,
     StoreFullError,
+    TargetBackoffError,
     TransportError,
     UpstreamContentError,
     UpstreamHTTPError,
@@ -59,6 +66,11 @@ from relay.metrics import RelayMetrics
 from relay.storage.fsio import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 60.0
+"""Seconds a target whose upstream copy failed verification is not fetched again."""
+BACKOFF_MAX = 3600.0
+"""The longest such backoff (it doubles at each new failure)."""
 
 _STATE_FILE = "state.json"
 _KEEP_GENERATIONS = 3
@@ -276,6 +288,11 @@ class Mirror:
         self._served: dict[str, bytes] = {}
         self._generations: list[set[str]] = []
         self._starting: SingleFlight[str, Fill] = SingleFlight()
+        # sha256 -> (monotonic time the backoff ends, its length, the reason)
+        self._backoff: dict[str, tuple[float, float, str]] = {}
+        self.backoff_first = BACKOFF_FIRST
+        self.backoff_max = BACKOFF_MAX
+        metrics.bind(metrics.fill_backoff, lambda: float(len(self._backoff)))
         self._tasks: set[asyncio.Task[object]] = set()
         self._sync_lock = asyncio.Lock()
         self._older_roots_tried = False
@@ -515,6 +532,10 @@ class Mirror:
         fill = self.store.fill_in_progress(sha)
         if fill is not None:
             return fill
+        if (backoff := self._backoff.get(sha)) is not None:
+            left = backoff[0] - time.monotonic()
+            if left > 0:
+                raise TargetBackoffError(target.path, left, backoff[2])
         fill, started = await self._starting.run(
             sha, lambda: self.store.begin_fill(sha, target.length)
         )
@@ -545,6 +566,7 @@ class Mirror:
         except UpstreamContentError as e:
             if base:
                 self.upstream.mark_content_error(base, e)
+            self._back_off(target.sha256, type(e).__name__)
             await fill.fail(e)
             self.metrics.fills.labels(type(e).__name__).inc()
             logger.error("fill of %s refused: %s", target.path, e)  # noqa: TRY400 - expected
@@ -563,10 +585,28 @@ class Mirror:
             await fill.fail(e)
             self.metrics.fills.labels(type(e).__name__).inc()
             return
+        self._backoff.pop(target.sha256, None)
         self.metrics.fills.labels("ok").inc()
         self.metrics.fill_waiters.observe(fill.followers)
         if fill.followers > 1:
             self.metrics.coalesced_bytes.inc((fill.followers - 1) * target.length)
+
+    def clear_backoff(self) -> int:
+        """Forget every backoff (an operator's sync says the upstream was fixed).
+
+        Returns:
+            How many targets were in backoff.
+        """
+        n = len(self._backoff)
+        self._backoff.clear()
+        return n
+
+    def _back_off(self, sha256: str, reason: str) -> None:
+        previous = self._backoff.get(sha256)
+        length = self.backoff_first
+        if previous is not None:
+            length = min(self.backoff_max, previous[1] * 2)
+        self._backoff[sha256] = (time.monotonic() + length, length, reason)
 
     async def ensure(self, target: Target) -> None:
         """Fetch ``target`` into the store if it is not there; wait until done.

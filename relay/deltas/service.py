@@ -9,8 +9,12 @@ Rules:
   are diffed against up to ``delta.bases`` older versions whose blobs are stored, in
   every configured format. Pairs that were skipped (budget, ratio, timeout) are not
   tried again in this process.
-* A request for a pair not yet computed may start the computation, but never waits
-  for it: the answer is 404 ("fetch the full target").
+* Between syncs, only a check-in asks for a pair (from an agent's installed version
+  to the version it is offered; ``/deltas/`` requests never start work). At most
+  ``max_queued`` pairs wait or run at once; past that a request is dropped and
+  counted (``relay_delta_patches_total{outcome="queue_full"}``); the next check-in
+  asks again. Each pair is tried once per format in a process. Nothing waits for
+  a computation: the answer meanwhile is the full target.
 * A child relay filling a target first asks its parent for a patch from the newest
   older version it holds, through the same :class:`relay.cache.upstream.Upstream`
   as metadata and blobs (throttle, byte counters, timeouts, retries, failover,
@@ -67,6 +71,7 @@ class DeltaService:
         metrics: RelayMetrics,
         formats: Sequence[DeltaFormat],
         bases: int,
+        max_queued: int = 32,
     ) -> None:
         self.directory = directory
         self.engine = engine
@@ -74,6 +79,7 @@ class DeltaService:
         self.metrics = metrics
         self.formats = list(formats)
         self.bases = bases
+        self.max_queued = max_queued
         self._index: dict[tuple[str, str], dict[DeltaFormat, PatchFile]] = {}
         self._tried: set[tuple[str, str, DeltaFormat]] = set()
         self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -157,6 +163,9 @@ class DeltaService:
         if not (self.store.contains(src) and self.store.contains(dst)):
             return
         if all((src, dst, fmt) in self._tried for fmt in self.formats):
+            return
+        if len(self._running) >= self.max_queued:
+            self.metrics.delta_patches.labels("queue_full", "").inc()
             return
         task = asyncio.create_task(self._compute_pair_task(old, new))
         self._running[src, dst] = task

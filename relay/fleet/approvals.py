@@ -194,6 +194,14 @@ class PolicyStore:
         self._changed()
         return new
 
+    async def record(self, audit: dict[str, Any]) -> None:
+        """Append ``audit`` to the audit log (something done or refused, not a change).
+
+        Raises:
+            StateUnavailableError: it could not be saved.
+        """
+        await self._kv.append_log({"at": now_rfc3339(), **audit})
+
     async def audit_log(self, limit: int = 1000) -> list[Any]:
         """The newest audit entries, oldest first."""
         return list(await self._kv.log(limit))

@@ -6,7 +6,12 @@ Rules:
   compared in constant time and never logged. Without a configured token every
   admin route answers 404 (the API is off); a missing or wrong token is 401 and
   changes nothing.
-* Every change goes to the audit log with when, what and from where.
+* Every change goes to the audit log with when, what and from where; so do syncs
+  asked for here and refusals (wrong tokens, changes a replica or a missing EULA
+  acceptance refuses), the wrong tokens within the bounds of
+  :mod:`relay.server.signin`.
+* Failed sign-ins are counted, logged and slowed down per client address
+  (:mod:`relay.server.signin`): past the limit, ``429`` with ``Retry-After``.
 * On a replica, changes answer 409 (the parent decides); reads work.
 """
 
@@ -14,6 +19,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
+import time
 from typing import Any
 
 from aiohttp import web
@@ -31,11 +38,17 @@ from relay.core.policy import (
     reset,
 )
 from relay.core.protocol import GROUP_RULE, is_group, now_rfc3339, utc_now
-from relay.errors import BodyError, EulaNotAcceptedError, ReplicaReadOnlyError
+from relay.errors import (
+    BodyError,
+    EulaNotAcceptedError,
+    ReplicaReadOnlyError,
+    StateUnavailableError,
+)
 from relay.fleet.groups import known_groups
 from relay.server.fleet import csv_response
 from relay.server.http import add_counted, bad_request, parse_body, read_json_body
-from relay.server.state import STATE, RelayState
+from relay.server.signin import SignInGuard
+from relay.server.state import SIGN_INS, STATE, RelayState
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +56,62 @@ logger = logging.getLogger(__name__)
 def _authorised(request: web.Request, token: str) -> None:
     if not token:
         raise web.HTTPNotFound(text="the admin API is off (no admin token configured)\n")
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if not sign_in(request, given.strip() if scheme.lower() == "bearer" else None):
         raise web.HTTPUnauthorized(
             text="missing or wrong bearer token\n", headers={"WWW-Authenticate": "Bearer"}
         )
+
+
+def sign_in(request: web.Request, given: str | None) -> bool:
+    """Check an admin token (API or status page); a failure is counted, logged, audited.
+
+    Returns:
+        Whether ``given`` is the admin token.
+
+    Raises:
+        web.HTTPTooManyRequests: this address failed too often lately (even a right
+            token waits: guessing must not go on).
+    """
+    state = request.app[STATE]
+    guard = request.app[SIGN_INS]
+    who = request.remote or ""
+    now = time.monotonic()
+    if (wait := guard.blocked_for(who, now)) > 0:
+        state.metrics.admin_signin_failures.labels("rate_limited").inc()
+        raise web.HTTPTooManyRequests(
+            text="too many failed sign-ins from this address\n",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    token = state.admin_token
+    if given is not None and token and hmac.compare_digest(given.encode(), token.encode()):
+        return True
+    failures = guard.failed(who, now)
+    state.metrics.admin_signin_failures.labels("refused").inc()
+    logger.warning(
+        "admin: wrong or missing token from %s for %s %s (%d in the last %g s)",
+        who,
+        request.method,
+        request.path,
+        failures,
+        guard.window,
+    )
+    if guard.may_audit(now):
+        _audit(state, {"action": "refused-sign-in", "path": request.path, "from": who})
+    return False
+
+
+async def _record(state: RelayState, entry: dict[str, Any]) -> None:
+    """Record ``entry`` in the audit log (a state store that cannot save it only loses it)."""
+    try:
+        await state.policy.record(entry)
+    except StateUnavailableError as e:
+        logger.warning("audit entry not saved (%s): %s", e, entry)
+
+
+def _audit(state: RelayState, entry: dict[str, Any]) -> None:
+    """Record ``entry`` in the background (from code that cannot wait)."""
+    state.spawn(_record(state, entry), "audit")
 
 
 def _state(request: web.Request) -> RelayState:
@@ -59,7 +120,11 @@ def _state(request: web.Request) -> RelayState:
     return state
 
 
-def _conflict(message: str) -> web.Response:
+async def _conflict(request: web.Request, action: str, message: str) -> web.Response:
+    await _record(
+        request.app[STATE],
+        {"action": f"refused-{action}", "reason": message, "from": request.remote or ""},
+    )
     return web.json_response({"error": message}, status=409)
 
 
@@ -168,6 +233,7 @@ async def change_approval(
             },
         )
     except (ReplicaReadOnlyError, EulaNotAcceptedError) as e:
+        await _record(state, {"action": "refused-approval", "reason": str(e), "from": who})
         return 409, {"error": str(e)}
     _after_change(state)
     return 200, {
@@ -217,7 +283,7 @@ async def accept(request: web.Request) -> web.Response:
             audit={"action": "accept-eula", "path": path, "from": request.remote or ""},
         )
     except ReplicaReadOnlyError as e:
-        return _conflict(str(e))
+        return await _conflict(request, "eula", str(e))
     _after_change(state)
     return web.json_response({"ok": True, "accepted": path})
 
@@ -260,7 +326,7 @@ async def put_settings(request: web.Request) -> web.Response:
             audit={"action": "settings", "changes": body, "from": request.remote or ""},
         )
     except ReplicaReadOnlyError as e:
-        return _conflict(str(e))
+        return await _conflict(request, "settings", str(e))
     _after_change(state)
     return web.json_response(new.to_dict())
 
@@ -366,7 +432,17 @@ async def export_policy(request: web.Request) -> web.Response:
 async def sync_now(request: web.Request) -> web.Response:
     """``POST /v1/admin/sync``: run a sync now (and wait for it)."""
     state = _state(request)
+    cleared = state.mirror.clear_backoff()  # the operator says the upstream is fixed
     result = await state.mirror.sync_once()
+    await _record(
+        state,
+        {
+            "action": "sync",
+            "result": result.value,
+            "backoffs_cleared": cleared,
+            "from": request.remote or "",
+        },
+    )
     return web.json_response({"result": result.value})
 
 
@@ -384,6 +460,7 @@ def _after_change(state: RelayState) -> None:
 
 def add_admin_routes(app: web.Application) -> None:
     """Register ``/v1/admin/…`` (counted as one route, ``admin``)."""
+    app[SIGN_INS] = SignInGuard()
     add_counted(
         app,
         "admin",

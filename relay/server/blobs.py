@@ -44,7 +44,7 @@ from relay.cache.store import Fill, FillRestartedError, FillState
 from relay.core.model import is_sha256
 from relay.core.protocol import MEDIA_TYPES, formats_from_accept
 from relay.core.rfc9110 import Decision, format_http_date
-from relay.errors import StoreError, StoreFullError
+from relay.errors import StoreError, StoreFullError, TargetBackoffError
 from relay.server.http import agent_key, decide_for, unavailable
 from relay.server.state import STATE, RelayState
 from relay.transfer.bandwidth import Pacer
@@ -98,6 +98,9 @@ async def target(request: web.Request) -> web.StreamResponse:
         source = await mirror.open_blob(tgt)
     except StoreFullError:
         return unavailable("store_full", state.config.store.retry_after, state.metrics)
+    except TargetBackoffError as e:
+        logger.info("refused %s: %s", tgt.path, e)
+        return unavailable("upstream_mismatch", e.retry_after, state.metrics)
     except StoreError as e:
         logger.error("cannot serve %s: %s", tgt.path, e)  # noqa: TRY400 - no traceback needed
         return unavailable("store_error", state.config.store.retry_after, state.metrics)

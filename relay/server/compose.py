@@ -200,6 +200,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         formats=[DeltaFormat(f) for f in dcfg.formats],
         bases=dcfg.bases,
+        max_queued=dcfg.max_queued,
     )
     pins.deltas = deltas
     parent_deltas = _ParentDeltas(deltas, upstream) if dcfg.enabled else None

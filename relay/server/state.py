@@ -25,6 +25,7 @@ from relay.fleet.approvals import PolicyStore
 from relay.fleet.registry import Registry
 from relay.metrics import RelayMetrics
 from relay.transfer.bandwidth import BandwidthLimiter, LiveSchedule
+from relay.server.signin import SignInGuard
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
 
@@ -170,5 +171,7 @@ class RelayState:
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", RelayMetrics)
 STATE = web.AppKey("state", RelayState)
+SIGN_INS = web.AppKey("sign_ins", SignInGuard)
+"""Failed admin sign-ins per client address (:mod:`relay.server.signin`)."""
 AGENT_SECRET = web.AppKey("agent_secret", bytes)
 """The key of agent tokens (:mod:`relay.core.tokens`), from ``<data_dir>/agent-token.key``."""
