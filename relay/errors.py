@@ -50,6 +50,13 @@ class StateUnavailableError(RelayError):
     """
 
 
+class StateDamagedError(StateUnavailableError):
+    """The state database was found damaged at start (and said so, once).
+
+    Every write is refused until ``relay state check --repair``.
+    """
+
+
 # --- requests -------------------------------------------------------------
 
 

@@ -213,6 +213,21 @@ def _export_parser(p: argparse.ArgumentParser) -> None:
     )
 
 
+# -- state -----------------------------------------------------------------------
+
+
+def _state_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="state_command", metavar="ACTION", required=True)
+    check = sub.add_parser("check", help="check the state database (SQLite integrity)")
+    check.add_argument("--config", type=Path, help="TOML configuration file")
+    check.add_argument("--data-dir", type=Path, metavar="DIR")
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="move a damaged database aside and start an empty one (stop the relay first)",
+    )
+
+
 # -- agent -----------------------------------------------------------------------
 
 
@@ -282,6 +297,15 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]]
         (
             "Publish three versions of a sample product, serve them through a relay "
             "and update N agents; print what crossed the WAN and what deltas saved."
+        ),
+    ),
+    "state": (
+        _state_parser,
+        "check the state database, or move a damaged one aside",
+        (
+            "Check <data_dir>/state (approvals, settings, agents, audit log): SQLite's "
+            "integrity check, and an empty database where the data directory was used "
+            "before. Exit 1 when damaged; --repair moves it aside and starts an empty one."
         ),
     ),
     "admin": (

@@ -43,7 +43,7 @@ from relay.server.fleet import watch_fleet
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import AGENT_SECRET, CONFIG, METRICS, STATE, RelayState
-from relay.storage.kv import KV
+from relay.storage.kv import KV, shows_earlier_use
 from relay.storage.secret import load_or_create_secret
 from relay.transfer.bandwidth import (
     BandwidthLimiter,
@@ -106,6 +106,13 @@ async def apply_settings(app: web.Application, config: Config) -> None:
     if state.policy.set_defaults(settings_from_config(config.policy)):
         state.on_policy_change()
     state.policy.set_group_defaults(GroupSettings(poll_seconds=config.policy.poll_seconds))
+
+
+def open_state(config: Config) -> KV:
+    """The state database, or a damaged stand-in naming the problem (blocking)."""
+    relay = config.relay
+    used = shows_earlier_use(relay.metadata_dir, relay.blobs_dir)
+    return KV.open(relay.state_dir, used=used)
 
 
 def _up(health: UpstreamHealth) -> Callable[[], float]:
@@ -172,7 +179,13 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         metrics.upstream_up.labels(base).set_function(_up(upstream.health[base]))
 
     # -- the fleet: state store, registry, approvals and settings
-    kv = await asyncio.to_thread(KV, config.relay.state_dir)  # opens SQLite
+    kv = await asyncio.to_thread(open_state, config)  # checks and opens SQLite
+    if kv.damaged:
+        logger.error(
+            "state database %s: serving verified content; approvals, settings and agents "
+            "are unknown and changes are refused (503) until `relay state check --repair`",
+            kv.damaged,
+        )
     registry = Registry(kv)
     await registry.load()
     policy = PolicyStore(

@@ -27,7 +27,7 @@ from relay.core.protocol import (
 )
 from relay.core.rfc9110 import Decision, decide
 from relay.core.tokens import verify_token
-from relay.errors import BodyError, StateUnavailableError
+from relay.errors import BodyError, StateDamagedError, StateUnavailableError
 from relay.metrics import RelayMetrics
 from relay.server.state import AGENT_SECRET, METRICS
 
@@ -69,11 +69,16 @@ def bad_request(message: str) -> web.Response:
     return web.json_response({"error": message}, status=400)
 
 
-def unavailable(reason: str, retry_after: float, metrics: RelayMetrics) -> web.Response:
-    """``503`` with ``Retry-After``, counted by reason."""
+def unavailable(
+    reason: str, retry_after: float, metrics: RelayMetrics, *, detail: str = ""
+) -> web.Response:
+    """``503`` with ``Retry-After``, counted by ``reason`` (a fixed word).
+
+    ``detail`` is added to the error for the client: the problem, in words.
+    """
     metrics.rejected.labels(reason).inc()
     return web.json_response(
-        {"error": f"unavailable: {reason}"},
+        {"error": f"unavailable: {reason}" + (f": {detail}" if detail else "")},
         status=503,
         headers={"Retry-After": str(max(1, int(retry_after)))},
     )
@@ -140,8 +145,11 @@ def counted(name: str, handler: Handler) -> Handler:
         except StateUnavailableError as e:
             # Disk full or an I/O error under the state database: nothing was changed,
             # the client may try again; never a 500.
-            logger.error("%s: %s", name, e)  # noqa: TRY400 - the message says it all
-            resp = unavailable("state_unavailable", STATE_RETRY_AFTER, request.app[METRICS])
+            if not isinstance(e, StateDamagedError):  # that one was said once, at start
+                logger.error("%s: %s", name, e)  # noqa: TRY400 - the message says it all
+            resp = unavailable(
+                "state_unavailable", STATE_RETRY_AFTER, request.app[METRICS], detail=str(e)
+            )
         counts[name, str(resp.status)] += 1
         return resp
 
