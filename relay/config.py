@@ -415,6 +415,16 @@ class LimitsSettings:
     slow_send_window: float = setting(
         _duration(positive=True), "duration over which min_send_rate is measured", default=60.0
     )
+    max_agents: int = setting(
+        integer(1),
+        "integer >= 1: agents in the registry; past it the one seen longest ago is dropped",
+        default=100_000,
+    )
+    agent_expiry: float = setting(
+        _duration(),
+        "duration after which an agent not seen is dropped from the registry; 0 = never",
+        default=90 * 86400.0,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,6 +204,13 @@ class RelayMetrics:
             r, "relay_events_held", "GET /v1/events requests held, waiting for a change."
         )
         self.connections = _gauge(r, "relay_connections", "Open client connections.")
+        self.agents_evicted = _counter(
+            r,
+            "relay_agents_evicted",
+            "Agents dropped from the registry: past limits.max_agents (cap) or not seen "
+            "for limits.agent_expiry (idle).",
+            "reason",
+        )
         self.admin_signin_failures = _counter(
             r,
             "relay_admin_signin_failures",

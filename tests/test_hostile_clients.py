@@ -351,7 +351,7 @@ async def test_report_reason_flood(tmp_path, repo, aiohttp_server):
 
 
 async def test_checkins_from_many_ids(tmp_path, repo, aiohttp_server):
-    async with relay_process(tmp_path, repo, aiohttp_server) as relay:
+    async with relay_process(tmp_path, repo, aiohttp_server, limits__max_agents=1000) as relay:
         rss = await warm(relay)
         many = 3000  # benchmarks/idle_bench.py runs the 50,000
         sem = asyncio.Semaphore(32)
@@ -371,7 +371,9 @@ async def test_checkins_from_many_ids(tmp_path, repo, aiohttp_server):
             await asyncio.sleep(0.5)
             await Agent(relay).served()
             await attack
-        await check_bounds(relay, rss)
+        metrics = await check_bounds(relay, rss)
+        assert metrics["relay_agents"] <= 1000
+        assert metrics['relay_agents_evicted_total{reason="cap"}'] >= many - 1000
 
 
 async def test_delta_requests_for_arbitrary_pairs(tmp_path, repo, aiohttp_server):

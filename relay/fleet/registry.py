@@ -6,6 +6,10 @@ Rules:
   served from memory, writes go through to disk in a thread, one record write
   per check-in or report.
 * An agent is keyed by its ``agent_id`` (the ``Relay-Agent-Id`` it sends).
+* Bounded: at most ``max_agents`` records; a new agent past that evicts the one
+  seen longest ago, and agents not seen for ``idle_expiry`` seconds are dropped
+  (each counted through ``on_evicted`` with ``"cap"`` or ``"idle"``). Records are
+  kept in the order they were last seen, so both cost O(1) per check-in.
 * The registry keeps, per agent, when each (product, version) was first offered:
   on-demand deadlines count from that moment (docs/PROTOCOL.md).
 * It keeps each agent's newest :data:`EVENTS_KEPT` report events (newest first),
@@ -23,7 +27,8 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +39,10 @@ from relay.storage.kv import KV
 _PREFIX = "agent:"
 EVENTS_KEPT = 20
 """Report events kept per agent (the newest)."""
+MAX_AGENTS = 100_000
+"""Agent records kept at most (the default of ``limits.max_agents``)."""
+IDLE_EXPIRY = 90 * 86400.0
+"""Seconds after which an agent not seen is forgotten (``limits.agent_expiry``)."""
 
 
 @dataclass(slots=True)
@@ -152,18 +161,51 @@ class AgentRecord:
 class Registry:
     """Agent records in memory, persisted in the state store."""
 
-    def __init__(self, kv: KV) -> None:
+    def __init__(
+        self, kv: KV, *, max_agents: int = MAX_AGENTS, idle_expiry: float = IDLE_EXPIRY
+    ) -> None:
         self._kv = kv
-        self._agents: dict[str, AgentRecord] = {}
+        self.max_agents = max_agents
+        self.idle_expiry = idle_expiry
+        self.on_evicted: Callable[[str], None] | None = None
+        # Least recently seen first: the next to evict.
+        self._agents: OrderedDict[str, AgentRecord] = OrderedDict()
+        self._evicted: list[str] = []  # ids whose stored records the next save deletes
         # agent id -> (computed at, valid until, rows); dropped on every change
         self._rows: dict[str, tuple[float, float, list[ReportRow]]] = {}
 
     async def load(self) -> None:
-        """Read every record from disk."""
-        for _key, value in await self._kv.items(_PREFIX):
-            if isinstance(value, dict):
-                record = AgentRecord.from_dict(value)
-                self._agents[record.agent_id] = record
+        """Read every record from disk (the newest ``max_agents`` by last seen are kept)."""
+        records = [
+            AgentRecord.from_dict(value)
+            for _key, value in await self._kv.items(_PREFIX)
+            if isinstance(value, dict)
+        ]
+        for record in sorted(records, key=lambda r: r.last_seen):
+            self._agents[record.agent_id] = record
+        self._bound(time.time())
+
+    def _touch(self, record: AgentRecord, now: float) -> None:
+        """``record`` was just seen: it goes last in eviction order; the bounds hold."""
+        self._agents[record.agent_id] = record
+        self._agents.move_to_end(record.agent_id)
+        self._rows.pop(record.agent_id, None)
+        self._bound(now)
+
+    def _bound(self, now: float) -> None:
+        while self._agents:
+            oldest = next(iter(self._agents.values()))
+            if len(self._agents) > self.max_agents:
+                reason = "cap"
+            elif self.idle_expiry and oldest.last_seen < now - self.idle_expiry:
+                reason = "idle"
+            else:
+                return
+            del self._agents[oldest.agent_id]
+            self._rows.pop(oldest.agent_id, None)
+            self._evicted.append(oldest.agent_id)
+            if self.on_evicted is not None:
+                self.on_evicted(reason)
 
     def get(self, agent_id: str) -> AgentRecord | None:
         """The record of ``agent_id``."""
@@ -177,10 +219,19 @@ class Registry:
         return len(self._agents)
 
     async def save(self, record: AgentRecord) -> None:
-        """Persist ``record``."""
-        self._agents[record.agent_id] = record
+        """Persist ``record`` (and forget the stored records of evicted agents).
+
+        Raises:
+            StateUnavailableError: it could not be saved.
+        """
+        if record.agent_id not in self._agents:
+            self._touch(record, time.time())
         self._rows.pop(record.agent_id, None)
         await self._kv.set(_PREFIX + record.agent_id, record.to_dict())
+        while self._evicted:
+            gone = self._evicted.pop()
+            if gone not in self._agents:
+                await self._kv.delete(_PREFIX + gone)
 
     def checkin(
         self,
@@ -200,8 +251,7 @@ class Registry:
         record.last_seen = now
         record.installed = installed
         record.defer_days = defer_days
-        self._agents[agent_id] = record
-        self._rows.pop(agent_id, None)
+        self._touch(record, now)
         return record
 
     def report(
@@ -220,8 +270,7 @@ class Registry:
         for event in events:
             record.add_event(event)
         record.last_seen = now
-        self._agents[agent_id] = record
-        self._rows.pop(agent_id, None)
+        self._touch(record, now)
         return record
 
     def rows(self, now: dt.datetime | None = None) -> list[ReportRow]:

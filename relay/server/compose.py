@@ -186,7 +186,10 @@ async def components(app: web.Application) -> AsyncIterator[None]:
             "are unknown and changes are refused (503) until `relay state check --repair`",
             kv.damaged,
         )
-    registry = Registry(kv)
+    registry = Registry(
+        kv, max_agents=config.limits.max_agents, idle_expiry=config.limits.agent_expiry
+    )
+    registry.on_evicted = lambda reason: metrics.agents_evicted.labels(reason).inc()
     await registry.load()
     policy = PolicyStore(
         kv,

@@ -224,6 +224,10 @@ class KV:
         """Async :meth:`set_sync`."""
         await asyncio.to_thread(self.set_sync, key, value)
 
+    async def delete(self, key: str) -> None:
+        """Async :meth:`delete_sync`."""
+        await asyncio.to_thread(self.delete_sync, key)
+
     async def items(self, prefix: str) -> list[tuple[str, JSON]]:
         """Async :meth:`items_sync`."""
         return await asyncio.to_thread(lambda: list(self.items_sync(prefix)))
