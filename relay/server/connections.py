@@ -356,6 +356,9 @@ class ConnectionGuard:
         self._watchdog: asyncio.Task[None] | None = None
         self._accept_errors = 0
         self._accept_logged = 0.0
+        self._previous_handler: (
+            Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None
+        ) = None
         self.metrics.bind(self.metrics.connections, lambda: float(len(self.connections)))
         app.middlewares.append(self._middleware())
         app.on_startup.append(self._start)
@@ -448,7 +451,7 @@ class ConnectionGuard:
 
     async def _start(self, _app: web.Application) -> None:
         loop = self.loop
-        previous = loop.get_exception_handler()
+        self._previous_handler = previous = loop.get_exception_handler()
         loop.set_exception_handler(self._exception_handler(previous))
         if self.limits.min_send_rate and self.limits.slow_send_window:
             if getattr(socket, "TCP_INFO", None) is None:
@@ -468,6 +471,7 @@ class ConnectionGuard:
         )
 
     async def _stop(self, _app: web.Application) -> None:
+        self.loop.set_exception_handler(self._previous_handler)
         if self._watchdog is not None:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
