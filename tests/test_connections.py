@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
 
 from aiohttp import web
 
 from relay.metrics import RelayMetrics
-from relay.server.connections import ConnectionGuard, ConnectionLimits, GuardedSite, listen_socket
+from relay.server.connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from relay.server.state import METRICS
 
 
@@ -33,7 +34,7 @@ async def test_every_connection_busy_then_a_new_one_gets_503_and_nothing_more():
     guard = ConnectionGuard(app, limits)
     runner = web.AppRunner(app, **limits.handler_args())
     await runner.setup()
-    sock = listen_socket("127.0.0.1", 0)
+    sock = socket.create_server(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     await GuardedSite(runner, sock, guard).start()
     try:

@@ -570,13 +570,3 @@ class GuardedSite(web.SockSite):
             ssl=self._ssl_context,
             backlog=self._backlog,
         )
-
-
-def listen_socket(host: str, port: int, backlog: int = 1024) -> socket.socket:
-    """A bound, listening TCP socket for ``host:port`` (IPv6 when ``host`` has a colon).
-
-    Raises:
-        OSError: the address cannot be bound.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=backlog)

@@ -24,8 +24,8 @@ from relay.deltas.service import DeltaService
 from relay.fleet.approvals import PolicyStore
 from relay.fleet.registry import Registry
 from relay.metrics import RelayMetrics
-from relay.transfer.bandwidth import BandwidthLimiter, LiveSchedule
 from relay.server.signin import SignInGuard
+from relay.transfer.bandwidth import BandwidthLimiter, LiveSchedule
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
 

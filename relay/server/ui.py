@@ -33,7 +33,7 @@ from relay.core.policy import RolloutMode, Status, effective_status, explicit_ap
 from relay.core.protocol import rfc3339, utc_now
 from relay.errors import BodyError
 from relay.fleet.groups import known_groups
-from relay.server.admin import change_approval
+from relay.server.admin import change_approval, sign_in
 from relay.server.fleet import csv_response, parse_filter
 from relay.server.http import add_counted
 from relay.server.state import STATE, RelayState
@@ -276,8 +276,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     sessions = _ui_on(request)
     form = await request.post()
     given = form.get("token")
-    token = request.app[STATE].admin_token
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), token.encode()):
+    if not sign_in(request, given if isinstance(given, str) else None):
         return _login_page("Wrong token.", status=401)
     sessions.close(request.cookies.get(SESSION_COOKIE))
     sid, _session = sessions.open()
