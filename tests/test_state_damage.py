@@ -104,6 +104,11 @@ async def test_damaged_state_serves_refuses_writes_until_repaired(
         status, body = await _approve(port)
         assert status == 503
         assert "state database" in body["error"] and "relay state check --repair" in body["error"]
+        # While the relay runs, --repair refuses (it takes the data directory's lock).
+        code, out = await _cli("--data-dir", str(data), "--repair")
+        assert code != 0, out
+        assert f"PID {proc.pid}" in out, out
+        assert not list(data.glob("state.damaged-*"))
     finally:
         log = await _stop(proc)
     lines = [line for line in log.splitlines() if "state database" in line]

@@ -9,16 +9,19 @@ import time
 
 from relay.cli.exitcodes import ExitCode
 from relay.config import load_config
+from relay.server.run import DataDirLock
 from relay.storage.kv import check_state, repair_state, shows_earlier_use
 
 
 def run(args: argparse.Namespace) -> int:
     """Check ``<data_dir>/state``; with ``--repair``, start an empty one if it is damaged.
 
-    Stop the relay first: the database is moved while nothing uses it.
+    Stop the relay first: ``--repair`` takes the data directory's lock, so it refuses
+    while a relay runs there.
 
     Raises:
         ConfigError: a key of the file, a variable or a flag is invalid.
+        DataDirLockedError: ``--repair`` while a relay uses the data directory.
         OSError: the database cannot be moved or made.
     """
     overrides = {"relay.data_dir": str(args.data_dir)} if args.data_dir else {}
@@ -38,7 +41,12 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return ExitCode.FAILURE
-    aside = repair_state(relay.state_dir, time.time())
+    lock = DataDirLock(relay.data_dir)
+    lock.acquire()  # a running relay holds it: stop it first
+    try:
+        aside = repair_state(relay.state_dir, time.time())
+    finally:
+        lock.release()
     print(
         f"moved the damaged database to {aside} and started an empty one: approvals, "
         "settings, the agent registry and the audit log start over. To keep them instead, "
