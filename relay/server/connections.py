@@ -30,8 +30,9 @@ with a thin one of its own and enforces:
 Every closing is counted in ``relay_connections_closed_total{reason}``; open
 connections in ``relay_connections``.
 
-:class:`GuardedSite` is ``web.SockSite`` with the guard's protocol factory; the rest
-of the runner (shutdown, draining) is aiohttp's.
+:class:`GuardedSite` is ``web.SockSite`` with the guard's protocol factory (its
+``start`` mirrors aiohttp 3.14's, reading the site's own socket, SSL context and
+backlog); the rest of the runner (shutdown, draining) is aiohttp's.
 """
 
 from __future__ import annotations
