@@ -118,6 +118,8 @@ REPORT_REASONS = frozenset(
         "install_timeout",
         "action_failed",
         "action_timeout",
+        "uninstall_failed",
+        "uninstall_timeout",
     }
 )
 """Reasons the reference agent reports; metrics count any other text as ``other``."""

@@ -367,7 +367,7 @@ async def put_group_settings(request: web.Request) -> web.Response:
     except ValueError as e:
         return bad_request(str(e))
     except ReplicaReadOnlyError as e:
-        return _conflict(str(e))
+        return await _conflict(request, "group-settings", str(e))
     return web.json_response(new.to_dict())
 
 

@@ -30,12 +30,12 @@ from aiohttp import web
 from relay.cache.mirror import Mirror
 from relay.cache.upstream import Upstream
 from relay.core.events import Generation, Reason, digest, policy_digest, splay_delay_ms
-from relay.core.protocol import DEFAULT_GROUP
+from relay.core.protocol import AGENT_ID_HEADER, DEFAULT_GROUP
 from relay.core.verify import VerifiedMetadata
 from relay.errors import LengthMismatchError, TransportError, UpstreamHTTPError
 from relay.fleet.approvals import PolicyStore
 from relay.fleet.registry import Registry
-from relay.server.http import agent_key, bad_request
+from relay.server.http import bad_request, verified_agent
 from relay.server.state import STATE
 
 logger = logging.getLogger(__name__)
@@ -201,7 +201,9 @@ async def events(request: web.Request) -> web.StreamResponse:
     since = request.query.get("since", "")
     if len(since) > MAX_SINCE:
         return bad_request(f"since: longer than {MAX_SINCE} characters")
-    group = group_of(request.app[STATE].registry, agent_key(request))
+    # Read-only: an agent without a token may still name itself to learn its group.
+    claimed = verified_agent(request) or request.headers.get(AGENT_ID_HEADER, "")
+    group = group_of(request.app[STATE].registry, claimed)
     answer = await request.app[EVENTS].wait(group, since)
     if answer is None:
         return web.Response(status=204)
