@@ -202,7 +202,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     if len(since) > MAX_SINCE:
         return bad_request(f"since: longer than {MAX_SINCE} characters")
     # Read-only: an agent without a token may still name itself to learn its group.
-    claimed = verified_agent(request) or request.headers.get(AGENT_ID_HEADER, "")
+    claimed = verified_agent(request) or request.headers.get(AGENT_ID_HEADER) or ""
     group = group_of(request.app[STATE].registry, claimed)
     answer = await request.app[EVENTS].wait(group, since)
     if answer is None:
