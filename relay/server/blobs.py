@@ -251,9 +251,24 @@ async def _gate_and_send(
     if (refused := _admit(state, agent)) is not None:
         return refused
     resp = _body_response(decision, headers)
+    started = asyncio.get_running_loop().time()
     with _paced_slot(state, agent) as pace:
-        await send(resp, pace)
+        try:
+            await send(resp, pace)
+        except asyncio.CancelledError:
+            # The client went away mid-body and the handler is cancelled: aiohttp writes
+            # no access line for a cancelled handler, so an aborted download would vanish
+            # from the access log. Write it here, with the bytes that went out.
+            _log_cancelled(request, resp, started)
+            raise
     return resp
+
+
+def _log_cancelled(request: web.Request, resp: web.StreamResponse, started: float) -> None:
+    protocol = request.protocol
+    log_access = getattr(protocol, "log_access", None)
+    if log_access is not None:
+        log_access(request, resp, started)
 
 
 async def _without_body(
