@@ -23,7 +23,7 @@ import multiprocessing
 import resource
 import time
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum, auto
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,15 @@ from relay.deltas.formats import decode_patch, make_patch
 from relay.storage.fsio import write_atomic
 
 
-class DeltaOutcome(Enum):
+class DeltaOutcome(StrEnum):
     """What became of one requested diff."""
 
-    COMPUTED = "computed"
-    IDENTICAL = "identical"
-    SKIPPED_MEMORY = "skipped_memory"
-    SKIPPED_RATIO = "skipped_ratio"
-    TIMEOUT = "timeout"
-    FAILED = "failed"
+    COMPUTED = auto()
+    IDENTICAL = auto()
+    SKIPPED_MEMORY = auto()
+    SKIPPED_RATIO = auto()
+    TIMEOUT = auto()
+    FAILED = auto()
 
 
 @dataclass(frozen=True, slots=True)

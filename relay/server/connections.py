@@ -48,7 +48,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum, auto
 from typing import Any
 
 from aiohttp import web
@@ -76,14 +76,14 @@ def _canned(status: str, retry_after: float | None = None) -> bytes:
     return (f"HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n{extra}\r\n").encode()
 
 
-class Closed(Enum):
+class Closed(StrEnum):
     """Why the guard closed (or refused) a connection: the metric's label."""
 
-    OVER_CAPACITY = "over_capacity"
-    EVICTED = "evicted"
-    HEADER_TIMEOUT = "header_timeout"
-    HEAD_TOO_LARGE = "head_too_large"
-    SLOW_READER = "slow_reader"
+    OVER_CAPACITY = auto()
+    EVICTED = auto()
+    HEADER_TIMEOUT = auto()
+    HEAD_TOO_LARGE = auto()
+    SLOW_READER = auto()
 
 
 @dataclass(frozen=True, slots=True)
