@@ -206,7 +206,10 @@ async def test_admin_cli_tables(tmp_path, relay, capsys, monkeypatch):
     def cli(*argv):
         return main([*base, *argv])
 
-    assert await asyncio.to_thread(cli, "approve", "app", "1.0.0", "--group", "pilot") == 0
+    assert (
+        await asyncio.to_thread(cli, "approve", "app", "1.0.0", "--group", "pilot", "--new-group")
+        == 0
+    )
     assert await asyncio.to_thread(cli, "updates") == 0
     out = capsys.readouterr().out
     assert "app 1.0.0: approved for pilot" in out

@@ -1,7 +1,9 @@
 """``relay admin``: the admin API from the command line, with readable tables.
 
-The token is read from ``--token-file`` or the ``RELAY_ADMIN_TOKEN`` variable, never
-from the command line (it would show in process listings).
+The token is read from ``--token-file`` or the ``RELAY_ADMIN__TOKEN`` variable (the
+name ``relay serve`` reads it from too), never from the command line (it would show in
+process listings). The older ``RELAY_ADMIN_TOKEN`` still works, with a warning. A refused
+token is reported with where it was read from.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TextIO
 from urllib.parse import urlencode
 
 import urllib3
 
 from relay.cli.exitcodes import ExitCode
+from relay.core.hints import did_you_mean
 from relay.errors import ConfigError, RelayError
 
 # As a browser would: follow redirects (at most 10), retry nothing, wait at most 60 s.
@@ -32,11 +37,22 @@ class AdminError(RelayError):
     """The admin API refused a request or could not be reached."""
 
 
-class AdminClient:
-    """The admin API of one relay, with its bearer token."""
+TOKEN_VARIABLE = "RELAY_ADMIN__TOKEN"  # noqa: S105 - a name, not a secret
+OLD_TOKEN_VARIABLE = "RELAY_ADMIN_TOKEN"  # noqa: S105 - deprecated (one underscore)
 
-    def __init__(self, url: str, token: str) -> None:
+
+class AdminClient:
+    """The admin API of one relay, with its bearer token.
+
+    Args:
+        url: the relay's admin base URL.
+        token: the bearer token.
+        token_source: where the token was read from, named when the relay refuses it.
+    """
+
+    def __init__(self, url: str, token: str, token_source: str = "") -> None:
         self.url = url
+        self.token_source = token_source
         self._headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         self._pool = urllib3.PoolManager(retries=_RETRIES, timeout=_TIMEOUT)
 
@@ -66,6 +82,8 @@ class AdminClient:
             detail = text.strip()
             with contextlib.suppress(ValueError, AttributeError):
                 detail = json.loads(detail).get("error", detail)
+            if resp.status == 401 and self.token_source:
+                detail = f"{detail} (the token was read from {self.token_source})"
             raise AdminError(f"{method} {path}: HTTP {resp.status}: {detail}")
         return json.loads(resp.data) if "json" in resp.headers.get("Content-Type", "") else text
 
@@ -231,32 +249,60 @@ def render_audit(data: dict[str, Any]) -> str:
     return table(rows, ("WHEN", "ACTION", "FROM", "DETAILS"))
 
 
-def _token(args: argparse.Namespace) -> str:
-    """The bearer token, from ``--token-file`` or ``RELAY_ADMIN_TOKEN``.
+def read_token(
+    token_file: Path | None, environ: Mapping[str, str], warn: TextIO | None = None
+) -> tuple[str, str]:
+    """Return the bearer token and where it was read from.
+
+    From ``token_file`` if given, else ``RELAY_ADMIN__TOKEN``, else the deprecated
+    ``RELAY_ADMIN_TOKEN`` (with a warning line on ``warn``, by default stderr).
 
     Raises:
         ConfigError: the file cannot be read, or there is no token.
     """
-    if args.token_file is not None:
+    if token_file is not None:
+        source = f"--token-file {token_file}"
         try:
-            token: str = args.token_file.read_text().strip()
+            token = token_file.read_text().strip()
         except OSError as e:
             raise ConfigError(
-                "--token-file",
-                str(args.token_file),
-                "command line",
-                f"cannot be read: {e.strerror}",
+                "--token-file", str(token_file), "command line", f"cannot be read: {e.strerror}"
             ) from None
-    else:
-        token = os.environ.get("RELAY_ADMIN_TOKEN", "")
-    if not token:
-        raise ConfigError(
-            "--token-file", None, "command line", "give --token-file or set RELAY_ADMIN_TOKEN"
+        if not token:
+            raise ConfigError("--token-file", str(token_file), "command line", "is empty")
+        return token, source
+    if token := environ.get(TOKEN_VARIABLE, "").strip():
+        return token, TOKEN_VARIABLE
+    if token := environ.get(OLD_TOKEN_VARIABLE, "").strip():
+        print(
+            f"relay admin: warning: {OLD_TOKEN_VARIABLE} is deprecated: "
+            f"set {TOKEN_VARIABLE} (the name relay serve reads) instead",
+            file=warn or sys.stderr,
         )
-    return token
+        return token, OLD_TOKEN_VARIABLE
+    raise ConfigError(
+        "--token-file", None, "command line", f"give --token-file or set {TOKEN_VARIABLE}"
+    )
+
+
+def check_group(client: AdminClient, group: str) -> None:
+    """Refuse a group the relay does not know (no agent reported it, no approval names it).
+
+    Raises:
+        AdminError: the group is unknown; the message names the known groups and the
+            closest one.
+    """
+    known = [str(g) for g in client.call("GET", "/v1/admin/updates").get("groups", [])]
+    if group not in known:
+        raise AdminError(
+            f"unknown group {group!r} (known: {', '.join(known)}){did_you_mean(group, known)}; "
+            "give --new-group for a group no agent has reported yet"
+        )
 
 
 def _approval(client: AdminClient, args: argparse.Namespace) -> str:
+    if args.group is not None and not args.new_group:
+        check_group(client, args.group)
     status = {"approve": "approved", "decline": "declined", "reset": "undefined"}[
         args.admin_command
     ]
@@ -324,6 +370,6 @@ def run(args: argparse.Namespace) -> int:
         ConfigError: no token, or a malformed ``--set``.
         AdminError: the relay refused the request or could not be reached.
     """
-    client = AdminClient(args.url, _token(args))
+    client = AdminClient(args.url, *read_token(args.token_file, os.environ))
     print(_ACTIONS[args.admin_command](client, args))
     return ExitCode.OK

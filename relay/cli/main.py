@@ -18,10 +18,12 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from relay import __version__
 from relay.cli.exitcodes import ExitCode
 from relay.core.fleet import FleetState
+from relay.core.hints import did_you_mean
 from relay.core.units import parse_duration
 from relay.errors import ConfigError, PublishError, RelayError, StartupError
 
@@ -37,24 +39,99 @@ exit codes:
 """
 
 
+# -- the parser --------------------------------------------------------------------
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            "(default" in text
+            or action.default is argparse.SUPPRESS
+            or action.required
+            or not action.option_strings
+        ):
+            return text
+        if action.nargs == 0:  # a switch
+            shown = "on" if action.default else "off"
+        elif action.default in (None, [], ()):
+            shown = "not set"
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that shows defaults and suggests the choice a typo meant."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - argparse's
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:  # noqa: ANN401
+        choices = action.choices
+        if choices is not None and value not in choices:
+            names = [str(c) for c in choices]
+            msg = f"invalid choice: {value!r} (choose from {', '.join(names)})"
+            raise argparse.ArgumentError(action, msg + did_you_mean(str(value), names))
+
+
 # -- admin -----------------------------------------------------------------------
+
+ADMIN_URL = "http://127.0.0.1:8080/"
+
+
+def _admin_options(p: argparse.ArgumentParser, *, default: Any) -> None:  # noqa: ANN401
+    # Before the action (their defaults) or after it (SUPPRESS: given values only, so an
+    # action does not reset what was given before it).
+    p.add_argument(
+        "--url",
+        default=ADMIN_URL if default is None else default,
+        help=f"the relay's admin base URL (default: {ADMIN_URL})",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=default,
+        help="file holding the admin token (default: the RELAY_ADMIN__TOKEN variable)",
+    )
 
 
 def _admin_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="http://127.0.0.1:8080/", help="the relay's base URL")
-    p.add_argument("--token-file", type=Path, help="file holding the admin token")
+    _admin_options(p, default=None)
+    shared = _Parser(add_help=False)
+    _admin_options(shared, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="admin_command", metavar="ACTION", required=True)
-    sub.add_parser("updates", help="list updates and their status per group")
+
+    def action(name: str, summary: str) -> argparse.ArgumentParser:
+        made: argparse.ArgumentParser = sub.add_parser(
+            name, help=summary, description=summary, parents=[shared]
+        )
+        return made
+
+    action("updates", "list updates and their status per group")
     for name in ("approve", "decline", "reset"):
-        a = sub.add_parser(name, help=f"{name} an update")
-        a.add_argument("product")
-        a.add_argument("version")
+        a = action(name, f"{name} an update")
+        a.add_argument("product", help="the product, as published")
+        a.add_argument("version", help="its version")
         a.add_argument("--group", help="only for this group (default: every group)")
+        a.add_argument(
+            "--new-group",
+            action="store_true",
+            help="the --group is new: no agent has reported it yet (else it must be known)",
+        )
         if name == "approve":
-            a.add_argument("--mode", choices=["forced", "on-demand"], default="forced")
-    e = sub.add_parser("accept-eula", help="accept the EULA at a target path")
-    e.add_argument("path")
-    st = sub.add_parser("settings", help="show settings, or change them with --set")
+            a.add_argument(
+                "--mode",
+                choices=["forced", "on-demand"],
+                default="forced",
+                help="forced: installed at the next check-in; on-demand: agents may defer",
+            )
+    e = action("accept-eula", "accept the EULA at a target path")
+    e.add_argument("path", help="the EULA's target path")
+    st = action("settings", "show settings, or change them with --set")
     st.add_argument(
         "--set",
         action="append",
@@ -62,9 +139,7 @@ def _admin_parser(p: argparse.ArgumentParser) -> None:
         metavar="KEY=JSON",
         help="e.g. --set relays_only=true --set beta_groups='[\"pilot\"]'",
     )
-    gs = sub.add_parser(
-        "groups", help="show a group's agent settings (schedule, events...), or change them"
-    )
+    gs = action("groups", "show a group's agent settings (schedule, events...), or change them")
     gs.add_argument("group", help="the agent group, e.g. default")
     gs.add_argument(
         "--set",
@@ -75,24 +150,22 @@ def _admin_parser(p: argparse.ArgumentParser) -> None:
         '\'[{"days": ["sat"], "start": "02:00", "window": "2h"}]\' '
         '--set actions=\'{"after_install": ["scan-now"]}\'',
     )
-    sub.add_parser("agents", help="list agents, their versions and last outcome")
-    rp = sub.add_parser(
-        "report", help="the fleet report: one row per agent and product, with state and reason"
-    )
+    action("agents", "list agents, their versions and last outcome")
+    rp = action("report", "the fleet report: one row per agent and product, with state and reason")
     rp.add_argument("--csv", action="store_true", help="print RFC 4180 CSV, as the API sends it")
     rp.add_argument("--state", choices=[str(s) for s in FleetState], help="only this state")
     rp.add_argument("--group", help="only this group")
     rp.add_argument("--product", help="only this product")
-    sub.add_parser("versions", help="agents per product, version and group, and by state")
-    sub.add_parser("audit", help="show the audit log")
-    sub.add_parser("sync", help="sync with the upstream now")
+    action("versions", "agents per product, version and group, and by state")
+    action("audit", "show the audit log")
+    action("sync", "sync with the upstream now (and wait for it)")
 
 
 # -- demo ------------------------------------------------------------------------
 
 
 def _demo_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--agents", type=int, default=20, help="number of agents (20)")
+    p.add_argument("--agents", type=int, default=20, help="number of agents")
     p.add_argument(
         "--keep-running",
         action="store_true",
@@ -120,9 +193,9 @@ def _publish_parser(p: argparse.ArgumentParser) -> None:
 
     init = sub.add_parser("init", help="create a repository with fresh keys")
     init.add_argument("repo", type=Path, help="repository directory (must be new or empty)")
-    init.add_argument("--root-keys", type=int, default=1, metavar="N", help="root keys (1)")
+    init.add_argument("--root-keys", type=int, default=1, metavar="N", help="root keys")
     init.add_argument(
-        "--root-threshold", type=int, default=1, metavar="M", help="root signatures needed (1)"
+        "--root-threshold", type=int, default=1, metavar="M", help="root signatures needed"
     )
     init.add_argument(
         "--expires",
@@ -135,9 +208,9 @@ def _publish_parser(p: argparse.ArgumentParser) -> None:
     )
 
     add = sub.add_parser("add", help="add a target <product>/<version>/<file name> and re-sign")
-    add.add_argument("repo", type=Path)
-    add.add_argument("file", type=Path)
-    add.add_argument("--product", required=True)
+    add.add_argument("repo", type=Path, help="repository directory")
+    add.add_argument("file", type=Path, help="the file to publish")
+    add.add_argument("--product", required=True, help="product name")
     add.add_argument("--version", required=True, help="SemVer 2.0, e.g. 1.4.2")
     add.add_argument("--kind", default="software", help="software | content | config")
     add.add_argument("--severity", default="normal", help="critical | normal")
@@ -153,20 +226,25 @@ def _publish_parser(p: argparse.ArgumentParser) -> None:
     )
 
     lst = sub.add_parser("list", help="list targets")
-    lst.add_argument("repo", type=Path)
+    lst.add_argument("repo", type=Path, help="repository directory")
 
     rm = sub.add_parser("remove", help="remove a target and re-sign")
-    rm.add_argument("repo", type=Path)
-    rm.add_argument("target_path", metavar="TARGETPATH")
+    rm.add_argument("repo", type=Path, help="repository directory")
+    rm.add_argument("target_path", metavar="TARGETPATH", help="<product>/<version>/<file name>")
 
     ref = sub.add_parser("refresh", help="re-sign the timestamp (for a cron job)")
-    ref.add_argument("repo", type=Path)
+    ref.add_argument("repo", type=Path, help="repository directory")
 
     rot = sub.add_parser(
         "rotate", help="replace the keys of a role (signs a new root with a renewed expiry)"
     )
-    rot.add_argument("repo", type=Path)
-    rot.add_argument("--role", required=True, choices=["root", "targets", "snapshot", "timestamp"])
+    rot.add_argument("repo", type=Path, help="repository directory")
+    rot.add_argument(
+        "--role",
+        required=True,
+        choices=["root", "targets", "snapshot", "timestamp"],
+        help="the role whose keys are replaced",
+    )
 
 
 # -- serve -----------------------------------------------------------------------
@@ -174,6 +252,10 @@ def _publish_parser(p: argparse.ArgumentParser) -> None:
 
 def _serve_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML configuration file")
+    _serve_flags(p)
+
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--upstream",
         action="append",
@@ -181,9 +263,31 @@ def _serve_parser(p: argparse.ArgumentParser) -> None:
         help="upstream base URL (repeat for failover, in order)",
     )
     p.add_argument("--trusted-root", type=Path, metavar="FILE", help="the pinned root.json")
-    p.add_argument("--data-dir", type=Path, metavar="DIR")
-    p.add_argument("--listen", metavar="HOST:PORT")
-    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="relay.data_dir")
+    p.add_argument("--listen", metavar="HOST:PORT", help="relay.listen")
+    p.add_argument("--log-format", choices=["text", "json"], help="relay.log_format")
+    p.add_argument(
+        "--admin-token-file",
+        type=Path,
+        metavar="FILE",
+        help="admin.token_file: the admin bearer token (without one the admin API is off)",
+    )
+
+
+# -- config ----------------------------------------------------------------------
+
+
+def _config_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    for name, summary in (
+        ("check", 'load and validate the configuration: print "ok" or the error (exit 3)'),
+        ("show", "print the configuration in force as TOML, with where each value came from"),
+    ):
+        a = sub.add_parser(name, help=summary, description=summary)
+        a.add_argument(
+            "--config", type=Path, help="TOML configuration file (default: built-in defaults)"
+        )
+        _serve_flags(a)  # the flags of `relay serve`, to check a command line too
 
 
 # -- export ----------------------------------------------------------------------
@@ -238,18 +342,18 @@ def _agent_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--relays-only", action="store_true", default=None, help="never fall back to the origin"
     )
-    p.add_argument("--trusted-root", type=Path, metavar="FILE")
-    p.add_argument("--state-dir", type=Path, metavar="DIR")
-    p.add_argument("--install-dir", type=Path, metavar="DIR")
-    p.add_argument("--id", dest="agent_id", metavar="ID")
-    p.add_argument("--group", metavar="G")
+    p.add_argument("--trusted-root", type=Path, metavar="FILE", help="agent.trusted_root")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", help="agent.state_dir")
+    p.add_argument("--install-dir", type=Path, metavar="DIR", help="agent.install_dir")
+    p.add_argument("--id", dest="agent_id", metavar="ID", help="agent.id")
+    p.add_argument("--group", metavar="G", help="agent.group")
     p.add_argument(
         "--defer",
         type=int,
         metavar="DAYS",
         help="defer on-demand updates by this many days: one of policy.deferral_days",
     )
-    p.add_argument("--install-command", metavar="CMD")
+    p.add_argument("--install-command", metavar="CMD", help="agent.install_command")
     p.add_argument("--once", action="store_true", help="run once and exit (else poll)")
 
 
@@ -283,6 +387,15 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]]
             "origin) can serve stock TUF clients. Incremental; timestamp.json is written last."
         ),
     ),
+    "config": (
+        _config_parser,
+        "check a relay's configuration, or show it with the source of each value",
+        (
+            "Load the configuration as `relay serve` would (the file, RELAY_<SECTION>__<KEY> "
+            "variables, then the flags) and check it, or print it with where each value "
+            "came from. Secrets are hidden."
+        ),
+    ),
     "agent": (
         _agent_parser,
         "run the reference update agent",
@@ -312,8 +425,9 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]]
         _admin_parser,
         "approvals, settings, EULAs, agents and audit log of a relay",
         (
-            "Call a relay's admin API. The bearer token comes from --token-file "
-            "or the RELAY_ADMIN_TOKEN environment variable."
+            "Call a relay's admin API. The bearer token comes from --token-file or the "
+            "RELAY_ADMIN__TOKEN environment variable (the one relay serve reads). "
+            "Options may come before or after the action."
         ),
     ),
 }
@@ -321,11 +435,10 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], str, str]]
 
 def make_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every working subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="relay",
         description="A verifying update relay for fleets of endpoint agents.",
         epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
     parser.add_argument(

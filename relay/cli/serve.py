@@ -5,21 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 
+from relay.cli.admin import OLD_TOKEN_VARIABLE, TOKEN_VARIABLE
+from relay.cli.config import serve_overrides
 from relay.cli.exitcodes import ExitCode
 from relay.config import Config, load_config
 from relay.server.run import serve
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    pairs = {
-        "upstream.urls": list(args.upstream) if args.upstream else None,
-        "upstream.trusted_root": str(args.trusted_root) if args.trusted_root else None,
-        "relay.data_dir": str(args.data_dir) if args.data_dir else None,
-        "relay.listen": args.listen,
-        "relay.log_format": args.log_format,
-    }
-    return {k: v for k, v in pairs.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +22,15 @@ def run(args: argparse.Namespace) -> int:
         StartupError: the host or a file is not as configured (port in use, data
             directory locked or not writable, trusted root not a TUF root).
     """
-    overrides = _overrides(args)
+    if OLD_TOKEN_VARIABLE in os.environ and TOKEN_VARIABLE not in os.environ:
+        # The client's old name: the relay does not read it; say so, or the operator
+        # wonders why the admin API is off.
+        print(
+            f"relay serve: warning: {OLD_TOKEN_VARIABLE} is not read by relay serve: "
+            f"set {TOKEN_VARIABLE} or admin.token_file (--admin-token-file)",
+            file=sys.stderr,
+        )
+    overrides = serve_overrides(args)
     config = load_config(args.config, os.environ, overrides)
 
     def reload() -> Config:  # on SIGHUP: the same file, variables and flags

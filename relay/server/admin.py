@@ -13,6 +13,9 @@ Rules:
 * Failed sign-ins are counted, logged and slowed down per client address
   (:mod:`relay.server.signin`): past the limit, ``429`` with ``Retry-After``.
 * On a replica, changes answer 409 (the parent decides); reads work.
+* An unknown path under ``/v1/admin/`` answers 404 JSON naming the closest route
+  (after the token check: without the token the routes are not listed); a known path
+  with another method answers 405.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+import re
 import time
 from typing import Any
 
 from aiohttp import web
 
 from relay.core.fleet import count_states, version_table, worst_state
+from relay.core.hints import closest, did_you_mean
 from relay.core.policy import (
     RolloutMode,
     Settings,
@@ -46,16 +51,22 @@ from relay.errors import (
 )
 from relay.fleet.groups import known_groups
 from relay.server.fleet import csv_response
-from relay.server.http import add_counted, bad_request, parse_body, read_json_body
+from relay.server.http import Handler, add_counted, bad_request, parse_body, read_json_body
 from relay.server.signin import SignInGuard
 from relay.server.state import SIGN_INS, STATE, RelayState
 
 logger = logging.getLogger(__name__)
 
+ADMIN_OFF = (
+    "the admin API is off: no admin token is configured; set admin.token_file "
+    "(relay serve --admin-token-file FILE) or RELAY_ADMIN__TOKEN, then reload\n"
+)
+_PLACEHOLDER = re.compile(r"\{(\w+)(:[^}]*)?\}")
+
 
 def _authorised(request: web.Request, token: str) -> None:
     if not token:
-        raise web.HTTPNotFound(text="the admin API is off (no admin token configured)\n")
+        raise web.HTTPNotFound(text=ADMIN_OFF)
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
     if not sign_in(request, given.strip() if scheme.lower() == "bearer" else None):
         raise web.HTTPUnauthorized(
@@ -129,7 +140,7 @@ async def _conflict(request: web.Request, action: str, message: str) -> web.Resp
 
 
 async def list_updates(request: web.Request) -> web.Response:
-    """``GET /v1/admin/updates``: every target with its status per group."""
+    """``GET /v1/admin/updates``: every target with its status per group, and the groups."""
     state = _state(request)
     current = state.mirror.current
     policy = state.policy
@@ -163,7 +174,7 @@ async def list_updates(request: web.Request) -> web.Response:
                 },
             }
         )
-    return web.json_response({"updates": out})
+    return web.json_response({"updates": out, "groups": groups})
 
 
 def _parse_approval(
@@ -458,27 +469,64 @@ def _after_change(state: RelayState) -> None:
     state.on_policy_change()
 
 
+def _pattern(path: str) -> re.Pattern[str]:
+    # "/v1/admin/agents/{agent_id}" matches any one segment; "{path:.+}" its own pattern.
+    parts = _PLACEHOLDER.split(path)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 3 == 0:
+            out.append(re.escape(part))
+        elif i % 3 == 1:
+            out.append(parts[i + 1][1:] if parts[i + 1] else "[^/]+")
+    return re.compile("".join(out))
+
+
+def _not_found(routes: tuple[tuple[str, str, Handler], ...]) -> Handler:
+    patterns = [(method, _pattern(path)) for method, path, _ in routes]
+    paths = sorted({path for _, path, _ in routes})
+
+    async def not_found(request: web.Request) -> web.Response:
+        _state(request)  # the API is off, or the token is wrong: say that first
+        allowed = {m for m, pattern in patterns if pattern.fullmatch(request.path)}
+        if allowed:
+            allowed |= {"HEAD"} if "GET" in allowed else set()
+            return web.json_response(
+                {"error": f"{request.method} is not allowed on {request.path}"},
+                status=405,
+                headers={"Allow": ", ".join(sorted(allowed))},
+            )
+        body: dict[str, Any] = {"error": f"no admin route {request.path}", "routes": paths}
+        close = closest(request.path, paths)
+        if close is not None:
+            body["did_you_mean"] = close
+            body["error"] += did_you_mean(request.path, paths)
+        return web.json_response(body, status=404)
+
+    return not_found
+
+
 def add_admin_routes(app: web.Application) -> None:
-    """Register ``/v1/admin/…`` (counted as one route, ``admin``)."""
+    """Register ``/v1/admin/…`` (counted as one route, ``admin``).
+
+    Any other path under ``/v1/admin/`` answers 404 with the closest route, or 405.
+    """
     app[SIGN_INS] = SignInGuard()
-    add_counted(
-        app,
-        "admin",
-        (
-            ("GET", "/v1/admin/updates", list_updates),
-            ("POST", "/v1/admin/approvals", set_approval),
-            ("POST", "/v1/admin/eulas", accept),
-            ("GET", "/v1/admin/eulas/{path:.+}", get_eula),
-            ("GET", "/v1/admin/settings", get_settings),
-            ("PUT", "/v1/admin/settings", put_settings),
-            ("GET", "/v1/admin/groups/{group}/settings", get_group_settings),
-            ("PUT", "/v1/admin/groups/{group}/settings", put_group_settings),
-            ("GET", "/v1/admin/agents", list_agents),
-            ("GET", "/v1/admin/agents/{agent_id}", get_agent),
-            ("GET", "/v1/admin/report.csv", report_csv),
-            ("GET", "/v1/admin/versions", versions),
-            ("GET", "/v1/admin/audit", audit),
-            ("GET", "/v1/admin/policy", export_policy),
-            ("POST", "/v1/admin/sync", sync_now),
-        ),
+    routes: tuple[tuple[str, str, Handler], ...] = (
+        ("GET", "/v1/admin/updates", list_updates),
+        ("POST", "/v1/admin/approvals", set_approval),
+        ("POST", "/v1/admin/eulas", accept),
+        ("GET", "/v1/admin/eulas/{path:.+}", get_eula),
+        ("GET", "/v1/admin/settings", get_settings),
+        ("PUT", "/v1/admin/settings", put_settings),
+        ("GET", "/v1/admin/groups/{group}/settings", get_group_settings),
+        ("PUT", "/v1/admin/groups/{group}/settings", put_group_settings),
+        ("GET", "/v1/admin/agents", list_agents),
+        ("GET", "/v1/admin/agents/{agent_id}", get_agent),
+        ("GET", "/v1/admin/report.csv", report_csv),
+        ("GET", "/v1/admin/versions", versions),
+        ("GET", "/v1/admin/audit", audit),
+        ("GET", "/v1/admin/policy", export_policy),
+        ("POST", "/v1/admin/sync", sync_now),
     )
+    add_counted(app, "admin", routes)
+    add_counted(app, "admin", (("*", "/v1/admin/{tail:.*}", _not_found(routes)),))
