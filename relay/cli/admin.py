@@ -326,14 +326,16 @@ def _accept_eula(client: AdminClient, args: argparse.Namespace) -> str:
 
 
 def _settings(client: AdminClient, args: argparse.Namespace) -> str:
-    return _show_or_change(client, "/v1/admin/settings", args.set)
+    return _show_or_change(client, "/v1/admin/settings", args.set, args.unset)
 
 
 def _group_settings(client: AdminClient, args: argparse.Namespace) -> str:
     return _show_or_change(client, f"/v1/admin/groups/{args.group}/settings", args.set)
 
 
-def _show_or_change(client: AdminClient, path: str, sets: Sequence[str]) -> str:
+def _show_or_change(
+    client: AdminClient, path: str, sets: Sequence[str], unset: Sequence[str] = ()
+) -> str:
     changes = {}
     for item in sets:
         key, sep, value = item.partition("=")
@@ -343,6 +345,8 @@ def _show_or_change(client: AdminClient, path: str, sets: Sequence[str]) -> str:
             changes[key] = json.loads(value)
         except ValueError:
             changes[key] = value
+    for key in unset:
+        changes[key] = None  # forget the saved value: follow the configuration again
     data = client.call("PUT", path, changes) if changes else client.call("GET", path)
     return table(sorted((k, json.dumps(v)) for k, v in data.items()), ("SETTING", "VALUE"))
 

@@ -137,7 +137,15 @@ def _admin_parser(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=JSON",
-        help="e.g. --set relays_only=true --set beta_groups='[\"pilot\"]'",
+        help="e.g. --set relays_only=true --set beta_groups='[\"pilot\"]'; a saved "
+        "setting overrides the configuration's [policy] value",
+    )
+    st.add_argument(
+        "--unset",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="forget a saved setting: it follows the configuration again",
     )
     gs = action("groups", "show a group's agent settings (schedule, events...), or change them")
     gs.add_argument("group", help="the agent group, e.g. default")

@@ -7,14 +7,23 @@ Rules:
   the audit log with when, what and from where.
 * A relay in ``replica`` mode takes state and settings whole from its parent and
   refuses local changes (:class:`relay.errors.ReplicaReadOnlyError`).
+* Settings precedence, per key: built-in defaults < the file < ``RELAY_POLICY__*``
+  variables < flags (together: the configured value) < a value saved through the
+  admin API (``PUT /v1/admin/settings``). The store keeps which keys were saved: a
+  saved key overrides the configuration, every other key follows it, at start and on
+  each reload (:meth:`PolicyStore.set_defaults`). Saving ``null`` for a key forgets
+  it (it follows the configuration again). A replica's settings are its parent's,
+  every key of them. Group agent settings follow the same rule (only the keys set
+  per group are kept).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from relay.config import PolicySettings
+from relay.config import Config, PolicySettings
 from relay.core.policy import PolicyState, Settings
 from relay.core.protocol import now_rfc3339
 from relay.core.schedule import GroupSettings
@@ -23,8 +32,28 @@ from relay.errors import ReplicaReadOnlyError
 from relay.storage.kv import KV
 
 _STATE = "policy:state"
-_SETTINGS = "policy:settings"
+_LEGACY_SETTINGS = "policy:settings"  # every key, saved or not (read once, to migrate)
+_SAVED = "policy:saved-settings"  # only the keys set through the admin API, JSON form
 _GROUPS = "policy:group-settings"
+
+
+def override_lines(store: PolicyStore, config: Config) -> list[str]:
+    """One line per saved setting that overrides the configured value, for the log.
+
+    Args:
+        store: the policy store, with the configured settings set.
+        config: the configuration, to name where each configured value came from.
+
+    Returns:
+        Lines such as ``policy.relays_only = true (saved through the admin API)
+        overrides false (/etc/relay/relay.toml)``.
+    """
+    return [
+        f"policy.{key} = {json.dumps(saved)} (saved through the admin API) overrides "
+        f"{json.dumps(configured)} ({config.sources.get(f'policy.{key}', 'the default')}); "
+        f"`relay admin settings --unset {key}` follows the configuration again"
+        for key, saved, configured in store.overrides()
+    ]
 
 
 def settings_from_config(policy: PolicySettings) -> Settings:
@@ -40,7 +69,14 @@ def settings_from_config(policy: PolicySettings) -> Settings:
 
 
 class PolicyStore:
-    """Approvals and settings of one relay, persisted, with an audit log."""
+    """Approvals and settings of one relay, persisted, with an audit log.
+
+    Attributes:
+        defaults: the configured settings (``[policy]`` of the file, variables, flags).
+        saved: the settings saved through the admin API (or copied from a parent), in
+            their JSON form, by key; they override ``defaults`` key by key.
+        settings: the settings in force: ``defaults`` with ``saved`` on top.
+    """
 
     def __init__(
         self,
@@ -55,8 +91,8 @@ class PolicyStore:
         self.replica = replica
         self.state = PolicyState()
         self.settings = defaults
+        self.saved: dict[str, Any] = {}
         self.version = 0  # bumped on every change (cheap change detection)
-        self._saved_settings = False  # settings came from the admin API or a parent
         self.group_defaults = group_defaults or GroupSettings()
         # The agent settings an administrator set per group (JSON form, only the keys
         # set): the other keys follow the defaults, which follow the configuration.
@@ -64,34 +100,93 @@ class PolicyStore:
         self.listeners: list[Callable[[], None]] = []  # called after every change
 
     async def load(self) -> None:
-        """Read state and settings saved earlier (defaults for what is missing)."""
+        """Read state and saved settings (defaults for what is missing).
+
+        A state database written before saved keys were tracked holds every key; the
+        keys whose value differs from the configured one count as saved.
+        """
         raw_state = await self._kv.get(_STATE)
-        raw_settings = await self._kv.get(_SETTINGS)
         if isinstance(raw_state, dict):
             self.state = PolicyState.from_dict(raw_state)
-        if isinstance(raw_settings, dict):
-            self.settings = Settings.from_dict(raw_settings, base=self.defaults)
-            self._saved_settings = True
+        raw_saved = await self._kv.get(_SAVED)
+        if not isinstance(raw_saved, dict):
+            legacy = await self._kv.get(_LEGACY_SETTINGS)
+            configured = self.defaults.to_dict()
+            raw_saved = (
+                {k: v for k, v in legacy.items() if configured.get(k) != v}
+                if isinstance(legacy, dict)
+                else {}
+            )
+        self.settings = Settings.from_dict(raw_saved, base=self.defaults)
+        self.saved = {k: self.settings.to_dict()[k] for k in raw_saved}
         raw_groups = await self._kv.get(_GROUPS)
         if isinstance(raw_groups, dict):
             self.groups = group_overrides(raw_groups, self.group_defaults)
 
     def set_defaults(self, defaults: Settings) -> bool:
-        """Replace the configured defaults (the configuration was re-read).
+        """Replace the configured settings (the configuration was re-read).
 
-        Settings never changed through the admin API (or taken from a parent) follow
-        the new defaults; saved settings stay as they are.
+        Keys never saved through the admin API follow the new configuration; saved
+        keys keep their saved values.
 
         Returns:
             Whether the settings in force changed.
         """
         self.defaults = defaults
-        if self._saved_settings or defaults == self.settings:
+        settings = Settings.from_dict(self.saved, base=defaults)
+        if settings == self.settings:
             return False
-        self.settings = defaults
+        self.settings = settings
         self.version += 1
         self._changed()
         return True
+
+    def overrides(self) -> list[tuple[str, Any, Any]]:
+        """Return ``(key, saved value, configured value)`` for each saved key that differs.
+
+        Values are in their JSON form.
+        """
+        configured = self.defaults.to_dict()
+        return [
+            (key, value, configured[key])
+            for key, value in sorted(self.saved.items())
+            if configured.get(key) != value
+        ]
+
+    async def save_settings(self, changes: Mapping[str, Any], audit: dict[str, Any]) -> Settings:
+        """Save settings changed through the admin API; a ``None`` value forgets the key.
+
+        Args:
+            changes: keys and JSON values; ``None`` makes the key follow the
+                configuration again.
+            audit: what to record in the audit log.
+
+        Returns:
+            The settings now in force.
+
+        Raises:
+            ValueError: an unknown key or a malformed value (nothing changed).
+            ReplicaReadOnlyError: this relay follows its parent's policy.
+            StateUnavailableError: it could not be saved (nothing changed).
+        """
+        self.check_writable()
+        kept = {k: v for k, v in self.saved.items() if changes.get(k, v) is not None}
+        changed = Settings.from_dict(
+            {k: v for k, v in changes.items() if v is not None}, base=self.settings
+        )
+        forgotten = [k for k, v in changes.items() if v is None]
+        unknown = [k for k in forgotten if k not in changed.to_dict()]
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown setting")
+        as_json = changed.to_dict()
+        saved = {**kept, **{k: as_json[k] for k, v in changes.items() if v is not None}}
+        settings = Settings.from_dict(saved, base=self.defaults)
+        await self._kv.set(_SAVED, saved)
+        await self._kv.append_log({"at": now_rfc3339(), **audit})
+        self.saved, self.settings = saved, settings
+        self.version += 1
+        self._changed()
+        return settings
 
     def check_writable(self) -> None:
         """Raise if local changes are not allowed.
@@ -112,7 +207,7 @@ class PolicyStore:
         audit: dict[str, Any] | None = None,
         local: bool = True,
     ) -> None:
-        """Replace state and/or settings, save them, and record ``audit``.
+        """Replace state and/or settings (all their keys saved), save them, record ``audit``.
 
         Raises:
             ReplicaReadOnlyError: a local change on a replica.
@@ -123,15 +218,15 @@ class PolicyStore:
         # Saved first, then in effect: a change that cannot be saved changes nothing.
         if state is not None:
             await self._kv.set(_STATE, state.to_dict())
-        if settings is not None:
-            await self._kv.set(_SETTINGS, settings.to_dict())
+        if settings is not None:  # every key of them: they override the configuration
+            await self._kv.set(_SAVED, settings.to_dict())
         if audit is not None:
             await self._kv.append_log({"at": now_rfc3339(), **audit})
         if state is not None:
             self.state = state
         if settings is not None:
             self.settings = settings
-            self._saved_settings = True
+            self.saved = settings.to_dict()
         self.version += 1
         self._changed()
 

@@ -33,7 +33,6 @@ from relay.core.fleet import count_states, version_table, worst_state
 from relay.core.hints import closest, did_you_mean
 from relay.core.policy import (
     RolloutMode,
-    Settings,
     Status,
     accept_eula,
     approve,
@@ -321,23 +320,19 @@ async def get_settings(request: web.Request) -> web.Response:
 
 
 async def put_settings(request: web.Request) -> web.Response:
-    """``PUT /v1/admin/settings``: change some settings (others are kept)."""
+    """``PUT /v1/admin/settings``: save some settings (``null``: follow the configuration)."""
     state = _state(request)
     body = await read_json_body(request)
     if isinstance(body, web.Response):
         return body
-    policy = state.policy
     try:
-        new: Settings = Settings.from_dict(body, base=policy.settings)
-    except ValueError as e:
-        return bad_request(str(e))
-    try:
-        await policy.update(
-            settings=new,
-            audit={"action": "settings", "changes": body, "from": request.remote or ""},
+        new = await state.policy.save_settings(
+            body, {"action": "settings", "changes": body, "from": request.remote or ""}
         )
     except ReplicaReadOnlyError as e:
         return await _conflict(request, "settings", str(e))
+    except ValueError as e:
+        return bad_request(str(e))
     _after_change(state)
     return web.json_response(new.to_dict())
 

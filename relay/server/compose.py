@@ -36,7 +36,7 @@ from relay.core.verify import VerifiedMetadata
 from relay.deltas.engine import DeltaBudget, DeltaEngine
 from relay.deltas.service import DeltaService
 from relay.errors import ConfigError
-from relay.fleet.approvals import PolicyStore, settings_from_config
+from relay.fleet.approvals import PolicyStore, override_lines, settings_from_config
 from relay.fleet.registry import Registry
 from relay.server.events import EVENTS, EventHub, follow_mirror, follow_upstream
 from relay.server.fleet import watch_fleet
@@ -88,8 +88,8 @@ async def apply_settings(app: web.Application, config: Config) -> None:
     Called on SIGHUP with the configuration re-read (:mod:`relay.server.run` keeps
     the other keys at their running values). Applied: ``[limits]`` (rates and
     schedule through the running limiters, whose waiting requests are re-evaluated
-    at once; transfer caps), ``[policy]`` defaults (they become the settings unless
-    the admin API changed them) and the keys read per request (``poll_seconds``,
+    at once; transfer caps), ``[policy]`` defaults (each key follows them unless it was saved
+    through the admin API) and the keys read per request (``poll_seconds``,
     ``origin_url``, ``relays``, ``relay.public_url``, ``*.retry_after``), and the
     ``[admin]`` token. Connections are untouched.
 
@@ -106,6 +106,13 @@ async def apply_settings(app: web.Application, config: Config) -> None:
     if state.policy.set_defaults(settings_from_config(config.policy)):
         state.on_policy_change()
     state.policy.set_group_defaults(GroupSettings(poll_seconds=config.policy.poll_seconds))
+    _log_overrides(state.policy, config)
+
+
+def _log_overrides(policy: PolicyStore, config: Config) -> None:
+    # At start and on SIGHUP: a configured value that a saved one hides is said, once.
+    for line in override_lines(policy, config):
+        logger.info("%s", line)
 
 
 def open_state(config: Config) -> KV:
@@ -201,6 +208,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     hub = EventHub(policy, hold=config.events.hold, splay=config.events.splay)
     app[EVENTS] = hub
     metrics.bind(metrics.events_held, lambda: float(hub.waiting))
+    _log_overrides(policy, config)
 
     # -- the cache and the deltas, with the pin policy between them
     pins = PinPolicy(policy=policy, registry=registry, keep_versions=config.store.keep_versions)
