@@ -181,6 +181,10 @@ def _listen(value: Any, _text: bool) -> str:
     return str(value)
 
 
+def _optional_listen(value: Any, text: bool) -> str:
+    return "" if value == "" else _listen(value, text)
+
+
 def _actions(value: Any, text: bool) -> Mapping[str, str]:
     if text and isinstance(value, str):
         raise ValueError("a table: set it in the configuration file ([agent.actions])")
@@ -518,6 +522,11 @@ class AdminSettings:
         "or the token itself (prefer token_file or RELAY_ADMIN__TOKEN);",
         default="",
         hidden=True,
+    )
+    listen: str = setting(
+        _optional_listen,
+        '"" = on relay.listen; HOST:PORT = /v1/admin/ and /ui/ there only',
+        default="",
     )
 
 

@@ -22,6 +22,9 @@ Rules:
 * systemd (``Type=notify``): ``READY=1`` once listening, ``RELOADING=1`` then
   ``READY=1`` around a reload, ``STOPPING=1`` on a stop, when ``NOTIFY_SOCKET`` is
   set (sd_notify's datagram protocol, a few lines, no dependency).
+* ``admin.listen`` set: a second listening address for ``/v1/admin/`` and ``/ui/``
+  (sites of the same application, so one state); the main listener answers 404 for
+  them. Empty: they are served on ``relay.listen``, as everything else.
 * Access log: one line per request, off with ``relay.access_log = false``. Text:
   Combined Log Format (what log tools parse), the agent id in the user field.
   JSON: one object per line. Both give the body bytes actually sent, ``sendfile``
@@ -43,7 +46,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -87,6 +90,7 @@ LIVE_KEYS: dict[str, frozenset[str]] = {
     "store": frozenset({"retry_after"}),
 }
 _RESTART_ONLY = {
+    "admin": frozenset({"listen"}),
     "policy": frozenset({"mode", "parent_url"}),
     "limits": frozenset({"chunk_bytes"}),  # the limiter's chunk bound is set at start
 }
@@ -270,19 +274,67 @@ class AccessLogger(AbstractAccessLogger):
 # -- start-up checks -----------------------------------------------------------------
 
 
-def split_listen(config: Config) -> tuple[str, int]:
-    """Return (host, port) of ``relay.listen``.
+def split_listen(config: Config, key: str = "relay.listen") -> tuple[str, int]:
+    """Return (host, port) of ``relay.listen`` (or of ``key``: ``admin.listen``).
 
     Raises:
         ConfigError: the value is not ``HOST:PORT``.
     """
-    listen = config.relay.listen
+    listen = _listen_value(config, key)
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(
-            "relay.listen", listen, config.source_of("relay.listen"), "expected HOST:PORT"
-        )
+        raise ConfigError(key, listen, config.source_of(key), "expected HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
+
+
+def _listen_value(config: Config, key: str) -> str:
+    return config.admin.listen if key == "admin.listen" else config.relay.listen
+
+
+# -- the admin listener ----------------------------------------------------------------
+
+ADMIN_PREFIXES = ("/v1/admin/", "/ui/")
+"""Paths served on ``admin.listen`` only, when it is set (``/ui`` itself too)."""
+
+
+def is_admin_path(path: str) -> bool:
+    """Whether ``path`` belongs to the admin API or the status page."""
+    return path == "/ui" or path.startswith(ADMIN_PREFIXES)
+
+
+def _on_any(sockname: Any, listeners: list[tuple[str, int]]) -> bool:  # noqa: ANN401
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return False
+    host, port = sockname[0], sockname[1]
+    return any(
+        port == bound_port and bound_host in (host, "0.0.0.0", "::")  # noqa: S104
+        for bound_host, bound_port in listeners
+    )
+
+
+def admin_listener_only(listeners: list[tuple[str, int]]) -> Any:  # noqa: ANN401
+    """Middleware: ``/v1/admin/`` and ``/ui/`` answer 404 unless they came in on ``listeners``.
+
+    Args:
+        listeners: the ``(host, port)`` addresses of the admin sockets (a wildcard host
+            takes every address of its port).
+    """
+
+    @web.middleware
+    async def admin_only(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if is_admin_path(request.path):
+            transport = request.transport
+            sockname = transport.get_extra_info("sockname") if transport is not None else None
+            if not _on_any(sockname, listeners):
+                raise web.HTTPNotFound(
+                    text="the admin API and /ui/ are served on the admin listener only "
+                    "(admin.listen)\n"
+                )
+        return await handler(request)
+
+    return admin_only
 
 
 class DataDirLock:
@@ -388,16 +440,20 @@ def prepare_data_dir(config: Config) -> DataDirLock:
     return lock
 
 
-def bind(config: Config) -> list[socket.socket]:
+def bind(config: Config, key: str = "relay.listen") -> list[socket.socket]:
     """Open the listening sockets of ``relay.listen`` (one per address of the host name).
+
+    Args:
+        config: the configuration.
+        key: the address to listen on: ``relay.listen``, or ``admin.listen``.
 
     Raises:
         StartupError: the host name does not resolve, the address is not on this
             host, the port is in use or needs privileges.
-        ConfigError: ``relay.listen`` is not ``HOST:PORT``.
+        ConfigError: the key is not ``HOST:PORT``.
     """
-    host, port = split_listen(config)
-    subject = f"relay.listen {config.relay.listen}"
+    host, port = split_listen(config, key)
+    subject = f"{key} {_listen_value(config, key)}"
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
@@ -559,12 +615,26 @@ class Service:
                 await asyncio.to_thread(check_trusted_root, self.config)
                 sockets = bind(self.config)
                 try:
-                    await self._serve(sockets, ready)
+                    admin = self._bind_admin()
+                    sockets += admin
+                    await self._serve(sockets, ready, admin)
                 finally:
                     for sock in sockets:
                         sock.close()
             finally:
                 lock.release()
+
+    def _bind_admin(self) -> list[socket.socket]:
+        if not self.config.admin.listen:
+            return []
+        if self.config.admin.listen == self.config.relay.listen:
+            raise ConfigError(
+                "admin.listen",
+                self.config.admin.listen,
+                self.config.source_of("admin.listen"),
+                'is relay.listen: give another address, or "" to serve the admin API there',
+            )
+        return bind(self.config, "admin.listen")
 
     @contextlib.contextmanager
     def _signal_handlers(self, loop: asyncio.AbstractEventLoop) -> Iterator[None]:
@@ -581,8 +651,15 @@ class Service:
             for sig in installed:
                 loop.remove_signal_handler(sig)
 
-    async def _serve(self, sockets: list[socket.socket], ready: asyncio.Event | None) -> None:
+    async def _serve(
+        self,
+        sockets: list[socket.socket],
+        ready: asyncio.Event | None,
+        admin: list[socket.socket],
+    ) -> None:
         app = self.app = make_app(self.config)
+        if admin:
+            app.middlewares.append(admin_listener_only([s.getsockname()[:2] for s in admin]))
         limits = ConnectionLimits.from_config(self.config)
         guard = ConnectionGuard(app, limits)
         runner = web.AppRunner(
@@ -599,7 +676,8 @@ class Service:
             for sock in sockets:
                 host, port = sock.getsockname()[:2]
                 shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
-                logger.info("relay listening on http://%s:%d/", shown, port)
+                what = "admin API and /ui/" if sock in admin else "relay"
+                logger.info("%s listening on http://%s:%d/", what, shown, port)
             sd_notify(f"READY=1\nSTATUS=listening on {self.config.relay.listen}")
             if ready is not None:
                 ready.set()
