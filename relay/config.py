@@ -77,7 +77,7 @@ PolicyMode = Literal["autonomous", "replica"]
 DeltaFormatName = Literal["zstd", "bsdiff4"]
 
 # Variables that start like a configuration variable but belong to another command:
-# `relay admin` (the client) reads its bearer token from RELAY_ADMIN_TOKEN.
+# `relay admin`'s deprecated name for its token (now RELAY_ADMIN__TOKEN, as the server's).
 _NOT_CONFIG_VARIABLES = frozenset({"RELAY_ADMIN_TOKEN"})
 _SECRET_WORDS = ("token", "secret", "password")
 _HIDDEN = "<hidden>"

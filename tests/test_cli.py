@@ -191,11 +191,17 @@ def test_config_show_is_toml_with_each_values_source(tmp_path, monkeypatch, caps
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "s3cret-value" not in out and 'token = "<hidden>"' in out
-    lines = {line.split(" = ")[0]: line for line in out.splitlines() if " = " in line}
-    assert lines["egress"].endswith(f"# file {path}")
-    assert lines["interval"].endswith("# RELAY_SYNC__INTERVAL")
-    assert lines["listen"].endswith("# command line")
-    assert lines["drain"].endswith("# default")
+    lines, section = {}, ""
+    for line in out.splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line:
+            lines[f"{section}.{line.split(' = ')[0]}"] = line
+    assert lines["limits.egress"].endswith(f"# file {path}")
+    assert lines["sync.interval"].endswith("# RELAY_SYNC__INTERVAL")
+    assert lines["relay.listen"].endswith("# command line")
+    assert lines["admin.listen"].endswith("# default")
+    assert lines["relay.drain"].endswith("# default")
     # It reads back as the same configuration (the secret aside).
     shown = tomllib.loads(out)
     assert shown["limits"]["schedule"][0]["upstream"] == 1_000_000
