@@ -130,6 +130,9 @@ async def test_an_unknown_group_is_refused_with_the_known_ones(relay, token_file
     assert "unknown group 'pilott' (known: default, pilot); did you mean pilot?" in err
     assert "--new-group" in err
     assert await asyncio.to_thread(main, [*approve, "pilot"]) == 0
+    # A product or version typo: the closest update.
+    assert await asyncio.to_thread(main, [*base, "approve", "ap", "1.0.0"]) == 1
+    assert "no update ap 1.0.0; did you mean app 1.0.0?" in capsys.readouterr().err
 
 
 async def _get(relay, path, method="GET", token=TOKEN):

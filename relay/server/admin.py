@@ -221,7 +221,9 @@ async def change_approval(
         None,
     )
     if target is None:
-        return 404, {"error": f"no update {product} {version}"}
+        known = [f"{t.product} {t.version}" for t in (current.targets.values() if current else [])]
+        hint = did_you_mean(f"{product} {version}", known)
+        return 404, {"error": f"no update {product} {version}{hint}"}
     policy = state.policy
     try:
         policy.check_writable()
