@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import pytest
 
@@ -14,7 +15,7 @@ from relay.core.policy import Settings
 from relay.fleet.approvals import PolicyStore, settings_from_config
 from relay.server.compose import apply_settings
 from relay.storage.kv import KV
-from tests.support import relay_config, relay_state
+from tests.support import free_port, relay_config, relay_state, start_relay_process
 
 TOKEN = "settings-t0ken"
 
@@ -84,3 +85,42 @@ async def test_saved_keys_survive_a_restart(tmp_path, legacy):
         assert store.settings.relays_only is True and store.settings.beta_groups == ("x",)
     finally:
         await asyncio.to_thread(kv.close)
+
+
+async def test_a_relay_logs_each_override_on_sighup_and_at_start(tmp_path, origin, root_file):
+    config = tmp_path / "relay.toml"
+    config.write_text("[policy]\nrelays_only = false\n")
+    env = {"RELAY_ADMIN__TOKEN": TOKEN}
+    args = ["--config", str(config), "--upstream", origin.url, "--trusted-root", str(root_file)]
+    args += ["--data-dir", str(tmp_path / "data")]
+    line = f"policy.relays_only = true (saved through the admin API) overrides false ({config})"
+
+    async def run(then):
+        port = free_port()
+        proc = await start_relay_process(args, port, env=env)
+        try:
+            seen = await then(proc, f"http://127.0.0.1:{port}/")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = await asyncio.wait_for(proc.communicate(), 20)
+        assert proc.returncode == 0
+        return seen + err.decode()
+
+    async def save_then_reload(proc, url):
+        argv = ["admin", "settings", "--set", "relays_only=true", "--url", url]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RELAY_ADMIN__TOKEN", TOKEN)
+            assert await asyncio.to_thread(main, argv) == 0
+        proc.send_signal(signal.SIGHUP)
+        seen = ""
+        while "SIGHUP: configuration re-read" not in seen:  # the reload's own line, after
+            seen += (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+        return seen
+
+    async def nothing(_proc, _url):
+        return ""
+
+    first = await run(save_then_reload)
+    assert first.count(line) == 1  # on SIGHUP, not at the first start (nothing saved yet)
+    second = await run(nothing)
+    assert second.count(line) == 1  # at start
