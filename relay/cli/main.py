@@ -332,7 +332,7 @@ def _state_parser(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="state_command", metavar="ACTION", required=True)
     check = sub.add_parser("check", help="check the state database (SQLite integrity)")
     check.add_argument("--config", type=Path, help="TOML configuration file")
-    check.add_argument("--data-dir", type=Path, metavar="DIR")
+    check.add_argument("--data-dir", type=Path, metavar="DIR", help="relay.data_dir")
     check.add_argument(
         "--repair",
         action="store_true",
