@@ -34,11 +34,9 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import machine  # noqa: E402
+from benchmarks._inprocess import inprocess_relay  # noqa: E402
 from relay.cache.mirror import SyncResult  # noqa: E402
-from relay.config import load_config  # noqa: E402
 from relay.publisher.repository import Repository  # noqa: E402
-from relay.server import make_app  # noqa: E402
-from relay.server.state import STATE  # noqa: E402
 from tests.chaos import ChaosOrigin, FailingWrites, Mode  # noqa: E402
 
 SECONDS = 180
@@ -84,49 +82,31 @@ async def main(seconds: float, clients: int, seed: int) -> dict[str, object]:
     origin_site = web.TCPSite(origin_runner, "127.0.0.1", 0)
     await origin_site.start()
     origin_port = origin_runner.addresses[0][1]
-    root = work / "root.json"
-    root.write_bytes(repo.root_bytes(1))
     total = sum(len(d) for d in contents.values())
-    cfg = load_config(
-        None,
-        environ={},
-        overrides={
-            "relay.data_dir": str(work / "relay"),
-            "relay.access_log": False,
-            "upstream.urls": [f"http://127.0.0.1:{origin_port}/"],
-            "upstream.trusted_root": str(root),
+    runner, base, state = await inprocess_relay(
+        work,
+        repo.root_bytes(1),
+        f"http://127.0.0.1:{origin_port}/",
+        **{
             "upstream.retries": 2,
             "upstream.retry_backoff": 0.05,
             "upstream.read_timeout": 2,
             "upstream.min_rate": 4096,
             "sync.interval": 5,
-            "sync.jitter": 0,
             "sync.prefetch": "none",
             "store.max_bytes": total * 4,
             "store.keep_versions": 0,
-            "store.scrub_interval": 0,
             "delta.enabled": False,
             # All clients share one address: no per-client cap, so faults are what they meet.
             "limits.max_transfers_per_agent": 0,
         },
     )
-    app = make_app(cfg)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    state = app[STATE]
-    for _ in range(500):
-        if state.mirror.current is not None:
-            break
-        await asyncio.sleep(0.02)
     rss_start = rss_kib()
     failing = FailingWrites(state.mirror.store.root, errno.ENOSPC)
     counts: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
     deadline = time.monotonic() + seconds
-    url_of = {t.sha256: f"http://127.0.0.1:{port}/targets/{t.url_path}" for t in repo.targets()}
+    url_of = {t.sha256: f"{base}/targets/{t.url_path}" for t in repo.targets()}
 
     async def client(session: aiohttp.ClientSession, crng: random.Random) -> None:
         while time.monotonic() < deadline:
@@ -172,7 +152,7 @@ async def main(seconds: float, clients: int, seed: int) -> dict[str, object]:
                 repo.add_bytes, data, "f.bin", product=f"p{i}", version=f"1.0.{n}", kind="content"
             )
             contents[t.sha256] = data
-            url_of[t.sha256] = f"http://127.0.0.1:{port}/targets/{t.url_path}"
+            url_of[t.sha256] = f"{base}/targets/{t.url_path}"
 
     timeout = aiohttp.ClientTimeout(total=60)
     with failing.installed():
@@ -189,6 +169,9 @@ async def main(seconds: float, clients: int, seed: int) -> dict[str, object]:
     chaos_on = False
     await asyncio.sleep(3)
     stuck = [f.sha256 for f in state.mirror.store._fills.values()]  # noqa: SLF001
+    # Targets whose upstream copy failed verification back off (503 Retry-After) for up to
+    # an hour; an operator ends that with `relay admin sync`, which is what this does.
+    state.mirror.clear_backoff()
     sync_after = await state.mirror.sync_once()
     async with aiohttp.ClientSession(timeout=timeout) as session:
         recovered = 0

@@ -32,10 +32,8 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import machine  # noqa: E402
-from relay.config import load_config  # noqa: E402
+from benchmarks._inprocess import inprocess_relay  # noqa: E402
 from relay.publisher.repository import Repository  # noqa: E402
-from relay.server import make_app  # noqa: E402
-from relay.server.state import STATE  # noqa: E402
 
 VERSIONS = 720
 SIZE = 3_000_000
@@ -64,33 +62,20 @@ async def main(versions: int, size: int) -> dict[str, object]:
     origin = web.AppRunner(origin_app, access_log=None)
     await origin.setup()
     await web.TCPSite(origin, "127.0.0.1", 0).start()
-    root = work / "root.json"
-    root.write_bytes(repo.root_bytes(1))
     quota = QUOTA_VERSIONS * size
-    cfg = load_config(
-        None,
-        environ={},
-        overrides={
-            "relay.data_dir": str(work / "relay"),
-            "relay.access_log": False,
-            "upstream.urls": [f"http://127.0.0.1:{origin.addresses[0][1]}/"],
-            "upstream.trusted_root": str(root),
+    runner, base, state = await inprocess_relay(
+        work,
+        repo.root_bytes(1),
+        f"http://127.0.0.1:{origin.addresses[0][1]}/",
+        **{
             "sync.interval": 86400,
-            "sync.jitter": 0,
             "sync.prefetch": "policy",
             "store.max_bytes": quota,
             "store.keep_versions": 1,
-            "store.scrub_interval": 0,
             "delta.formats": ["zstd"],
             "delta.bases": 1,
         },
     )
-    app = make_app(cfg)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    state = app[STATE]
     store = state.mirror.store
     first_ok = delta_offers = unavailable = 0
     peak = 0
