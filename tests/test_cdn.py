@@ -138,6 +138,17 @@ def cache_log(log: Path, uri_end: str) -> list[str]:
     return out
 
 
+async def logged(log: Path, uri_end: str, n: int) -> list[str]:
+    """:func:`cache_log` once it has ``n`` lines: nginx writes a line as the request ends,
+    which may be just after the client has read the last byte (bounded wait)."""
+    for _ in range(100):
+        lines = cache_log(log, uri_end)
+        if len(lines) >= n:
+            return lines
+        await asyncio.sleep(0.05)
+    return cache_log(log, uri_end)
+
+
 async def get(base: str, path: str) -> tuple[bytes, str, str]:
     async with aiohttp.ClientSession() as s, s.get(f"{base}{path}") as r:
         assert r.status == 200, (path, r.status)
@@ -164,13 +175,13 @@ async def test_stock_clients_through_an_http_cache(tmp_path, repo, relay, cdn):
     first = TufClient(tmp_path / "client-1", base, repo.root_bytes(1))
     got = await first.arefresh_and_download()
     assert got["agent/1.0.0/agent.bin"][0] == AGENT
-    assert cache_log(log, blob) == ["MISS"]
+    assert await logged(log, blob, 1) == ["MISS"]
 
     second = TufClient(tmp_path / "client-2", base, repo.root_bytes(1))
     got = await second.arefresh_and_download()
     assert got["agent/1.0.0/agent.bin"][0] == AGENT
     # The second client's blob came from the cache, not from the relay.
-    assert cache_log(log, blob) == ["MISS", "HIT"]
+    assert await logged(log, blob, 2) == ["MISS", "HIT"]
     body, status, cache_control = await get(base, blob)
     assert (body, status) == (AGENT, "HIT")
     assert "immutable" in cache_control
