@@ -32,7 +32,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -231,8 +231,8 @@ def reverify_stored(
 class Retention(Protocol):
     """What the relay fetches ahead and keeps: decided above the cache."""
 
-    def wanted(self, target: Target) -> bool:
-        """Whether to fetch ``target`` before anyone asks for it."""
+    def wanted(self, targets: Iterable[Target]) -> set[str]:
+        """The digests among ``targets`` to fetch before anyone asks for them (once a pass)."""
         ...
 
     def pins(self) -> set[str]:
@@ -241,8 +241,8 @@ class Retention(Protocol):
 
 
 class _KeepEverything:
-    def wanted(self, _target: Target) -> bool:
-        return True
+    def wanted(self, targets: Iterable[Target]) -> set[str]:
+        return {t.sha256 for t in targets}
 
     def pins(self) -> set[str]:
         return set()
@@ -628,12 +628,11 @@ class Mirror:
         """Fetch the blobs the prefetch mode asks for; return how many were fetched."""
         if self.prefetch is Prefetch.NONE or self.current is None:
             return 0
-        wanted = [
-            t
-            for t in self.current.targets.values()
-            if not self.store.contains(t.sha256)
-            and (self.prefetch is Prefetch.ALL or self._retention.wanted(t))
-        ]
+        targets = list(self.current.targets.values())
+        if self.prefetch is not Prefetch.ALL:
+            chosen = self._retention.wanted(targets)  # decided once for the whole pass
+            targets = [t for t in targets if t.sha256 in chosen]
+        wanted = [t for t in targets if not self.store.contains(t.sha256)]
         gate = asyncio.Semaphore(concurrency)
         fetched = 0
 

@@ -9,6 +9,6 @@ from relay.fleet.registry import Registry
 
 def known_groups(registry: Registry, state: PolicyState) -> list[str]:
     """Every group an agent checked in with or an approval names, and the default one."""
-    known = {DEFAULT_GROUP} | {r.group for r in registry.all()}
+    known = {DEFAULT_GROUP} | registry.groups()
     known |= {g for (_p, _v, g) in state.approvals if g is not None}
     return sorted(known)

@@ -215,6 +215,10 @@ class Registry:
         """Every record, sorted by id."""
         return sorted(self._agents.values(), key=lambda r: r.agent_id)
 
+    def groups(self) -> set[str]:
+        """The groups agents checked in with (no sort of the records: one pass)."""
+        return {r.group for r in self._agents.values()}
+
     def __len__(self) -> int:
         return len(self._agents)
 

@@ -18,6 +18,8 @@ Rules (a store under a quota must keep what agents need, and nothing else foreve
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from relay.core.model import Target
 from relay.core.policy import offered_versions, pinned_versions
 from relay.core.verify import VerifiedMetadata
@@ -55,10 +57,10 @@ class PinPolicy:
         """The groups the relay knows."""
         return known_groups(self._registry, self._policy.state)
 
-    def wanted(self, target: Target) -> bool:
-        """Whether some group is offered ``target`` now (prefetch it)."""
+    def wanted(self, targets: Iterable[Target]) -> set[str]:
+        """The digests among ``targets`` that some group is offered now (prefetch them)."""
         self._refresh()
-        return target.sha256 in self._offered
+        return {t.sha256 for t in targets if t.sha256 in self._offered}
 
     def pins(self) -> set[str]:
         """The digests the store must not evict."""
