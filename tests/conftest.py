@@ -14,7 +14,6 @@ module (a module's own ``repo`` fixture may request this one and add its release
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from tests.support import (
     settle,
     start_relay,
     start_relay_process,
+    stop_process,
     write_root,
 )
 
@@ -148,11 +148,5 @@ async def relay_process(tmp_path, origin, root_file) -> AsyncIterator[Callable[.
 
     yield go
     for proc in started:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
-                raise
+        if not await stop_process(proc):
+            raise TimeoutError(f"relay process {proc.pid} ignored SIGTERM for 20 s")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 from collections import Counter
@@ -325,3 +326,17 @@ def agent_headers(server: Any, agent_id: str) -> dict[str, str]:
 
     token = issue_token(server.app[AGENT_SECRET], agent_id, time.time())
     return {"Relay-Agent-Id": agent_id, "Relay-Agent-Token": token}
+
+
+async def stop_process(proc: asyncio.subprocess.Process, grace: float = 20) -> bool:
+    """SIGTERM ``proc`` if it still runs; kill it after ``grace`` s. True if it stopped in time."""
+    if proc.returncode is not None:
+        return True
+    proc.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return False
+    return True

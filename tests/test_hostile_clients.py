@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import os
 import random
-import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import aiohttp
 import pytest
 
 from relay.publisher.repository import Repository
-from tests.support import Origin, free_port, start_relay_process, write_root
+from tests.support import Origin, free_port, start_relay_process, stop_process, write_root
 
 SERVED_WITHIN = 5.0  # seconds
 RSS_GROWTH = 64 * 1024 * 1024  # bytes
@@ -108,13 +107,7 @@ async def relay_process(tmp_path, repo, aiohttp_server, **env):
         yield relay
     finally:
         drain.cancel()
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 20)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc)
 
 
 async def drain_log(proc: asyncio.subprocess.Process, relay: Relay) -> None:
