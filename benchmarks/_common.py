@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -282,3 +283,16 @@ def wrk(url: str, connections: int = 64, seconds: int = 10, threads: int = 2) ->
 def save(name: str, data: dict) -> None:
     WORK.mkdir(exist_ok=True)
     (WORK / f"{name}.json").write_text(json.dumps(data, indent=2))
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--runs`` and ``--relay-tree``, shared by the benchmarks that compare checkouts."""
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs; medians and min–max over them (3)"
+    )
+    parser.add_argument(
+        "--relay-tree",
+        type=Path,
+        action="append",
+        help="checkout whose relay is measured, with its venv in DIR/.venv (repeatable; default: this one)",
+    )

@@ -39,6 +39,7 @@ from benchmarks._common import (  # noqa: E402
     REPO,
     WORK,
     Tree,
+    add_run_options,
     free_port,
     loadavg,
     machine,
@@ -265,15 +266,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", choices=["cold", "fair"])
-    parser.add_argument(
-        "--runs", type=int, default=3, help="runs; medians and min–max over them (3)"
-    )
-    parser.add_argument(
-        "--relay-tree",
-        type=Path,
-        action="append",
-        help="checkout whose relay is measured, with its venv in DIR/.venv (repeatable; default: this one)",
-    )
+    add_run_options(parser)
     args = parser.parse_args()
     trees = [Tree(p) for p in (args.relay_tree or [REPO])]
     WORK.mkdir(exist_ok=True)

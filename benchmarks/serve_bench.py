@@ -28,6 +28,7 @@ from benchmarks._common import (  # noqa: E402
     REPO,
     WORK,
     Tree,
+    add_run_options,
     cpu_seconds,
     free_port,
     loadavg,
@@ -147,15 +148,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=int, default=10, help="seconds of load per case (10)")
-    parser.add_argument(
-        "--runs", type=int, default=3, help="runs; medians and min–max over them (3)"
-    )
-    parser.add_argument(
-        "--relay-tree",
-        type=Path,
-        action="append",
-        help="checkout whose relay is measured, with its venv in DIR/.venv (repeatable; default: this one)",
-    )
+    add_run_options(parser)
     args = parser.parse_args()
     trees = [Tree(p) for p in (args.relay_tree or [REPO])]
     WORK.mkdir(exist_ok=True)
