@@ -32,6 +32,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -650,14 +651,28 @@ class Mirror:
         await asyncio.gather(*(one(t) for t in wanted))
         return fetched
 
-    async def scrub_once(self) -> dict[ScrubOutcome, int]:
-        """Re-hash every blob; re-fetch quarantined ones still in the metadata."""
-        counts = await self.store.scrub()
-        for outcome, n in counts.items():
-            self.metrics.scrub.labels(outcome.value).inc(n)
-        if counts.get(ScrubOutcome.QUARANTINED):
-            await self._refetch_kept()
-        return counts
+    async def scrub_once(self, pause: float = 0.0) -> dict[ScrubOutcome, int]:
+        """One pass: re-hash every stored blob, ``pause`` seconds before each, one at a time.
+
+        A blob being served or filled is skipped until the next pass; a quarantined
+        blob that the relay keeps is fetched again at once.
+        """
+        counts: Counter[ScrubOutcome] = Counter()
+        for sha in self.store.digests():
+            if pause:
+                await asyncio.sleep(pause)
+            if not self.store.contains(sha) or self.store.busy(sha):
+                continue
+            try:
+                outcome = await self.store.scrub_one(sha)
+            except OSError as e:
+                logger.warning("scrub of %s failed: %s", sha, e)
+                continue
+            counts[outcome] += 1
+            self.metrics.scrub.labels(outcome.value).inc()
+            if outcome is ScrubOutcome.QUARANTINED:
+                await self._refetch_kept()
+        return dict(counts)
 
     async def _refetch_kept(self) -> None:
         """Fetch again the kept blobs that are missing (after a quarantine)."""
@@ -675,27 +690,16 @@ class Mirror:
 
         The first pass starts ``first_pass_after`` seconds after start (not a whole
         interval later), so bytes damaged while the relay was down are found soon;
-        blobs are hashed one by one with even pauses, so the disk is never swamped.
-        A blob being served or filled is skipped until the next pass.
+        blobs are hashed one by one with even pauses (:meth:`scrub_once`), so the
+        disk is never swamped.
         """
         await asyncio.sleep(min(first_pass_after, interval))
         while True:
-            digests = self.store.digests()
-            pause = interval / max(1, len(digests))
-            if not digests:
+            stored = len(self.store.digests())
+            if not stored:
                 await asyncio.sleep(interval)
-            for sha in digests:
-                await asyncio.sleep(pause)
-                if not self.store.contains(sha) or self.store.busy(sha):
-                    continue
-                try:
-                    outcome = await self.store.scrub_one(sha)
-                except OSError as e:
-                    logger.warning("scrub of %s failed: %s", sha, e)
-                    continue
-                self.metrics.scrub.labels(outcome.value).inc()
-                if outcome is ScrubOutcome.QUARANTINED:
-                    await self._refetch_kept()
+                continue
+            await self.scrub_once(pause=interval / stored)
 
     async def close(self) -> None:
         """Cancel fills and background work."""

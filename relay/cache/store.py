@@ -278,7 +278,6 @@ class StoreStats:
     full_refusals: int = 0
     quarantined: int = 0
     scrubbed: int = 0
-    scrub_runs: int = 0
     fills_committed: int = 0
     fills_failed: int = 0
     fill_failures: Counter[str] = field(default_factory=Counter)
@@ -551,16 +550,6 @@ class FsBlobStore:
         with contextlib.suppress(FileNotFoundError):
             await _run(os.replace, self.path(sha256), dest)
         self.stats.quarantined += 1
-
-    async def scrub(self) -> dict[ScrubOutcome, int]:
-        """Re-hash every complete blob, one at a time; return counts per outcome."""
-        counts: Counter[ScrubOutcome] = Counter()
-        for sha in list(self._sizes):
-            if self.busy(sha):
-                continue
-            counts[await self.scrub_one(sha)] += 1
-        self.stats.scrub_runs += 1
-        return dict(counts)
 
     async def close(self) -> None:
         """Abandon fills in progress (their temps are deleted)."""
