@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -56,12 +57,14 @@ from relay.core.schema import (
     Parser,
     boolean,
     choice,
+    from_dict,
     integer,
     keys_of,
     list_of,
     parser_of,
     setting,
     string,
+    to_dict,
 )
 from relay.core.units import parse_duration, parse_rate, parse_size
 from relay.errors import ConfigError
@@ -78,6 +81,8 @@ DeltaFormatName = Literal["zstd", "bsdiff4"]
 
 # Variables that start like a configuration variable but belong to another command:
 # `relay admin`'s deprecated name for its token (now RELAY_ADMIN__TOKEN, as the server's).
+MAX_WORKERS = 64
+"""The most processes ``relay.workers`` may ask for."""
 _NOT_CONFIG_VARIABLES = frozenset({"RELAY_ADMIN_TOKEN"})
 _SECRET_WORDS = ("token", "secret", "password")
 _HIDDEN = "<hidden>"
@@ -299,6 +304,16 @@ class RelaySettings:
         "debug | info | warning | error (-v: debug)",
         default="info",
     )
+    workers: int = setting(
+        integer(0, MAX_WORKERS),
+        "integer 0..64: processes serving relay.listen; 0 = one per core, 1 = a single process",
+        default=0,
+    )
+
+    @property
+    def processes(self) -> int:
+        """The processes serving ``listen``: ``workers``, or one per core when it is 0."""
+        return self.workers or max(1, min(MAX_WORKERS, os.cpu_count() or 1))
 
     metadata_dir = _UnderDataDir("metadata")  # verified TUF metadata, byte-exact
     blobs_dir = _UnderDataDir("blobs")  # the content-addressed blob store
@@ -740,6 +755,37 @@ def load_config(
     return config
 
 
+def config_to_dict(config: Config) -> dict[str, Any]:
+    """Return the JSON form of ``config``: one object per section (secrets included).
+
+    What a relay's worker processes receive from the leader over its private socket
+    (:func:`config_from_dict` reads it back).
+    """
+    return {
+        "source": config.source,
+        "sections": {name: to_dict(getattr(config, name)) for name in _SECTIONS},
+    }
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Read back the JSON form :func:`config_to_dict` gives.
+
+    Raises:
+        ConfigError: a section or key is unknown or malformed.
+    """
+    source = str(data.get("source", DEFAULTS))
+    sections = data.get("sections")
+    if not isinstance(sections, Mapping):
+        raise ConfigError("sections", None, source, "expected an object of sections")
+    built: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        try:
+            built[name] = from_dict(sections.get(name, {}), cls())
+        except ValueError as e:
+            raise ConfigError(name, None, source, str(e)) from None
+    return Config(**built, source=source)
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = path.read_bytes()
@@ -823,6 +869,7 @@ def _check_rules(config: Config) -> None:
 __all__ = [
     "DAYS",
     "ENV_PREFIX",
+    "MAX_WORKERS",
     "AdminSettings",
     "AgentSettings",
     "Config",
@@ -834,6 +881,8 @@ __all__ = [
     "StoreSettings",
     "SyncSettings",
     "UpstreamSettings",
+    "config_from_dict",
+    "config_to_dict",
     "default_config",
     "load_config",
 ]

@@ -272,6 +272,9 @@ class RelayMetrics:
         self.background_failures = _counter(
             r, "relay_background_failures", "Failures of background loops, by task.", "task"
         )
+        self.worker_restarts = _counter(
+            r, "relay_worker_restarts", "Worker processes started again after they exited."
+        )
         self.agents = _gauge(r, "relay_agents", "Agents known to the registry.")
         self.agents_by_state = CallbackGauge(
             "relay_agents_by_state",

@@ -35,6 +35,13 @@ from tests.support import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_process(monkeypatch):
+    """Relays started by a test serve from one process (``relay.workers = 1``), as before
+    the key existed, unless the test is about worker processes and says otherwise."""
+    monkeypatch.setenv("RELAY_RELAY__WORKERS", "1")
+
+
 @pytest.fixture
 def serve_origin(aiohttp_server):
     """Start a fault-injecting origin for a publisher's repository on loopback."""

@@ -148,6 +148,7 @@ def relay_config(
         "relay.data_dir": str(tmp_path / name),
         "relay.listen": "127.0.0.1:0",
         "relay.access_log": False,
+        "relay.workers": 1,
         "upstream.urls": upstreams,
         "upstream.trusted_root": str(trusted_root),
         "upstream.retries": 1,
@@ -284,8 +285,12 @@ async def start_relay_process(
     port: int,
     env: dict[str, str] | None = None,
     preexec_fn: Callable[[], None] | None = None,
+    stderr: Any = asyncio.subprocess.PIPE,
 ) -> asyncio.subprocess.Process:
     """`relay serve` in its own process (prefetch off); wait until /readyz answers 200.
+
+    ``stderr``: where its logs go (a file for a test that reads many lines: nothing
+    drains the pipe while it runs).
 
     When the tests are measured, so is the child (see :func:`coverage_env`); stop it
     with SIGTERM so it exits cleanly and writes its data.
@@ -299,8 +304,14 @@ async def start_relay_process(
         "--listen",
         f"127.0.0.1:{port}",
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **coverage_env(), "RELAY_SYNC__PREFETCH": "none", **(env or {})},
+        stderr=stderr,
+        env={
+            **os.environ,
+            **coverage_env(),
+            "RELAY_SYNC__PREFETCH": "none",
+            "RELAY_RELAY__WORKERS": "1",
+            **(env or {}),
+        },
         preexec_fn=preexec_fn,
     )
     async with aiohttp.ClientSession() as s:
@@ -314,7 +325,7 @@ async def start_relay_process(
             await asyncio.sleep(0.05)
     proc.kill()
     _, err = await proc.communicate()
-    raise AssertionError(f"relay did not become ready: {err.decode()[-2000:]}")
+    raise AssertionError(f"relay did not become ready: {(err or b'').decode()[-2000:]}")
 
 
 def agent_headers(server: Any, agent_id: str) -> dict[str, str]:

@@ -229,6 +229,76 @@ def reverify_stored(
     return _with_roots(session.result(), files)
 
 
+def reverify_saved(
+    pinned_root: bytes, files: Mapping[str, bytes], state: Mapping[str, object]
+) -> tuple[VerifiedMetadata | None, float | None]:
+    """Verify again what :class:`MetadataDir` read, as of the time it was verified.
+
+    Args:
+        pinned_root: the trusted root's bytes.
+        files: stored metadata, file name to bytes.
+        state: the state record (``verified_at``: when the generation was verified).
+
+    Returns:
+        The verified generation (``None`` when a file is missing, or when it does not
+        verify: that is logged) and the time it was verified.
+    """
+    verified_at = state.get("verified_at")
+    when = float(verified_at) if isinstance(verified_at, int | float) else None
+    reference = dt.datetime.fromtimestamp(when, dt.UTC) if when is not None else None
+    try:
+        return reverify_stored(pinned_root, files, reference), when
+    except (MetadataRejectedError, ValueError) as e:
+        logger.warning("stored metadata cannot be reloaded: %s", e)
+        return None, when
+
+
+class StoredMetadata:
+    """A read-only view of the verified metadata a relay keeps on disk.
+
+    What a relay's worker processes serve: the generation the leader verified and
+    saved (:class:`MetadataDir`), verified again from the pinned root when it is
+    read, as :meth:`Mirror.open` does at start. It never writes and never asks an
+    upstream; a generation that cannot be read or verified leaves the previous one
+    served.
+
+    Args:
+        trusted_root: the pinned root's bytes.
+        metadata_dir: the leader's ``<data_dir>/metadata``.
+    """
+
+    def __init__(self, trusted_root: bytes, metadata_dir: Path) -> None:
+        self._pinned_root = trusted_root
+        self._metadata = MetadataDir(metadata_dir)
+        self.current: VerifiedMetadata | None = None
+        self.verified_at: float | None = None
+
+    async def reload(self) -> int | None:
+        """Read and verify the stored generation; keep the served one if that fails.
+
+        Returns:
+            The timestamp version served now (``None``: no verified metadata yet).
+
+        Raises:
+            OSError: the directory cannot be listed.
+        """
+        files, state = await asyncio.to_thread(self._metadata.read)
+        verified, when = await asyncio.to_thread(reverify_saved, self._pinned_root, files, state)
+        if verified is not None and (
+            self.current is None or verified.timestamp_version >= self.current.timestamp_version
+        ):
+            self.current, self.verified_at = verified, when
+        return self.current.timestamp_version if self.current is not None else None
+
+    def metadata_file(self, name: str) -> bytes | None:
+        """The exact bytes of a metadata file of the generation read, or ``None``."""
+        return self.current.files.get(name) if self.current is not None else None
+
+    def resolve(self, url_path: str) -> Target | None:
+        """The verified target served at ``targets/<url_path>``, or ``None``."""
+        return self.current.target_for_url(url_path) if self.current is not None else None
+
+
 class Retention(Protocol):
     """What the relay fetches ahead and keeps: decided above the cache."""
 
@@ -333,23 +403,12 @@ class Mirror:
         files, state = await asyncio.to_thread(self._metadata.load)
         if not files:
             return
-        verified_at = state.get("verified_at")
-        reference = (
-            dt.datetime.fromtimestamp(float(verified_at), dt.UTC)
-            if isinstance(verified_at, int | float)
-            else None
-        )
-        try:
-            self.current = reverify_stored(self._pinned_root, files, reference)
-        except (MetadataRejectedError, ValueError) as e:
-            logger.warning("stored metadata cannot be reloaded: %s", e)
-            # Keep the verified roots: they still protect against rollback of root.
-            self.current = None
+        self.current, verified_at = reverify_saved(self._pinned_root, files, state)
         if self.current is not None:
             self._publish(self.current)
-            if isinstance(verified_at, int | float):
-                self.last_sync_ok = float(verified_at)
+            self.last_sync_ok = verified_at
         else:
+            # Keep the verified roots: they still protect against rollback of root.
             self._served.update({n: b for n, b in files.items() if n.endswith(".root.json")})
 
     def _publish(self, verified: VerifiedMetadata) -> None:

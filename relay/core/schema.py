@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import PurePath
 from types import MappingProxyType
 from typing import Any, TypeVar, cast
 
@@ -159,6 +160,12 @@ def project(cls: type[S], settings: S) -> S:
 def _plain(value: object) -> object:
     if isinstance(value, Enum):
         return value.value
+    if isinstance(value, PurePath):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        # A table of a list (a schedule entry): its set fields, as a file would give them.
+        fields = ((f.name, getattr(value, f.name)) for f in dataclasses.fields(value))
+        return {name: _plain(v) for name, v in fields if v is not None}
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, Mapping):

@@ -8,6 +8,7 @@ from relay.config import Config
 from relay.metrics import RelayMetrics
 from relay.server.compose import components
 from relay.server.events import answer_held
+from relay.server.internal import close_changes
 from relay.server.routes import add_routes
 from relay.server.state import CONFIG, METRICS
 
@@ -24,5 +25,6 @@ def make_app(config: Config, *, metrics: RelayMetrics | None = None) -> web.Appl
     app[METRICS] = metrics or RelayMetrics()
     app.cleanup_ctx.append(components)
     app.on_shutdown.append(answer_held)
+    app.on_shutdown.append(close_changes)
     add_routes(app)
     return app

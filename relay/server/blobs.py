@@ -37,16 +37,18 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 from aiohttp import web
 
+from relay.cache.mirror import StoredBlob
 from relay.cache.store import Fill, FillRestartedError, FillState
-from relay.core.model import is_sha256
+from relay.core.model import Target, is_sha256
 from relay.core.protocol import MEDIA_TYPES, formats_from_accept
 from relay.core.rfc9110 import Decision, format_http_date
 from relay.errors import StoreError, StoreFullError, TargetBackoffError
-from relay.server.http import agent_key, decide_for, unavailable
-from relay.server.state import STATE, RelayState
+from relay.server.http import agent_key, decide_for, unavailable, via_worker
+from relay.server.state import STATE, Serving
 from relay.transfer.bandwidth import Pacer
 from relay.transfer.openfiles import OpenFile
 
@@ -105,6 +107,33 @@ async def target(request: web.Request) -> web.StreamResponse:
         logger.error("cannot serve %s: %s", tgt.path, e)  # noqa: TRY400 - no traceback needed
         return unavailable("store_error", state.config.store.retry_after, state.metrics)
     last_modified = source.started if isinstance(source, Fill) else mirror.store.mtime(tgt.sha256)
+    return await send_blob(request, state, mirror.store, tgt, source, last_modified)
+
+
+class BlobHolder(Protocol):
+    """Where a stored blob lives: pinned while it is read, set aside when it is damaged."""
+
+    def serving(self, sha256: str) -> contextlib.AbstractContextManager[None]:
+        """Pin ``sha256`` while a response reads it."""
+        ...
+
+    async def quarantine(self, sha256: str, why: str) -> None:
+        """Set a damaged blob aside: the next request does not get it."""
+        ...
+
+
+async def send_blob(
+    request: web.Request,
+    state: Serving,
+    holder: BlobHolder,
+    tgt: Target,
+    source: StoredBlob | Fill,
+    last_modified: float,
+) -> web.StreamResponse:
+    """Steps 3 to 5 of a blob request: decide, gate, send ``source`` (stored or filling).
+
+    A worker process calls it for the blobs it finds stored, with its own state.
+    """
     # 3. decide
     decision = decide_for(
         request, length=tgt.length, etag=f'"{tgt.sha256}"', last_modified=last_modified
@@ -123,12 +152,12 @@ async def target(request: web.Request) -> web.StreamResponse:
             if isinstance(source, Fill):
                 await _send_fill(request, resp, state, source, decision, pace)
             else:
-                with mirror.store.serving(tgt.sha256):
+                with holder.serving(tgt.sha256):
                     file = (tgt.sha256, source.path)
                     await _send_file(request, resp, state, file, decision, pace, "cache")
         except ShortFileError as e:
             # Truncated on disk after it was checked: fetched again on the next request.
-            await mirror.store.quarantine(tgt.sha256, str(e))
+            await holder.quarantine(tgt.sha256, str(e))
             logger.warning("aborted %s for %s: %s", tgt.path, agent_key(request), e)
             raise web.HTTPBadGateway from None  # the transport is already aborted
         except AbortedTransferError as e:
@@ -141,7 +170,7 @@ async def target(request: web.Request) -> web.StreamResponse:
 async def _send_fill(
     request: web.Request,
     resp: web.StreamResponse,
-    state: RelayState,
+    state: Serving,
     fill: Fill,
     decision: Decision,
     pace: Pacer | None,
@@ -166,7 +195,7 @@ async def _send_fill(
 async def _send_file(
     request: web.Request,
     resp: web.StreamResponse,
-    state: RelayState,
+    state: Serving,
     file: tuple[str, Path],
     decision: Decision,
     pace: Pacer | None,
@@ -239,20 +268,27 @@ async def delta(request: web.Request) -> web.StreamResponse:
 
 async def _gate_and_send(
     request: web.Request,
-    state: RelayState,
+    state: Serving,
     decision: Decision,
     headers: dict[str, str],
     send: Callable[[web.StreamResponse, Pacer | None], Awaitable[None]],
 ) -> web.StreamResponse:
-    """Answer without a body (304, 412, 416, HEAD), or take a slot and ``send`` the body."""
+    """Answer without a body (304, 412, 416, HEAD), or take a slot and ``send`` the body.
+
+    A request a worker process forwarded takes no slot and is not paced here: the
+    worker did both for its client.
+    """
     if decision.bodiless or request.method == "HEAD":
         return await _without_body(request, decision, headers)
-    agent = agent_key(request)
-    if (refused := _admit(state, agent)) is not None:
-        return refused
     resp = _body_response(decision, headers)
+    if via_worker(request):
+        await send(resp, None)
+        return resp
+    agent = agent_key(request)
+    if (refused := admit(state, agent)) is not None:
+        return refused
     started = asyncio.get_running_loop().time()
-    with _paced_slot(state, agent) as pace:
+    with paced_slot(state, agent) as pace:
         try:
             await send(resp, pace)
         except asyncio.CancelledError:
@@ -288,7 +324,7 @@ def _body_response(decision: Decision, headers: dict[str, str]) -> web.StreamRes
     return resp
 
 
-def _admit(state: RelayState, agent: str) -> web.Response | None:
+def admit(state: Serving, agent: str) -> web.Response | None:
     """Take a transfer slot for ``agent``; return the 503 to answer when there is none."""
     refused = state.gate.try_enter(agent)
     if refused is None:
@@ -297,8 +333,8 @@ def _admit(state: RelayState, agent: str) -> web.Response | None:
 
 
 @contextlib.contextmanager
-def _paced_slot(state: RelayState, agent: str) -> Iterator[Pacer | None]:
-    """Hold the slot :func:`_admit` took, with the agent's pacer when egress is limited."""
+def paced_slot(state: Serving, agent: str) -> Iterator[Pacer | None]:
+    """Hold the slot :func:`admit` took, with the agent's pacer when egress is limited."""
     try:
         if state.limiter.limited:
             with Pacer(state.limiter, agent) as pace:
@@ -309,7 +345,7 @@ def _paced_slot(state: RelayState, agent: str) -> Iterator[Pacer | None]:
         state.gate.leave(agent)
 
 
-def _counter(state: RelayState, source: str, resp: web.StreamResponse) -> Callable[[int], None]:
+def _counter(state: Serving, source: str, resp: web.StreamResponse) -> Callable[[int], None]:
     """Count body bytes sent: in ``relay_bytes_served_total{source}`` and on ``resp``."""
     key = (source,)
     values = state.metrics.bytes_served.values

@@ -38,8 +38,10 @@ from relay.deltas.service import DeltaService
 from relay.errors import ConfigError
 from relay.fleet.approvals import PolicyStore, override_lines, settings_from_config
 from relay.fleet.registry import Registry
+from relay.metrics import RelayMetrics
 from relay.server.events import EVENTS, EventHub, follow_mirror, follow_upstream
 from relay.server.fleet import watch_fleet
+from relay.server.internal import CHANGES
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import AGENT_SECRET, CONFIG, METRICS, STATE, RelayState
@@ -98,15 +100,48 @@ async def apply_settings(app: web.Application, config: Config) -> None:
     """
     state = app[STATE]
     token = await asyncio.to_thread(config.admin_token)  # may read a file
-    state.schedule.apply(schedule_from_config(config.limits), state.limiter, state.upstream_limiter)
-    state.gate.max_total = config.limits.max_transfers
-    state.gate.max_per_agent = config.limits.max_transfers_per_agent
+    apply_limits(config, state.schedule, state.limiter, state.upstream_limiter, state.gate)
     state.admin_token = token
     state.config = config
     if state.policy.set_defaults(settings_from_config(config.policy)):
         state.on_policy_change()
     state.policy.set_group_defaults(GroupSettings(poll_seconds=config.policy.poll_seconds))
     _log_overrides(state.policy, config)
+    app[CHANGES].new_settings()  # worker processes fetch the new settings
+
+
+def make_limiters(
+    config: Config, metrics: RelayMetrics
+) -> tuple[LiveSchedule, BandwidthLimiter, BandwidthLimiter]:
+    """The rate schedule and the egress and upstream limiters on its rates now.
+
+    Returns:
+        ``(schedule, egress, upstream)``; :func:`follow_schedule` keeps them in step.
+    """
+    limits = config.limits
+    schedule = LiveSchedule(schedule_from_config(limits))  # SIGHUP may replace it
+    rates = schedule.rates_at(dt.datetime.now().astimezone())
+    egress = BandwidthLimiter(rates.egress, rates.per_agent, max_chunk=limits.chunk_bytes)
+    upstream = BandwidthLimiter(rates.upstream)
+    egress.on_throttle = metrics.throttled_seconds.labels("egress").inc
+    upstream.on_throttle = metrics.throttled_seconds.labels("upstream").inc
+    metrics.bind(metrics.bandwidth_limit.labels("egress"), lambda: egress.rate)
+    metrics.bind(metrics.bandwidth_limit.labels("per_agent"), lambda: egress.per_agent)
+    metrics.bind(metrics.bandwidth_limit.labels("upstream"), lambda: upstream.rate)
+    return schedule, egress, upstream
+
+
+def apply_limits(
+    config: Config,
+    schedule: LiveSchedule,
+    egress: BandwidthLimiter,
+    upstream: BandwidthLimiter,
+    gate: TransferGate,
+) -> None:
+    """Put running limiters and the transfer caps on ``config``'s ``[limits]`` (a reload)."""
+    schedule.apply(schedule_from_config(config.limits), egress, upstream)
+    gate.max_total = config.limits.max_transfers
+    gate.max_per_agent = config.limits.max_transfers_per_agent
 
 
 def _log_overrides(policy: PolicyStore, config: Config) -> None:
@@ -159,15 +194,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         headers={"User-Agent": "relay"},
     )
     limits = config.limits
-    schedule = LiveSchedule(schedule_from_config(limits))  # SIGHUP may replace it
-    rates = schedule.rates_at(dt.datetime.now().astimezone())
-    egress_limiter = BandwidthLimiter(rates.egress, rates.per_agent, max_chunk=limits.chunk_bytes)
-    upstream_limiter = BandwidthLimiter(rates.upstream)
-    egress_limiter.on_throttle = metrics.throttled_seconds.labels("egress").inc
-    upstream_limiter.on_throttle = metrics.throttled_seconds.labels("upstream").inc
-    metrics.bind(metrics.bandwidth_limit.labels("egress"), lambda: egress_limiter.rate)
-    metrics.bind(metrics.bandwidth_limit.labels("per_agent"), lambda: egress_limiter.per_agent)
-    metrics.bind(metrics.bandwidth_limit.labels("upstream"), lambda: upstream_limiter.rate)
+    schedule, egress_limiter, upstream_limiter = make_limiters(config, metrics)
     upstream = Upstream(
         AiohttpFetcher(
             session,
@@ -277,11 +304,15 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         if dcfg.enabled:
             await deltas.compute_all(verified)
 
+    changes = app[CHANGES]
+
     async def after_sync(verified: VerifiedMetadata) -> None:
         track(verified)
+        changes.new_content(verified.timestamp_version)  # saved: worker processes reload it
         state.spawn(prefetch_then_diff(verified), "prefetch")
 
     track(mirror.current)
+    changes.new_content(mirror.current.timestamp_version if mirror.current else None)
     mirror.listeners.append(after_sync)
     follow_mirror(hub, mirror)
 

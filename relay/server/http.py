@@ -38,6 +38,15 @@ STATE_RETRY_AFTER = 30  # seconds: a full disk is not fixed in a moment
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 COUNTS = web.AppKey("request_counts", dict[tuple[str, ...], float])
+CLIENT_ADDRESS_HEADER = "Relay-Client-Address"
+"""The client's address, as a worker process passes it on with a forwarded request."""
+VIA_WORKER = web.RequestKey("via_worker", bool)
+"""Set on a request a worker process forwarded over the leader's private socket."""
+
+
+def via_worker(request: web.Request) -> bool:
+    """Whether a worker process forwarded ``request`` (it gates and paces the transfer)."""
+    return bool(request.get(VIA_WORKER, False))
 
 
 def verified_agent(request: web.Request) -> str | None:

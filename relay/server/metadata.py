@@ -17,6 +17,7 @@ import re
 
 from aiohttp import web
 
+from relay.metrics import RelayMetrics
 from relay.server.http import decide_for, unavailable
 from relay.server.state import STATE
 
@@ -70,18 +71,28 @@ async def metadata(request: web.Request) -> web.StreamResponse:
         if state.mirror.current is None and name == "timestamp.json":
             return unavailable("no_verified_metadata", 5, state.metrics)
         raise web.HTTPNotFound(text=f"{name} is not in the verified metadata\n")
+    return metadata_response(request, name, data, state.metrics, state.started)
+
+
+def metadata_response(
+    request: web.Request, name: str, data: bytes, metrics: RelayMetrics, started: float
+) -> web.Response:
+    """The answer for metadata file ``name`` holding ``data`` (a worker process's too).
+
+    ``started`` is the relay's start time, the files' ``Last-Modified`` for preconditions.
+    """
     etag, base_headers = request.app[METADATA_HEADERS].get(name, data)
     if not any(h in request.headers for h in _CONDITIONAL):
         # The common case: no validators, no range. One response, no decision needed.
         if request.method == "GET":
-            state.metrics.bytes_served.inc(("metadata",), len(data))
+            metrics.bytes_served.inc(("metadata",), len(data))
         return web.Response(body=data, headers=base_headers)
-    decision = decide_for(request, length=len(data), etag=etag, last_modified=state.started)
+    decision = decide_for(request, length=len(data), etag=etag, last_modified=started)
     headers = dict(base_headers)
     headers.update(decision.headers)
     if decision.bodiless:
         return web.Response(status=decision.status, headers=headers)
     body = data[decision.start : decision.end]
     if request.method == "GET":
-        state.metrics.bytes_served.inc(("metadata",), len(body))
+        metrics.bytes_served.inc(("metadata",), len(body))
     return web.Response(status=decision.status, body=body, headers=headers)

@@ -64,8 +64,11 @@ from relay.server.app import make_app
 from relay.server.blobs import BODY_BYTES
 from relay.server.compose import apply_settings
 from relay.server.connections import ConnectionGuard, ConnectionLimits, GuardedSite
-from relay.server.state import STATE
+from relay.server.internal import CHANGES, from_workers, leader_socket
+from relay.server.state import METRICS, STATE
+from relay.server.supervisor import WorkerPool
 from relay.storage.fsio import ensure_directory
+from relay.transfer.gate import TransferGate
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,
         }
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
@@ -240,6 +244,8 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: BaseRequest, response: web.StreamResponse, duration: float) -> None:
         """Write the access line; ``duration`` is the request's, in seconds."""
+        if request.remote == "":
+            return  # over the leader's Unix socket: the worker that forwarded it logs it
         headers = request.headers
         agent = headers.get(AGENT_ID_HEADER, "")
         agent = agent if agent and is_agent_id(agent) else "-"
@@ -440,12 +446,17 @@ def prepare_data_dir(config: Config) -> DataDirLock:
     return lock
 
 
-def bind(config: Config, key: str = "relay.listen") -> list[socket.socket]:
+def bind(
+    config: Config, key: str = "relay.listen", *, reuse_port: bool = False
+) -> list[socket.socket]:
     """Open the listening sockets of ``relay.listen`` (one per address of the host name).
 
     Args:
         config: the configuration.
         key: the address to listen on: ``relay.listen``, or ``admin.listen``.
+        reuse_port: let worker processes bind the same address (``SO_REUSEPORT``).
+            The port is bound first without it, so a port another program holds
+            (with ``SO_REUSEPORT`` or not) is still found taken.
 
     Raises:
         StartupError: the host name does not resolve, the address is not on this
@@ -473,7 +484,7 @@ def bind(config: Config, key: str = "relay.listen") -> list[socket.socket]:
             # With port 0, every address gets the port the first one was given.
             bound = sockets[0].getsockname()[1] if port == 0 and len(sockets) > 1 else port
             try:
-                _listen(sock, (ip, bound, *address[2:]))
+                _listen(sock, (ip, bound, *address[2:]), reuse_port=reuse_port)
             except OSError as e:
                 raise _bind_error(subject, ip, port, e) from None
     except BaseException:
@@ -483,13 +494,62 @@ def bind(config: Config, key: str = "relay.listen") -> list[socket.socket]:
     return sockets
 
 
-def _listen(sock: socket.socket, address: tuple[Any, ...]) -> None:
+def _listen(sock: socket.socket, address: tuple[Any, ...], *, reuse_port: bool = False) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind(address)
+    if reuse_port:
+        # Set after the bind (which found the port free), before listen: the kernel
+        # then spreads connections over this socket and the workers' ones.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.listen(1024)
     sock.setblocking(False)  # noqa: FBT003 - the stdlib's signature
+
+
+def bind_shared(family: int, host: str, port: int) -> socket.socket:
+    """A worker's listening socket on an address its leader listens on (``SO_REUSEPORT``).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)  # noqa: FBT003 - the stdlib's signature
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def private_socket(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, in a directory only this user can enter.
+
+    A socket left by a relay that died is replaced (the data directory's lock says
+    no other relay runs).
+
+    Raises:
+        OSError: the directory or the socket cannot be made.
+    """
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        sock.listen(1024)
+        sock.setblocking(False)  # noqa: FBT003 - the stdlib's signature
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _bind_error(subject: str, host: str, port: int, e: OSError) -> StartupError:
@@ -580,6 +640,79 @@ def split_changes(running: Config, new: Config) -> tuple[Config, list[str], list
     return live, applied, restart
 
 
+# -- stopping ----------------------------------------------------------------------
+
+
+async def drain(
+    runner: web.AppRunner,
+    gate: TransferGate,
+    seconds: float,
+    sig: signal.Signals,
+    second: asyncio.Future[signal.Signals],
+    *,
+    workers: asyncio.Future[None] | None = None,
+    forward: Callable[[signal.Signals], None] | None = None,
+    last: web.BaseSite | None = None,
+) -> None:
+    """Stop accepting, let transfers finish for up to ``seconds``, then shut down.
+
+    Args:
+        runner: the application's runner.
+        gate: the transfers in flight.
+        seconds: ``relay.drain``.
+        sig: the signal that asked for the stop (logged).
+        second: resolves with a second stop signal: transfers are cut at once.
+        workers: the worker processes' own stop (the leader waits for it).
+        forward: passes a second signal on to the workers.
+        last: a site stopped only once ``workers`` is done (the leader's socket).
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for site in list(runner.sites):
+        if site is not last:
+            await site.stop()  # no new connections
+    server = runner.server
+    if server is not None and last is None:
+        server.pre_shutdown()  # idle keep-alive connections close; busy ones after
+    in_flight = gate.active
+    idle = asyncio.Event()
+    gate.on_idle = idle.set
+    if not gate.active:
+        idle.set()
+    waiters: set[asyncio.Future[Any]] = {asyncio.ensure_future(idle.wait()), second}
+    await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    if workers is not None:
+        if not second.done():
+            either: set[asyncio.Future[Any]] = {workers, second}
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+        if second.done() and forward is not None:
+            forward(second.result())
+        await workers
+        if last is not None:
+            await last.stop()
+        if server is not None:
+            server.pre_shutdown()
+    interrupted = second.done()
+    for task in waiters:
+        task.cancel()
+    cut = gate.active
+    if server is not None:
+        # Other requests (check-ins, metadata, long polls) had the same wait; they get
+        # a short grace more, within the drain time, unless transfers are cut anyway.
+        left = min(seconds - (loop.time() - started), OTHER_REQUESTS_GRACE)
+        await server.shutdown(0.1 if cut or interrupted else max(0.1, left))
+    why = "by a second signal" if interrupted else f"at relay.drain ({seconds:g} s)"
+    logger.log(
+        logging.WARNING if cut else logging.INFO,
+        "stopped on %s after %.1f s: %d transfers in flight finished, %d cut%s",
+        sig.name,
+        loop.time() - started,
+        in_flight - cut,
+        cut,
+        f" {why}" if cut else "",
+    )
+
+
 # -- the service ---------------------------------------------------------------------
 
 
@@ -613,7 +746,8 @@ class Service:
             lock = await asyncio.to_thread(prepare_data_dir, self.config)
             try:
                 await asyncio.to_thread(check_trusted_root, self.config)
-                sockets = bind(self.config)
+                shared = self.config.relay.processes > 1
+                sockets = bind(self.config, reuse_port=shared)
                 try:
                     admin = self._bind_admin()
                     sockets += admin
@@ -658,6 +792,9 @@ class Service:
         admin: list[socket.socket],
     ) -> None:
         app = self.app = make_app(self.config)
+        processes = self.config.relay.processes
+        if processes > 1:
+            app.middlewares.insert(0, from_workers)
         if admin:
             app.middlewares.append(admin_listener_only([s.getsockname()[:2] for s in admin]))
         limits = ConnectionLimits.from_config(self.config)
@@ -669,6 +806,8 @@ class Service:
             handle_signals=False,
             **limits.handler_args(),
         )
+        pool: WorkerPool | None = None
+        private: web.SockSite | None = None
         try:
             await runner.setup()
             for sock in sockets:
@@ -678,14 +817,53 @@ class Service:
                 shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
                 what = "admin API and /ui/" if sock in admin else "relay"
                 logger.info("%s listening on http://%s:%d/", what, shown, port)
+            if processes > 1:
+                private, pool = await self._start_workers(runner, app, sockets, admin, processes)
             sd_notify(f"READY=1\nSTATUS=listening on {self.config.relay.listen}")
             if ready is not None:
                 ready.set()
             while (sig := await self._signals.get()) is signal.SIGHUP:
                 await self.reload()
-            await self._drain(runner, sig)
+            await self._drain(runner, sig, pool, private)
         finally:
             await runner.cleanup()
+            if private is not None:
+                with contextlib.suppress(OSError):
+                    leader_socket(self.config).unlink()
+
+    async def _start_workers(
+        self,
+        runner: web.AppRunner,
+        app: web.Application,
+        sockets: list[socket.socket],
+        admin: list[socket.socket],
+        processes: int,
+    ) -> tuple[web.SockSite, WorkerPool]:
+        """Serve the leader's socket, then start the workers and wait until they listen."""
+        path = leader_socket(self.config)
+        try:
+            unix = await asyncio.to_thread(private_socket, path)
+        except OSError as e:
+            raise StartupError(
+                f"relay.data_dir {self.config.relay.data_dir}",
+                f"cannot make {path}: {e.strerror}",
+                "give the directory to the user the relay runs as",
+            ) from None
+        private = web.SockSite(runner, unix)
+        await private.start()
+        app[CHANGES].addresses = [
+            (int(sock.family), *sock.getsockname()[:2]) for sock in sockets if sock not in admin
+        ]
+        metrics = app[METRICS]
+        pool = WorkerPool(
+            path,
+            processes,
+            verbose=self._verbose,
+            on_restart=lambda _slot: metrics.worker_restarts.inc(),
+        )
+        listening = await pool.start()
+        logger.info("%d of %d worker processes listening", listening, processes - 1)
+        return private, pool
 
     async def reload(self) -> None:
         """Re-read the configuration and apply what can change live (SIGHUP)."""
@@ -713,43 +891,30 @@ class Service:
         finally:
             sd_notify("READY=1")
 
-    async def _drain(self, runner: web.AppRunner, sig: signal.Signals) -> None:
+    async def _drain(
+        self,
+        runner: web.AppRunner,
+        sig: signal.Signals,
+        pool: WorkerPool | None,
+        private: web.SockSite | None,
+    ) -> None:
         sd_notify("STOPPING=1")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        drain = self.config.relay.drain
-        for site in list(runner.sites):
-            await site.stop()  # no new connections
-        server = runner.server
-        if server is not None:
-            server.pre_shutdown()  # idle keep-alive connections close; busy ones after
-        gate = runner.app[STATE].gate
-        in_flight = gate.active
-        idle = asyncio.Event()
-        gate.on_idle = idle.set
-        if not gate.active:
-            idle.set()
         second = asyncio.ensure_future(self._stop_signal())
-        waiters = {asyncio.ensure_future(idle.wait()), second}
-        await asyncio.wait(waiters, timeout=drain, return_when=asyncio.FIRST_COMPLETED)
-        interrupted = second.done()
-        for task in waiters:
-            task.cancel()
-        cut = gate.active
-        if server is not None:
-            # Other requests (check-ins, metadata, long polls) had the same wait; they get
-            # a short grace more, within the drain time, unless transfers are cut anyway.
-            left = min(drain - (loop.time() - started), OTHER_REQUESTS_GRACE)
-            await server.shutdown(0.1 if cut or interrupted else max(0.1, left))
-        why = "by a second signal" if interrupted else f"at relay.drain ({drain:g} s)"
-        logger.log(
-            logging.WARNING if cut else logging.INFO,
-            "stopped on %s after %.1f s: %d transfers in flight finished, %d cut%s",
-            sig.name,
-            loop.time() - started,
-            in_flight - cut,
-            cut,
-            f" {why}" if cut else "",
+        workers = None
+        if pool is not None:
+            # The workers drain as this process does; the leader's socket stays open
+            # for what they forward until they are gone.
+            grace = self.config.relay.drain + OTHER_REQUESTS_GRACE + 5
+            workers = asyncio.ensure_future(pool.stop(sig, grace))
+        await drain(
+            runner,
+            runner.app[STATE].gate,
+            self.config.relay.drain,
+            sig,
+            second,
+            workers=workers,
+            forward=pool.send_signal if pool is not None else None,
+            last=private,
         )
 
     async def _stop_signal(self) -> signal.Signals:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from aiohttp import web
 
@@ -132,6 +133,16 @@ class Background:
         await asyncio.sleep(self.HEALTHY_AFTER)
         if health.failures == failures:
             health.failing_since = None
+
+
+class Serving(Protocol):
+    """What serving blobs needs of a process: the leader's :class:`RelayState`, or a worker's."""
+
+    config: Config
+    metrics: RelayMetrics
+    files: OpenFileCache
+    gate: TransferGate
+    limiter: BandwidthLimiter
 
 
 @dataclass(slots=True)
