@@ -190,6 +190,7 @@ def test_config_show_is_toml_with_each_values_source(tmp_path, monkeypatch, caps
         'upstream = "1MB"\n[admin]\ntoken = "s3cret-value"\n'
     )
     monkeypatch.setenv("RELAY_SYNC__INTERVAL", "60")
+    monkeypatch.delenv("RELAY_RELAY__WORKERS")  # the suite's one-process default
     argv = ["config", "show", "--config", str(path), "--listen", "127.0.0.1:9999"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -205,6 +206,7 @@ def test_config_show_is_toml_with_each_values_source(tmp_path, monkeypatch, caps
     assert lines["relay.listen"].endswith("# command line")
     assert lines["admin.listen"].endswith("# default")
     assert lines["relay.drain"].endswith("# default")
+    assert lines["relay.workers"].startswith("workers = 0 ")  # one process per core
     # It reads back as the same configuration (the secret aside).
     shown = tomllib.loads(out)
     assert shown["limits"]["schedule"][0]["upstream"] == 1_000_000

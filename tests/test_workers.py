@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from relay.core.protocol import MEDIA_TYPES, DeltaFormat
+from relay.deltas.formats import apply_patch_bytes
 from tests.support import Fault, free_port, start_relay_process, stop_process
 
 SIZE = 1024 * 1024
@@ -61,14 +64,14 @@ async def relay_workers(tmp_path, origin, root_file) -> AsyncIterator[Callable[.
     """Start ``relay serve`` with ``relay.workers = 2`` (JSON logs, access log on)."""
     started: list[asyncio.subprocess.Process] = []
 
-    async def go(**env: str) -> Relay:
+    async def go(*extra: str, **env: str) -> Relay:
         port = free_port()
         data_dir = tmp_path / "data"
         log = tmp_path / f"relay-{len(started)}.log"
         args = ["--upstream", origin.url, "--trusted-root", str(root_file)]
         with log.open("wb") as stderr:
             proc = await start_relay_process(
-                [*args, "--data-dir", str(data_dir)],
+                [*args, "--data-dir", str(data_dir), *extra],
                 port,
                 env={
                     "RELAY_RELAY__WORKERS": "2",
@@ -133,3 +136,216 @@ async def _logged(relay: Relay, path: str, count: int) -> list[dict[str, Any]]:
             return lines
         await asyncio.sleep(0.05)
     return relay.access_lines(path)
+
+
+async def _worker_pid(relay: Relay, not_pid: int = 0) -> int:
+    """The PID of worker 1 listening (another than ``not_pid``: started again)."""
+    for _ in range(600):
+        for record in relay.records():
+            message = record.get("message", "")
+            if message.startswith("worker 1 (pid ") and message.endswith(") listening"):
+                pid = int(message.split("(pid ")[1].split(")")[0])
+                if pid != not_pid:
+                    return pid
+        await asyncio.sleep(0.05)
+    raise AssertionError("worker 1 is not listening")
+
+
+async def worker_metrics(relay: Relay, slot: int = 1) -> str:
+    """The metrics text of worker ``slot``, from its own socket."""
+    sock = relay.data_dir / "run" / f"worker-{slot}.sock"
+    connector = aiohttp.UnixConnector(path=str(sock))
+    async with (
+        aiohttp.ClientSession(connector=connector) as s,
+        s.get("http://worker/internal/metrics") as r,
+    ):
+        assert r.status == 200
+        return await r.text()
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    """The value of one series in a metrics text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series == (f"{name}{{{want}}}" if want else name):
+            return float(value)
+    return 0.0
+
+
+async def _until_worker_answers(relay: Relay, route: str, status: int, ask) -> list[Any]:
+    """Ask (a new connection each time) until the worker answered ``route`` with ``status``
+    itself at least once, a bounded number of times; every answer is returned."""
+    answers = []
+    for _ in range(40):
+        answers.append(await ask())
+        if _sample(
+            await worker_metrics(relay),
+            "relay_http_requests_total",
+            route=route,
+            status=str(status),
+        ):
+            return answers
+    pytest.fail(f"40 connections and the worker never answered {route} {status} itself")
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_serves_metadata_and_stored_blobs_byte_exact(repo, origin, relay_workers):
+    blob = os.urandom(SIZE)
+    tgt = repo.add_bytes(blob, "app.bin", product="app", version="1.0.0")
+    relay = await relay_workers()
+    path = f"targets/{tgt.url_path}"
+    assert await _get(relay.url + path) == (200, blob)  # stored now, by the leader
+    timestamp = (repo.public_dir / "metadata" / "timestamp.json").read_bytes()
+    etag = f'"{hashlib.sha256(timestamp).hexdigest()}"'
+
+    answers = await _until_worker_answers(
+        relay, "metadata", 200, lambda: _get(relay.url + "metadata/timestamp.json")
+    )
+    assert set(answers) == {(200, timestamp)}
+    answers = await _until_worker_answers(
+        relay,
+        "metadata",
+        304,
+        lambda: _get(relay.url + "metadata/timestamp.json", **{"If-None-Match": etag}),
+    )
+    assert set(answers) == {(304, b"")}
+    answers = await _until_worker_answers(relay, "targets", 200, lambda: _get(relay.url + path))
+    assert set(answers) == {(200, blob)}
+    answers = await _until_worker_answers(
+        relay, "targets", 206, lambda: _get(relay.url + path, Range="bytes=1000-99999")
+    )
+    assert set(answers) == {(206, blob[1000:100000])}
+    answers = await _until_worker_answers(
+        relay,
+        "targets",
+        304,
+        lambda: _get(relay.url + path, **{"If-None-Match": f'"{tgt.sha256}"'}),
+    )
+    assert set(answers) == {(304, b"")}
+    assert origin.hits[path] == 1
+
+
+@pytest.mark.timeout(120)
+async def test_checkins_and_reports_through_a_worker_reach_the_leaders_registry(
+    repo, relay_workers
+):
+    repo.add_bytes(b"v1", "app.bin", product="app", version="1.0.0")
+    relay = await relay_workers(RELAY_ADMIN__TOKEN="secret-admin-token")
+    worker = await _worker_pid(relay)
+    agents = [f"agent-{i}" for i in range(12)]
+    for agent in agents:
+        async with aiohttp.ClientSession() as s:
+            body = {"agent_id": agent, "installed": []}
+            # A client cannot choose the address it is recorded under.
+            spoof = {"Relay-Client-Address": "203.0.113.9"}
+            async with s.post(relay.url + "v1/checkin", json=body, headers=spoof) as r:
+                assert r.status == 200
+                token = (await r.json())["agent_token"]
+        async with aiohttp.ClientSession() as s:
+            event = {"product": "app", "to_version": "1.0.0", "event": "installed"}
+            headers = {"Relay-Agent-Id": agent, "Relay-Agent-Token": token}
+            body = {"agent_id": agent, "events": [event]}
+            async with s.post(relay.url + "v1/reports", json=body, headers=headers) as r:
+                assert r.status == 202
+    async with aiohttp.ClientSession() as s:
+        for _ in range(8):  # neither process answers them from TCP
+            async with s.get(relay.url + "internal/v1/settings") as r:
+                assert r.status == 404
+    pids = {r["pid"] for r in relay.access_lines("/v1/checkin")}
+    assert worker in pids  # 12 connections: all to the leader is a 1 in 4096 chance
+    admin = {"Authorization": "Bearer secret-admin-token"}
+    async with aiohttp.ClientSession(headers=admin) as s:
+        for agent in agents:
+            async with s.get(f"{relay.url}v1/admin/agents/{agent}") as r:
+                assert r.status == 200
+                record = await r.json()
+            assert record["address"] == "127.0.0.1"  # the client's, not the Unix socket's
+            assert record["events"][0]["event"] == "installed"  # the report, recorded
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+async def _gone(pid: int) -> bool:
+    for _ in range(200):
+        if not _running(pid):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+@pytest.mark.timeout(120)
+async def test_a_killed_worker_is_started_again_and_sigterm_stops_every_process(relay_workers):
+    relay = await relay_workers()
+    first = await _worker_pid(relay)
+    os.kill(first, signal.SIGKILL)
+    died = await relay.wait_for(f"worker 1 (pid {first}) exited with signal SIGKILL")
+    assert died["level"] == "warning"
+    new = await _worker_pid(relay, not_pid=first)
+    assert _running(new)
+    async with aiohttp.ClientSession() as s, s.get(relay.url + "metrics") as r:
+        assert _sample(await r.text(), "relay_worker_restarts_total") == 1
+
+    relay.proc.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(relay.proc.wait(), 30) == 0
+    assert await _gone(new)
+    assert not (relay.data_dir / "run" / "leader.sock").exists()
+
+
+@pytest.mark.timeout(120)
+async def test_sighup_changes_the_egress_rate_in_the_workers(tmp_path, relay_workers):
+    config = tmp_path / "relay.toml"
+    config.write_text('[limits]\negress = "50MB"\nper_agent = "5MB"\n')
+    relay = await relay_workers("--config", str(config))
+    text = await worker_metrics(relay)
+    limit = "relay_bandwidth_limit_bytes_per_second"
+    assert _sample(text, limit, limit="per_agent") == 5e6
+    config.write_text('[limits]\negress = "40MB"\nper_agent = "2MB"\n')
+    relay.proc.send_signal(signal.SIGHUP)
+    for _ in range(200):
+        text = await worker_metrics(relay)
+        if _sample(text, limit, limit="per_agent") == 2e6:  # noqa: PLR2004
+            break
+        await asyncio.sleep(0.05)
+    assert _sample(text, limit, limit="per_agent") == 2e6
+    assert await relay.wait_for("worker 1: settings of the leader applied")
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_serves_the_patches_the_leader_made(repo, relay_workers):
+    old = os.urandom(200_000)
+    new = old[:1000] + os.urandom(100) + old[1000:]
+    repo.add_bytes(old, "app.bin", product="app", version="1.0.0")
+    tgt = repo.add_bytes(new, "app.bin", product="app", version="1.1.0")
+    # Prefetch both versions: the leader diffs them after the sync.
+    relay = await relay_workers(RELAY_SYNC__PREFETCH="all")
+    src = hashlib.sha256(old).hexdigest()
+    url = f"{relay.url}deltas/{src}/{tgt.sha256}"
+    accept = {"Accept": MEDIA_TYPES[DeltaFormat.ZSTD]}
+    for _ in range(600):
+        status, _ = await _get(url, **accept)
+        if status == 200:  # noqa: PLR2004
+            break
+        await asyncio.sleep(0.05)
+    answers = await _until_worker_answers(relay, "deltas", 200, lambda: _get(url, **accept))
+    for status, patch in answers:
+        assert status == 200
+        out = apply_patch_bytes(
+            old, patch, DeltaFormat.ZSTD, expected_length=len(new), expected_sha256=tgt.sha256
+        )
+        assert out == new
+
+
+@pytest.mark.timeout(120)
+async def test_a_worker_stops_when_its_leader_is_killed(relay_workers):
+    relay = await relay_workers()
+    worker = await _worker_pid(relay)
+    relay.proc.send_signal(signal.SIGKILL)
+    await relay.proc.wait()
+    assert await _gone(worker)  # PR_SET_PDEATHSIG, or its changes poll failing

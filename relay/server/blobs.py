@@ -46,6 +46,7 @@ from relay.cache.store import Fill, FillRestartedError, FillState
 from relay.core.model import Target, is_sha256
 from relay.core.protocol import MEDIA_TYPES, formats_from_accept
 from relay.core.rfc9110 import Decision, format_http_date
+from relay.deltas.service import PatchFile
 from relay.errors import StoreError, StoreFullError, TargetBackoffError
 from relay.server.http import agent_key, decide_for, unavailable, via_worker
 from relay.server.state import STATE, Serving
@@ -232,9 +233,25 @@ async def delta(request: web.Request) -> web.StreamResponse:
     patch = deltas.lookup(src, dst, formats_from_accept(request.headers.get("Accept")))
     if patch is None:
         raise web.HTTPNotFound(text="no delta for this pair: fetch the full target\n")
+    return await send_patch(request, state, tgt, src, patch, state.started)
+
+
+async def send_patch(
+    request: web.Request,
+    state: Serving,
+    tgt: Target,
+    src: str,
+    patch: PatchFile,
+    last_modified: float,
+) -> web.StreamResponse:
+    """Steps 3 to 5 of a patch request: decide, gate, send ``patch`` (from ``src`` to ``tgt``).
+
+    A worker process calls it for the patches it finds stored, with its own state.
+    """
+    dst = tgt.sha256
     # 3. decide
     etag = f'"delta-{src[:16]}-{dst[:16]}-{patch.format}"'
-    decision = decide_for(request, length=patch.length, etag=etag, last_modified=state.started)
+    decision = decide_for(request, length=patch.length, etag=etag, last_modified=last_modified)
     headers = {
         "Relay-Delta-Format": str(patch.format),
         "Relay-Target-Sha256": tgt.sha256,

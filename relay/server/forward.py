@@ -78,15 +78,17 @@ class Leader:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
         )
 
-    async def get_json(self, path: str, *, timeout: float) -> dict[str, Any]:
-        """``GET path`` on the leader and decode its JSON object.
+    async def get_json(
+        self, path: str, query: dict[str, str] | None = None, *, timeout: float
+    ) -> dict[str, Any]:
+        """``GET path?query`` on the leader (a long poll too) and decode its JSON object.
 
         Raises:
             LeaderGoneError: no answer, or not a 200 with a JSON object.
         """
         try:
             async with self.session.get(
-                _BASE.with_path(path).with_query(None),
+                _BASE.with_path(path).with_query(query),
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as resp:
                 if resp.status != 200:
@@ -97,14 +99,6 @@ class Leader:
         if not isinstance(data, dict):
             raise LeaderGoneError(f"{path}: not a JSON object")
         return data
-
-    async def poll(self, path: str, query: dict[str, str], *, timeout: float) -> dict[str, Any]:
-        """``GET path?query``, a long poll (see :meth:`get_json`).
-
-        Raises:
-            LeaderGoneError: no answer, or not a 200 with a JSON object.
-        """
-        return await self.get_json(f"{path}?{URL.build(query=query).query_string}", timeout=timeout)
 
     async def close(self) -> None:
         """Close the pooled connections."""

@@ -12,14 +12,17 @@ Rules:
   client's address is taken from :data:`relay.server.http.CLIENT_ADDRESS_HEADER`,
   and it is marked :data:`relay.server.http.VIA_WORKER` (the worker gates, paces and
   logs it). The header is honoured on that socket only, never from TCP.
-* ``GET /internal/v1/changes?since=<generation>`` (the leader's socket only; 404
-  elsewhere) is a long poll: it answers at once when the generation differs from
-  ``since``, else when the verified metadata or the live settings change, or at the
-  end of :data:`CHANGES_HOLD` with the same generation. The generation is
-  ``<timestamp version>.<settings serial>``.
-* ``GET /internal/v1/settings`` (the leader's socket only) is what a worker runs with:
-  the live configuration (:func:`relay.config.config_to_dict`), the leader's start
-  time (so ``Last-Modified`` agrees across processes) and the listening addresses.
+* ``/internal/`` routes answer a worker's own requests only: over the leader's
+  socket, without a client's address (a worker adds one to every client request it
+  forwards, and answers ``/internal/`` from its clients 404 itself). Elsewhere: 404.
+* ``GET /internal/v1/changes?since=<generation>`` is a long poll: it answers at once
+  when the generation differs from ``since``, else when the verified metadata or the
+  live settings change, or at the end of :data:`CHANGES_HOLD` with the same
+  generation. The generation is ``<timestamp version>.<settings serial>``.
+* ``GET /internal/v1/settings`` is what a worker runs with: the live configuration
+  (:func:`relay.config.config_to_dict`, secrets included: hence the rule above), the
+  leader's start time (so ``Last-Modified`` agrees across processes) and the
+  listening addresses.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ RUN_DIR = "run"
 LEADER_SOCKET = "leader.sock"
 CHANGES_HOLD = 30.0
 """Seconds the leader holds a worker's changes poll without a change."""
+INTERNAL_PREFIX = "/internal/"
 CHANGES_PATH = "/internal/v1/changes"
 SETTINGS_PATH = "/internal/v1/settings"
 METRICS_PATH = "/internal/metrics"
@@ -134,7 +138,9 @@ async def from_workers(
 
 
 def _workers_only(request: web.Request) -> None:
-    if not via_worker(request):
+    # A worker's own request: over the leader's socket, and not a client's it forwards
+    # (those always carry the client's address).
+    if not via_worker(request) or CLIENT_ADDRESS_HEADER in request.headers:
         raise web.HTTPNotFound(text="not found\n")
 
 

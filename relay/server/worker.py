@@ -41,7 +41,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,11 +52,13 @@ from aiohttp import web
 from relay.cache.mirror import StoredBlob, StoredMetadata
 from relay.cache.singleflight import SingleFlight
 from relay.config import Config, config_from_dict
-from relay.core.model import Target
+from relay.core.model import Target, is_sha256
+from relay.core.protocol import DeltaFormat, formats_from_accept
 from relay.core.tokens import SECRET_BYTES
+from relay.deltas.service import PatchFile
 from relay.errors import ConfigError
 from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
-from relay.server.blobs import admit, paced_slot, send_blob
+from relay.server.blobs import admit, paced_slot, send_blob, send_patch
 from relay.server.compose import (
     AGENT_SECRET_FILE,
     apply_limits,
@@ -69,6 +71,7 @@ from relay.server.http import COUNTS, agent_key
 from relay.server.internal import (
     CHANGES_HOLD,
     CHANGES_PATH,
+    INTERNAL_PREFIX,
     METRICS_PATH,
     SETTINGS_PATH,
     worker_socket,
@@ -91,7 +94,7 @@ from relay.transfer.bandwidth import BandwidthLimiter, LiveSchedule, follow_sche
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("relay.server.worker")  # run as __main__ too
 
 LEADER_LOST_AFTER = 5
 """Failed changes polls in a row after which a worker takes its leader for gone."""
@@ -155,10 +158,42 @@ class StoredBlobs:
         return contextlib.nullcontext()
 
     async def quarantine(self, sha256: str, why: str) -> None:
-        """Forget a blob found damaged: the next request checks it again (or forwards)."""
-        logger.warning("stored blob %s is damaged (%s): left to the leader", sha256, why)
+        """Forget a blob found damaged or gone: the next request checks it again (or forwards)."""
+        logger.info("stored blob %s: %s: left to the leader", sha256, why)
         self._found.pop(sha256, None)
         self._files.forget(sha256)
+
+
+class StoredPatches:
+    """The patches a worker finds in the leader's ``<data_dir>/deltas`` (published = verified).
+
+    Args:
+        directory: ``<data_dir>/deltas``.
+        formats: the relay's formats, in its order of preference.
+    """
+
+    def __init__(self, directory: Path, formats: Sequence[DeltaFormat]) -> None:
+        self._dir = directory
+        self._formats = list(formats)
+        self._found: dict[tuple[str, str, DeltaFormat], PatchFile] = {}
+
+    async def find(
+        self, src: str, dst: str, accept: Sequence[DeltaFormat] | None
+    ) -> PatchFile | None:
+        """The best stored patch for the pair among the formats the client accepts."""
+        for fmt in self._formats:
+            if accept is not None and fmt not in accept:
+                continue
+            patch = self._found.get((src, dst, fmt))
+            if patch is None:
+                path = self._dir / src / f"{dst}.{fmt}"
+                try:
+                    size = (await asyncio.to_thread(path.stat)).st_size
+                except FileNotFoundError:
+                    continue
+                patch = self._found[src, dst, fmt] = PatchFile(path, size, fmt)
+            return patch
+        return None
 
 
 @dataclass(slots=True)
@@ -174,6 +209,7 @@ class WorkerState:
     schedule: LiveSchedule
     metadata: StoredMetadata
     blobs: StoredBlobs
+    patches: StoredPatches
     leader: Leader
     started: float  # the leader's: Last-Modified agrees across processes
     slot: int
@@ -216,12 +252,32 @@ async def target(request: web.Request) -> web.StreamResponse:
     if tgt is None or found is None:
         return await _forward_transfer(request, st)
     blob, mtime = found
-    return _count(request, "targets", await send_blob(request, st, st.blobs, tgt, blob, mtime))
+    try:
+        resp = await send_blob(request, st, st.blobs, tgt, blob, mtime)
+    except FileNotFoundError:  # evicted or set aside by the leader since it was found
+        await st.blobs.quarantine(tgt.sha256, "no longer in the store")
+        return await _forward_transfer(request, st)
+    return _count(request, "targets", resp)
+
+
+async def delta(request: web.Request) -> web.StreamResponse:
+    """``GET/HEAD /deltas/{from}/{to}``: a stored patch from disk; else the leader's answer."""
+    st = request.app[WORKER]
+    src, dst = request.match_info["src"], request.match_info["dst"]
+    current = st.metadata.current
+    tgt = current.by_sha256.get(dst) if current is not None and is_sha256(src) else None
+    accept = formats_from_accept(request.headers.get("Accept"))
+    patch = await st.patches.find(src, dst, accept) if tgt is not None else None
+    if tgt is None or patch is None:
+        return await _forward_transfer(request, st)
+    return _count(request, "deltas", await send_patch(request, st, tgt, src, patch, st.started))
 
 
 async def other(request: web.Request) -> web.StreamResponse:
     """Anything else: the leader's answer."""
     st = request.app[WORKER]
+    if request.path.startswith(INTERNAL_PREFIX):
+        raise web.HTTPNotFound(text="not found\n")  # the processes' own, never a client's
     if request.path.startswith(_TRANSFERS):
         return await _forward_transfer(request, st)
     return await forward(request, st.leader, st.metrics)
@@ -271,6 +327,9 @@ async def build_state(
         schedule=schedule,
         metadata=StoredMetadata(root, config.relay.metadata_dir),
         blobs=StoredBlobs(config.relay.blobs_dir, files),
+        patches=StoredPatches(
+            config.relay.deltas_dir, [DeltaFormat(f) for f in config.delta.formats]
+        ),
         leader=leader,
         started=float(settings["started"]),
         slot=slot,
@@ -293,6 +352,7 @@ def make_worker_app(st: WorkerState, secret: bytes) -> web.Application:
     app[COUNTS] = st.metrics.requests.values
     app.router.add_get("/metadata/{name}", metadata)
     app.router.add_get("/targets/{tail:.+}", target)
+    app.router.add_get("/deltas/{src}/{dst}", delta)
     app.router.add_route("*", "/{tail:.*}", other)
     app.cleanup_ctx.append(_background)
     return app
@@ -347,7 +407,7 @@ async def follow_leader(st: WorkerState, stop: asyncio.Queue[signal.Signals]) ->
     failures = 0
     while True:
         try:
-            answer = await st.leader.poll(
+            answer = await st.leader.get_json(
                 CHANGES_PATH, {"since": st.generation}, timeout=CHANGES_HOLD + 30
             )
         except LeaderGoneError as e:
