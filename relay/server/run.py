@@ -494,17 +494,33 @@ def bind(
     return sockets
 
 
-def _listen(sock: socket.socket, address: tuple[Any, ...], *, reuse_port: bool = False) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def _listen(
+    sock: socket.socket, address: tuple[Any, ...] | str, *, reuse_port: bool = False
+) -> None:
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if sock.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     sock.bind(address)
     if reuse_port:
-        # Set after the bind (which found the port free), before listen: the kernel
-        # then spreads connections over this socket and the workers' ones.
+        # Set after the bind, which found the port free (no other program holds it),
+        # and before listen: workers can bind it too, and the kernel spreads new
+        # connections over the sockets of every process.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.listen(1024)
     sock.setblocking(False)  # noqa: FBT003 - the stdlib's signature
+
+
+def _listening(family: int, address: tuple[Any, ...] | str, *, shared: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        if shared:  # binding beside the leader needs the flag before the bind
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        _listen(sock, address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def bind_shared(family: int, host: str, port: int) -> socket.socket:
@@ -513,19 +529,7 @@ def bind_shared(family: int, host: str, port: int) -> socket.socket:
     Raises:
         OSError: the address cannot be bound.
     """
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-        sock.setblocking(False)  # noqa: FBT003 - the stdlib's signature
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return _listening(family, (host, port), shared=True)
 
 
 def private_socket(path: Path) -> socket.socket:
@@ -541,15 +545,7 @@ def private_socket(path: Path) -> socket.socket:
     path.parent.chmod(0o700)
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        sock.listen(1024)
-        sock.setblocking(False)  # noqa: FBT003 - the stdlib's signature
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    return _listening(socket.AF_UNIX, str(path), shared=False)
 
 
 def _bind_error(subject: str, host: str, port: int, e: OSError) -> StartupError:
