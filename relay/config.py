@@ -265,6 +265,13 @@ _DELTA_FORMAT = choice(*DeltaFormat)
 # -- sections -----------------------------------------------------------------------
 
 
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 class _UnderDataDir:
     """A directory inside ``data_dir``, read as an attribute (``relay.blobs_dir``)."""
 
@@ -312,8 +319,12 @@ class RelaySettings:
 
     @property
     def processes(self) -> int:
-        """The processes serving ``listen``: ``workers``, or one per core when it is 0."""
-        return self.workers or max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+        """The processes serving ``listen``: ``workers``, or one per core when it is 0.
+
+        The cores are those this process may run on (its CPU affinity: a cpuset
+        counts, a CPU quota does not).
+        """
+        return self.workers or max(1, min(MAX_WORKERS, _usable_cores()))
 
     metadata_dir = _UnderDataDir("metadata")  # verified TUF metadata, byte-exact
     blobs_dir = _UnderDataDir("blobs")  # the content-addressed blob store

@@ -45,7 +45,7 @@ def test_a_malformed_configuration_from_the_leader_is_a_config_error():
 def test_workers_zero_means_one_process_per_core():
     config = load_config(None, {}, {})
     assert config.relay.workers == 0
-    assert config.relay.processes == max(1, min(64, os.cpu_count() or 1))
+    assert config.relay.processes == max(1, min(64, len(os.sched_getaffinity(0))))
     assert load_config(None, {"RELAY_RELAY__WORKERS": "1"}, {}).relay.processes == 1
     with pytest.raises(ConfigError, match=r"relay\.workers"):
         load_config(None, {"RELAY_RELAY__WORKERS": "65"}, {})

@@ -164,6 +164,7 @@ async def settings(request: web.Request) -> web.Response:
             "config": config_to_dict(state.config),
             "started": state.started,
             "addresses": hub.addresses,
+            "slots": state.config.relay.processes,
             "generation": hub.generation,
             "content": hub.content,
             "settings": hub.settings,
