@@ -712,6 +712,13 @@ async def drain(
 # -- the service ---------------------------------------------------------------------
 
 
+def _forget_workers(run: Path) -> None:
+    """Remove the sockets of workers of an earlier run (their count may have changed)."""
+    for stale in run.glob("worker-*.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+
+
 class Service:
     """One running relay: its sockets, application, lock, signals and configuration.
 
@@ -839,6 +846,7 @@ class Service:
         path = leader_socket(self.config)
         try:
             unix = await asyncio.to_thread(private_socket, path)
+            await asyncio.to_thread(_forget_workers, path.parent)
         except OSError as e:
             raise StartupError(
                 f"relay.data_dir {self.config.relay.data_dir}",

@@ -517,8 +517,7 @@ async def run_worker(socket_path: Path, slot: int, verbose: int = 0) -> None:
                 sockets.append(bind_shared(int(family), str(host), int(port)))
             for sock in sockets:
                 await GuardedSite(runner, sock, guard).start()
-            own_path = worker_socket(config, slot)
-            own_sock = await asyncio.to_thread(private_socket, own_path)
+            own_sock = await asyncio.to_thread(private_socket, worker_socket(config, slot))
             sockets.append(own_sock)
             await web.SockSite(own_runner, own_sock).start()
             _announce_listening()
@@ -533,6 +532,7 @@ async def run_worker(socket_path: Path, slot: int, verbose: int = 0) -> None:
             await runner.cleanup()
             for sock in sockets:
                 sock.close()
+            await asyncio.to_thread(worker_socket(config, slot).unlink, missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
