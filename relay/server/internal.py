@@ -73,11 +73,13 @@ class Changes:
         settings: bumped at each reload of the configuration.
         addresses: the leader's listening addresses, ``(family, host, port)``: each
             worker binds the same ones.
+        starting: the workers are being started (``/readyz`` waits for them).
     """
 
     content: int | None = None
     settings: int = 0
     addresses: list[tuple[int, str, int]] = field(default_factory=list)
+    starting: bool = False
     _changed: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
 

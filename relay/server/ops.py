@@ -7,6 +7,7 @@ import time
 from aiohttp import web
 
 from relay.metrics import CONTENT_TYPE_LATEST
+from relay.server.internal import CHANGES
 from relay.server.state import STATE
 
 
@@ -17,6 +18,8 @@ async def healthz(_request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: ``200`` while verified, unexpired metadata is served; else ``503`` and why.
+
+    At start, the relay is ready once its worker processes (``relay.workers``) listen too.
 
     Agents refuse expired metadata, so a relay whose served timestamp has expired
     is not ready even though it answers.
@@ -31,6 +34,8 @@ async def readyz(request: web.Request) -> web.Response:
         reason = "no verified metadata yet"
     elif expires_in is not None and expires_in <= 0:
         reason = f"the served timestamp expired {-expires_in:.0f} s ago"
+    elif request.app[CHANGES].starting:
+        reason = "worker processes starting"
     body: dict[str, object] = {
         "ready": reason is None,
         "reason": reason,

@@ -865,7 +865,11 @@ class Service:
             verbose=self._verbose,
             on_restart=lambda _slot: metrics.worker_restarts.inc(),
         )
-        listening = await pool.start()
+        app[CHANGES].starting = True
+        try:
+            listening = await pool.start()
+        finally:
+            app[CHANGES].starting = False
         logger.info("%d of %d worker processes listening", listening, processes - 1)
         return private, pool
 
