@@ -174,11 +174,15 @@ async def settings(request: web.Request) -> web.Response:
     )
 
 
-def add_internal_routes(app: web.Application) -> None:
-    """Register the routes workers use (404 unless they come over the leader's socket)."""
+def add_internal_routes(app: web.Application, *, workers: bool) -> None:
+    """Keep :data:`CHANGES`; with ``workers``, register the routes they use.
+
+    A single process has no such routes: its HTTP surface is the relay's alone.
+    """
     app[CHANGES] = Changes()
-    app.router.add_get(CHANGES_PATH, changes, name="internal-changes")
-    app.router.add_get(SETTINGS_PATH, settings, name="internal-settings")
+    if workers:
+        app.router.add_get(CHANGES_PATH, changes, name="internal-changes")
+        app.router.add_get(SETTINGS_PATH, settings, name="internal-settings")
 
 
 async def close_changes(app: web.Application) -> None:

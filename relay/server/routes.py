@@ -8,7 +8,7 @@ from relay.server import admin, agents, blobs, events, metadata, ops, ui
 from relay.server.http import COUNTS, counted
 from relay.server.internal import add_internal_routes
 from relay.server.metadata import METADATA_HEADERS, MetadataHeaders
-from relay.server.state import METRICS
+from relay.server.state import CONFIG, METRICS
 
 
 async def _not_found(_request: web.Request) -> web.StreamResponse:
@@ -33,5 +33,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/reports", counted("reports", agents.reports), name="reports")
     admin.add_admin_routes(app)
     ui.add_ui_routes(app)
-    add_internal_routes(app)
+    add_internal_routes(app, workers=app[CONFIG].relay.processes > 1)
     app.router.add_get("/{tail:.*}", counted("other", _not_found), name="other")

@@ -104,7 +104,15 @@ _NOT_SERVED = frozenset({"agent"})  # sections `relay serve` does not read
 
 
 class JsonFormatter(logging.Formatter):
-    """Formats a log record as one JSON object per line."""
+    """Formats a log record as one JSON object per line.
+
+    Args:
+        pid: each line says which process wrote it (``pid``): several serve the relay.
+    """
+
+    def __init__(self, *, pid: bool = False) -> None:
+        super().__init__()
+        self._pid = pid
 
     def format(self, record: logging.LogRecord) -> str:
         """Return the record as a JSON line."""
@@ -113,8 +121,9 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
-            "pid": record.process,
         }
+        if self._pid:
+            out["pid"] = record.process
         extra = getattr(record, "fields", None)
         if isinstance(extra, dict):
             out.update(extra)
@@ -153,8 +162,10 @@ def log_level(config: Config, verbose: int = 0) -> int:
     return logging.DEBUG if verbose else _LEVELS[config.relay.log_level]
 
 
-def setup_logging(log_format: str, level: int) -> None:
+def setup_logging(log_format: str, level: int, *, pid: bool = False) -> None:
     """Configure logging for ``text`` or ``json`` output (again on SIGHUP).
+
+    ``pid``: JSON lines carry the writing process's ID (``relay.workers`` above 1).
 
     Application logs go to stderr at ``level``. Access lines go to stderr too, whatever
     ``level`` is (``relay.access_log`` turns them off): in text mode bare, one Combined
@@ -163,8 +174,8 @@ def setup_logging(log_format: str, level: int) -> None:
     handler = logging.StreamHandler()
     access_handler = logging.StreamHandler()
     if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-        access_handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(pid=pid))
+        access_handler.setFormatter(JsonFormatter(pid=pid))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         access_handler.setFormatter(logging.Formatter("%(message)s"))
@@ -895,7 +906,11 @@ class Service:
                 ", ".join(applied) or "no change",
                 ", ".join(restart) or "nothing",
             )
-            setup_logging(live.relay.log_format, log_level(live, self._verbose))
+            setup_logging(
+                live.relay.log_format,
+                log_level(live, self._verbose),
+                pid=live.relay.processes > 1,
+            )
         finally:
             sd_notify("READY=1")
 
@@ -950,7 +965,9 @@ async def serve(
         StartupError: a start-up check failed; nothing was started.
         ConfigError: a key is missing or malformed.
     """
-    setup_logging(config.relay.log_format, log_level(config, verbose))
+    setup_logging(
+        config.relay.log_format, log_level(config, verbose), pid=config.relay.processes > 1
+    )
     # File opens, reads and fsyncs hop to threads; each hop is short, but many run at
     # once under load, and the default pool (cores + 4) would queue them.
     asyncio.get_running_loop().set_default_executor(

@@ -3,8 +3,8 @@
 Rules:
 
 * A worker is ``python -m relay.server.worker --leader <socket> --slot <n>``, in a
-  session of its own (a Ctrl-C on the terminal reaches the leader, which passes the
-  stop on, not every process at once), with the leader's environment but
+  process group of its own (a Ctrl-C on the terminal reaches the leader, which passes
+  the stop on, not every process at once), with the leader's environment but
   ``NOTIFY_SOCKET``: only the leader speaks to systemd. Its logs go to the leader's
   stderr. It writes one line, ``listening``, on its stdout once it serves.
 * A worker that exits while the relay runs is logged, counted in
@@ -99,7 +99,10 @@ class WorkerPool:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             env=worker_environment(),
-            start_new_session=True,
+            # A process group of its own (a terminal's Ctrl-C reaches the leader only, which
+            # passes the stop on); the same session (one scheduling group: a new session
+            # would be a separate autogroup, with a CPU share of its own).
+            process_group=0,
         )
         self._procs[slot] = proc
         stdout = proc.stdout

@@ -398,7 +398,7 @@ async def apply_settings(st: WorkerState, settings: dict[str, Any]) -> None:
     apply_limits(config, st.schedule, st.limiter, st.upstream_limiter, st.gate)
     st.config = config
     st.settings = int(settings["settings"])
-    setup_logging(config.relay.log_format, log_level(config, st.verbose))
+    setup_logging(config.relay.log_format, log_level(config, st.verbose), pid=True)
     logger.info("worker %d: settings of the leader applied", st.slot)
 
 
@@ -491,7 +491,7 @@ async def run_worker(socket_path: Path, slot: int, verbose: int = 0) -> None:
         settings = await _first_settings(leader)
         st = await build_state(leader, settings, slot, verbose)
         config = st.config
-        setup_logging(config.relay.log_format, log_level(config, verbose))
+        setup_logging(config.relay.log_format, log_level(config, verbose), pid=True)
         secret = await asyncio.to_thread(
             load_or_create_secret, config.relay.data_dir / AGENT_SECRET_FILE, SECRET_BYTES
         )
