@@ -122,7 +122,7 @@ def test_record_keeps_newest_events_bounded_and_installed_versions_follow_report
     record = AgentRecord(
         "a1", installed=[{"product": "app", "version": "1.0.0", "sha256": "0" * 64}]
     )
-    record.offered["app"] = INSTALL_2.to_dict()
+    record.offered = {**record.offered, "app": INSTALL_2.to_dict()}
     for i in range(EVENTS_KEPT + 5):
         record.add_event(event("app", "failed", reason=f"r{i}"))
     assert len(record.events) == EVENTS_KEPT
@@ -140,7 +140,7 @@ def test_an_uninstalled_report_removes_the_version():
     record = AgentRecord(
         "a1", installed=[{"product": "app", "version": "1.0.0", "sha256": "0" * 64}]
     )
-    record.offered["app"] = UNINSTALL_1.to_dict()
+    record.offered = {**record.offered, "app": UNINSTALL_1.to_dict()}
     (row,) = record.rows(NOW)
     assert row.state is FleetState.PENDING
     record.add_event(event("app", "uninstalled", to_version=""))
@@ -239,7 +239,7 @@ def test_registry_rows_follow_changes_and_deadlines():
         defer_days=3,
         now=NOW.timestamp(),
     )
-    record.offered["app"] = ON_DEMAND_2.to_dict()
+    record.offered = {"app": ON_DEMAND_2.to_dict()}
     assert [r.state for r in reg.rows(NOW)] == [FleetState.DEFERRED]
     assert [r.state for r in reg.rows(NOW + dt.timedelta(hours=1))] == [FleetState.DEFERRED]
     # The deadline passes: the same record is now pending.

@@ -15,10 +15,10 @@ import io
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import urllib3
 
@@ -169,6 +169,22 @@ def render_agents(data: dict[str, Any]) -> str:
     return table(
         rows, ("AGENT", "GROUP", "ADDRESS", "INSTALLED", "STATE", "LAST OUTCOME", "FAILURES")
     )
+
+
+def all_agents(client: AdminClient) -> Iterator[dict[str, Any]]:
+    """Every agent of ``GET /v1/admin/agents``, page after page.
+
+    Raises:
+        AdminError: a page could not be read.
+    """
+    after = ""
+    while True:
+        query = f"?limit=5000&after={quote(after)}" if after else "?limit=5000"
+        data = client.call("GET", "/v1/admin/agents" + query)
+        yield from data["agents"]
+        after = data.get("next") or ""
+        if not after:
+            return
 
 
 REPORT_COLUMNS = (
@@ -359,7 +375,7 @@ _ACTIONS: dict[str, Callable[[AdminClient, argparse.Namespace], str]] = {
     "accept-eula": _accept_eula,
     "settings": _settings,
     "groups": _group_settings,
-    "agents": lambda c, _: render_agents(c.call("GET", "/v1/admin/agents")),
+    "agents": lambda c, _: render_agents({"agents": list(all_agents(c))}),
     "report": _report,
     "versions": lambda c, _: render_versions(c.call("GET", "/v1/admin/versions")),
     "audit": lambda c, _: render_audit(c.call("GET", "/v1/admin/audit")),

@@ -29,7 +29,6 @@ from typing import Any
 
 from aiohttp import web
 
-from relay.core.fleet import count_states, version_table, worst_state
 from relay.core.hints import closest, did_you_mean
 from relay.core.policy import (
     RolloutMode,
@@ -49,7 +48,7 @@ from relay.errors import (
     StateUnavailableError,
 )
 from relay.fleet.groups import known_groups
-from relay.server.fleet import csv_response
+from relay.server.fleet import agents_page, csv_response
 from relay.server.http import Handler, add_counted, bad_request, parse_body, read_json_body
 from relay.server.signin import SignInGuard
 from relay.server.state import SIGN_INS, STATE, RelayState
@@ -380,17 +379,8 @@ async def put_group_settings(request: web.Request) -> web.Response:
 
 
 async def list_agents(request: web.Request) -> web.Response:
-    """``GET /v1/admin/agents``: every agent with versions, offers, recent events, worst state."""
-    state = _state(request)
-    now = utc_now()
-    return web.json_response(
-        {
-            "agents": [
-                {**r.to_dict(), "state": str(worst_state(state.registry.rows_of(r, now)))}
-                for r in state.registry.all()
-            ]
-        }
-    )
+    """``GET /v1/admin/agents?limit=&after=``: a page of agents by id, with their worst state."""
+    return await agents_page(_state(request).registry, request.query)
 
 
 async def get_agent(request: web.Request) -> web.Response:
@@ -415,12 +405,12 @@ async def report_csv(request: web.Request) -> web.Response:
 async def versions(request: web.Request) -> web.Response:
     """``GET /v1/admin/versions``: agents per product, version and group, and by state."""
     state = _state(request)
-    rows = state.registry.rows()
+    summary = await state.registry.summary()
     return web.json_response(
         {
-            "versions": [v.to_dict() for v in version_table(rows)],
-            "states": {str(k): v for k, v in count_states(rows).items()},
-            "agents": len(state.registry),
+            "versions": [v.to_dict() for v in summary.versions],
+            "states": {str(k): v for k, v in summary.states.items()},
+            "agents": summary.agents,
         }
     )
 

@@ -10,11 +10,14 @@ Rules:
   what it was offered per product (a product it neither has nor is offered is
   not recorded), and answers an ``agent_token`` (:mod:`relay.core.tokens`) the
   agent sends back as ``Relay-Agent-Token``. A check-in whose valid token names
-  another id is 403.
+  another id is 403. A check-in that changed the record in substance (a new
+  agent, its group, installed versions, offers, first-offer times) answers once
+  the record is committed; one that only moves ``last_seen`` or the address is
+  written with the registry's next batch (:mod:`relay.fleet.registry`).
 * Reports come only from agents that checked in: with a valid token for the id
   they name, or, without one, from the address that id last checked in from
   (else 403; a report never creates a record). A report updates the registry
-  (recent events, installed versions) with one record write. Reasons outside the
+  (recent events, installed versions), committed before the answer. Reasons outside the
   known set count as ``other`` in metrics; the text stays in the agent's record.
 """
 
@@ -102,7 +105,7 @@ async def checkin(request: web.Request) -> web.StreamResponse:
         installed=req.installed,
         first_offered={
             _product_version(k): dt.datetime.fromtimestamp(v, dt.UTC)
-            for k, v in record.first_offered.items()
+            for k, v in record.first_offered_items()
             if "@" in k
         },
         defer_days=req.defer_days,
@@ -112,14 +115,15 @@ async def checkin(request: web.Request) -> web.StreamResponse:
     base = _base_url(request, state.config.relay.public_url)
     installed_sha = {i.product: i.sha256 for i in req.installed}
     out = []
-    record.offered = {}
+    offered: dict[str, LastOffer] = {}
+    first_offered: dict[str, float] = {}
     for offer in offers:
         target = offer.target
         delta = None
         if offer.action is not Action.NONE or offer.product in installed_sha:
-            record.offered[offer.product] = _last_offer(offer, now).to_dict()
+            offered[offer.product] = _last_offer(offer, now)
         if target is not None and offer.action in (Action.INSTALL, Action.ROLLBACK):
-            record.first_offered.setdefault(f"{offer.product}@{target.version}", now.timestamp())
+            first_offered[f"{offer.product}@{target.version}"] = now.timestamp()
             src = installed_sha.get(offer.product)
             if src is not None and src != target.sha256 and state.deltas is not None:
                 accept = list(req.accept_delta)
@@ -145,6 +149,7 @@ async def checkin(request: web.Request) -> web.StreamResponse:
                 "deadline": rfc3339(offer.deadline),
             }
         )
+    state.registry.set_offers(record, offered, first_offered)
     await state.registry.save(record)
     state.metrics.checkins.inc()
     cfg = state.config

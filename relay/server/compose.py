@@ -355,4 +355,5 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         await mirror.close()
         state.files.close()
         await session.close()
+        await registry.close()
         kv.close()

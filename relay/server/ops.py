@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from aiohttp import web
@@ -64,5 +65,5 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text exposition."""
     state = request.app[STATE]
-    body = state.metrics.render()
+    body = await asyncio.to_thread(state.metrics.render)  # the fleet counts walk the agents
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -28,20 +28,20 @@ from urllib.parse import quote, urlencode
 from aiohttp import web
 
 from relay import __version__
-from relay.core.fleet import FleetState, ReportRow, count_states
+from relay.core.fleet import FleetState, ReportRow
 from relay.core.policy import RolloutMode, Status, effective_status, explicit_approval
 from relay.core.protocol import rfc3339, utc_now
 from relay.errors import BodyError
 from relay.fleet.groups import known_groups
 from relay.server.admin import change_approval, sign_in
-from relay.server.fleet import csv_response, parse_filter
+from relay.server.fleet import csv_response, parse_filter, parse_page, report_page
 from relay.server.http import add_counted
 from relay.server.state import STATE, RelayState
 
 SESSION_COOKIE = "relay_session"
 SESSION_SECONDS = 8 * 3600
 MAX_SESSIONS = 1000
-MAX_ROWS = 1000  # agent rows shown on the page (the CSV has them all)
+MAX_ROWS = 1000  # agent rows shown on a page (then a link to the next; the CSV has them all)
 _FILTERS = ("state", "group", "product")
 _HEADERS = {
     "Content-Security-Policy": (
@@ -389,19 +389,22 @@ async def index(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     try:
         wanted = parse_filter(request.query)
+        after, _limit = parse_page(request.query)
     except BodyError as e:
         return _page("refused", f"<p>{_e(e)}</p>", status=400, session=session)
-    rows = state.registry.rows()
-    shown = wanted.apply(rows)
-    counts = count_states(rows)
+    page = await report_page(state.registry, wanted, after, MAX_ROWS)
+    counts = page.summary.states
     chips = " ".join(
         f'<a href="/ui/?state={_e(s)}#agents">{_badge(s)} {counts[s]}</a>' for s in FleetState
     )
-    query = urlencode({k: v for k, v in request.query.items() if k in _FILTERS and v})
+    filters = {k: v for k, v in request.query.items() if k in _FILTERS and v}
+    query = urlencode(filters)
     csv_link = "/ui/report.csv" + (f"?{query}" if query else "")
     more = (
-        f'<p class="mut">Showing {MAX_ROWS} of {len(shown)} rows; the CSV has them all.</p>'
-        if len(shown) > MAX_ROWS
+        f'<p><a href="/ui/?{_e(urlencode({**filters, "after": page.next}))}#agents">'
+        "Next agents &rarr;</a> "
+        '<span class="mut">(the CSV has them all)</span></p>'
+        if page.next is not None
         else ""
     )
     body = (
@@ -414,7 +417,7 @@ async def index(request: web.Request) -> web.StreamResponse:
         f'<a href="/ui/#agents">all</a></p>'
         f'<p><a href="{_e(csv_link)}" download>Download the report (CSV)</a> '
         f'<a href="/ui/report.csv?state=failed" download>failed only</a></p>'
-        f"{_agent_rows(shown[:MAX_ROWS], link=True)}{more}"
+        f"{_agent_rows(page.rows, link=True)}{more}"
     )
     return _page("status", body, session=session)
 

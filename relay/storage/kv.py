@@ -174,19 +174,48 @@ class KV:
     def items_sync(self, prefix: str) -> Iterator[tuple[str, JSON]]:
         """Yield ``(key, value)`` for keys starting with ``prefix`` (none when damaged).
 
+        One range query over the database (not one read per key), on a
+        connection of its own: a snapshot of what was committed when it began.
+
         Raises:
             StateUnavailableError: the database cannot be read.
         """
         if self._cache is None:
             return
         cache = self._cache
-        with _unavailable(f"cannot read {prefix}*"):
-            keys = list(cache.iterkeys())
-            for key in keys:
-                if isinstance(key, str) and key.startswith(prefix):
-                    raw = cache.get(key)
-                    if raw is not None:
-                        yield key, json.loads(raw)
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
+        query = "SELECT key, mode, filename, value FROM Cache WHERE raw = 1 AND key >= ?"
+        params: tuple[str, ...] = (prefix,)
+        if upper is not None:
+            query += " AND key < ?"
+            params = (prefix, upper)
+        path = Path(cache.directory) / _DB_FILES[0]
+        with (
+            _unavailable(f"cannot read {prefix}*"),
+            contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db,
+        ):
+            rows = db.execute(query, params).fetchall()
+            for key, mode, filename, value in rows:
+                if not isinstance(key, str) or not key.startswith(prefix):
+                    continue
+                raw = cache.disk.fetch(mode, filename, value, False)  # noqa: FBT003
+                if isinstance(raw, str):
+                    yield key, json.loads(raw)
+
+    def write_many_sync(self, values: dict[str, JSON], deletes: list[str]) -> None:
+        """Store ``values`` and delete ``deletes`` in one transaction (all or nothing).
+
+        Raises:
+            StateUnavailableError: the database is damaged or the write failed;
+                nothing changed.
+        """
+        cache, _log = self._db()
+        encoded = {k: json.dumps(v, separators=(",", ":")) for k, v in values.items()}
+        with _unavailable(f"cannot save {len(values)} values"), cache.transact():
+            for key in deletes:
+                cache.delete(key)
+            for key, text in encoded.items():
+                cache.set(key, text)
 
     def append_log_sync(self, entry: JSON, max_entries: int = 100_000) -> None:
         """Append to the log, dropping the oldest past ``max_entries``.
@@ -231,6 +260,10 @@ class KV:
     async def items(self, prefix: str) -> list[tuple[str, JSON]]:
         """Async :meth:`items_sync`."""
         return await asyncio.to_thread(lambda: list(self.items_sync(prefix)))
+
+    async def write_many(self, values: dict[str, JSON], deletes: list[str]) -> None:
+        """Async :meth:`write_many_sync`."""
+        await asyncio.to_thread(self.write_many_sync, values, deletes)
 
     async def append_log(self, entry: JSON) -> None:
         """Async :meth:`append_log_sync`."""
