@@ -22,8 +22,16 @@ Questions and their metrics:
 * Which agents fail and why? ``relay_agent_events_total{event,reason}``,
   ``relay_agents_by_state{state}``, ``relay_agents_by_version{product,version}``
   (the admin report and ``/ui/`` name the agents).
-* What runs? ``relay_build_info{version}``, and the standard ``process_*`` and
-  ``python_*`` collectors of prometheus-client.
+* What runs? ``relay_build_info{version}``, ``relay_worker_up{slot}`` and
+  ``relay_worker_scrape_errors_total{slot}`` (the processes of one relay), and the
+  standard ``process_*`` and ``python_*`` collectors of prometheus-client.
+
+Several processes, one relay: each process has its own registry, and the
+leader's ``/metrics`` merges the workers' texts into its own
+(:func:`merge_families`): counters, histograms and summaries are summed by name
+and labels, gauges only where the sum means something (:data:`ADDITIVE_GAUGES`,
+marked where they are made: open connections, transfers in flight, memory), all
+other gauges are the leader's (the store, the fleet, the sync live there).
 
 Agent-supplied reasons outside the reference agent's set count as ``other``
 (:func:`relay.core.protocol.reason_label`); beyond that, the first
@@ -35,7 +43,7 @@ bounded); any other version an agent reports counts as ``other``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -49,7 +57,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from relay import __version__
 
@@ -108,12 +119,36 @@ class CallbackGauge(Collector):
         yield family
 
 
-__all__ = ["CONTENT_TYPE_LATEST", "MAX_REASONS", "STATES", "CallbackGauge", "RelayMetrics"]
+__all__ = [
+    "ADDITIVE_GAUGES",
+    "CONTENT_TYPE_LATEST",
+    "MAX_REASONS",
+    "STATES",
+    "CallbackGauge",
+    "RelayMetrics",
+    "WorkerTotals",
+    "merge_families",
+    "parse_families",
+    "render_families",
+]
 
 MAX_REASONS = 50
 """Distinct agent-supplied reasons with a label value of their own."""
 STATES = ("up-to-date", "pending", "deferred", "failed", "unknown")
 """The fleet states (``relay.core.fleet.FleetState`` values), the bounded label set."""
+
+
+ADDITIVE_GAUGES = frozenset(
+    {
+        "relay_active_transfers",
+        "relay_connections",
+        "relay_events_held",
+        "process_open_fds",
+        "process_resident_memory_bytes",
+        "process_virtual_memory_bytes",
+    }
+)
+"""Gauges whose values of several processes add up to the relay's: what each holds open."""
 
 
 def _counter(registry: CollectorRegistry, name: str, doc: str, *labels: str) -> Counter:
@@ -291,6 +326,21 @@ class RelayMetrics:
         )
         r.register(self.agents_by_version)
         self.checkins = _counter(r, "relay_checkins", "Agent check-ins.")
+        self.worker_up = _gauge(
+            r,
+            "relay_worker_up",
+            "1 if the process in a slot answered the leader's last scrape (slot 0: the "
+            "leader); only with several processes (relay.workers).",
+            "slot",
+        )
+        self.worker_totals = WorkerTotals()  # the leader's: what its workers counted
+        self.worker_scrape_errors = _counter(
+            r,
+            "relay_worker_scrape_errors",
+            "Scrapes of a worker process's metrics that failed or timed out, by slot; "
+            "that scrape lacks its series.",
+            "slot",
+        )
         self._reasons: set[str] = set()
         for event in ("checked", "downloaded", "installed", "failed"):
             self.agent_events.labels(event, "")
@@ -315,3 +365,194 @@ class RelayMetrics:
     def render(self) -> bytes:
         """The text exposition format."""
         return generate_latest(self.registry)
+
+
+# -- one relay, several processes ------------------------------------------------------
+
+_SUMMED_TYPES = frozenset({"counter", "histogram", "gaugehistogram", "summary"})
+_SERIES_LABELS = frozenset({"le", "quantile"})  # labels of one series' samples, not of the series
+
+_SampleKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def parse_families(text: str) -> list[Metric]:
+    """Parse the text exposition format (a process's ``render()``).
+
+    Returns:
+        The metric families, in order.
+
+    Raises:
+        ValueError: the text is not the exposition format.
+    """
+    try:
+        return list(text_string_to_metric_families(text))
+    except (ValueError, IndexError, KeyError) as e:  # the parser's ways of refusing a line
+        raise ValueError(f"not the Prometheus text format: {e}") from e
+
+
+def merge_families(
+    own: Iterable[Metric],
+    others: Iterable[Iterable[Metric]],
+    additive: Collection[str] = ADDITIVE_GAUGES,
+) -> list[Metric]:
+    """Merge the metric families of several processes into the relay's.
+
+    Rules, by (sample name, labels):
+
+    * counters, histograms and summaries: summed (a summary's quantiles and any
+      ``_created`` sample are not sums: the leader's, else the earliest);
+    * gauges named in ``additive``: summed;
+    * every other gauge (and info, state set, unknown): the leader's value, else
+      the first other process's that has the series;
+    * a family whose type differs from the leader's is left out (mixed versions).
+
+    Pure: families in, families out; the leader's order first, new series after.
+
+    Args:
+        own: the leader's families.
+        others: each other process's families.
+        additive: the gauges whose values add up.
+
+    Returns:
+        The merged families.
+    """
+    merged: dict[str, Metric] = {}
+    series: dict[str, dict[_SampleKey, Sample]] = {}
+    for families in (own, *others):
+        for family in families:
+            target = merged.get(family.name)
+            if target is None:
+                target = merged[family.name] = Metric(
+                    family.name, family.documentation, family.type, family.unit
+                )
+                series[family.name] = {}
+            elif target.type != family.type:
+                continue
+            summed = family.type in _SUMMED_TYPES or (
+                family.type == "gauge" and family.name in additive
+            )
+            samples = series[family.name]
+            for sample in family.samples:
+                key = _key(sample)
+                known = samples.get(key)
+                if known is None:
+                    samples[key] = sample
+                elif sample.name.endswith("_created"):
+                    samples[key] = known._replace(value=min(known.value, sample.value))
+                elif summed and "quantile" not in sample.labels:
+                    samples[key] = known._replace(value=known.value + sample.value)
+    for name, family in merged.items():
+        family.samples = _grouped(list(series[name].values()))
+    return list(merged.values())
+
+
+def _series(sample: Sample) -> tuple[tuple[str, str], ...]:
+    """The label set of the series a sample belongs to (without ``le`` or ``quantile``)."""
+    return tuple(sorted((k, v) for k, v in sample.labels.items() if k not in _SERIES_LABELS))
+
+
+def _grouped(samples: list[Sample]) -> list[Sample]:
+    """Samples with those of one series together, series in first-seen order (stable)."""
+    order: dict[tuple[tuple[str, str], ...], int] = {}
+    for sample in samples:
+        order.setdefault(_series(sample), len(order))
+    return sorted(samples, key=lambda s: order[_series(s)])
+
+
+class WorkerTotals:
+    """The leader's memory of each worker's counters, so the relay's never go backwards.
+
+    Prometheus reads any drop of a counter as a reset, and a sum of processes'
+    counters drops whenever one is left out (it did not answer a scrape) or starts
+    again at 0 (the process was restarted). So for each slot the leader keeps the
+    counters, histograms and summaries of its last answer, and what earlier
+    processes in that slot had counted when they ended (*carried*):
+
+    * a slot that answers contributes its families and its carried totals;
+    * a slot that does not answer contributes its last answer's counters and its
+      carried totals (its gauges are left out: they describe the present);
+    * a slot whose process changed (another ``process_start_time_seconds``, or a
+      counter lower than before) first adds its last answer to its carried totals.
+
+    Pure (families in, families out); one instance per leader, for its lifetime.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[int, list[Metric]] = {}
+        self._carried: dict[int, list[Metric]] = {}
+        self._start: dict[int, float | None] = {}
+
+    def answered(self, slot: int, families: list[Metric]) -> list[list[Metric]]:
+        """Record a slot's answer.
+
+        Returns:
+            What the slot contributes to the merge: its families, then its carried
+            totals (when it has any).
+        """
+        counted = [f for f in families if f.type in _SUMMED_TYPES]
+        start = _start_time(families)
+        last = self._last.get(slot)
+        if last is not None and (self._start.get(slot) != start or _decreased(last, counted)):
+            self._carried[slot] = merge_families(self._carried.get(slot, []), [last])
+        self._last[slot] = counted
+        self._start[slot] = start
+        return [families, *self.carried(slot)]
+
+    def missing(self, slot: int) -> list[list[Metric]]:
+        """What a slot that did not answer contributes: its last counters, its carried totals.
+
+        Returns:
+            Lists of families (none when the slot never answered).
+        """
+        last = self._last.get(slot)
+        return [*([last] if last is not None else []), *self.carried(slot)]
+
+    def carried(self, slot: int) -> list[list[Metric]]:
+        """The totals of the slot's earlier processes (empty before its first restart).
+
+        Returns:
+            At most one list of families.
+        """
+        carried = self._carried.get(slot)
+        return [carried] if carried else []
+
+
+def _start_time(families: list[Metric]) -> float | None:
+    for family in families:
+        if family.name == "process_start_time_seconds" and family.samples:
+            return family.samples[0].value
+    return None
+
+
+def _decreased(before: list[Metric], after: list[Metric]) -> bool:
+    """Whether any summed sample of ``after`` is lower than in ``before``, or gone."""
+    now = {_key(s): s.value for f in after for s in f.samples}
+    return any(
+        now.get(_key(s), -1.0) < s.value
+        for f in before
+        for s in f.samples
+        if not s.name.endswith("_created") and "quantile" not in s.labels
+    )
+
+
+def _key(sample: Sample) -> _SampleKey:
+    return sample.name, tuple(sorted(sample.labels.items()))
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._families)
+
+
+def render_families(families: Iterable[Metric]) -> bytes:
+    """The text exposition format of ``families`` (what :meth:`RelayMetrics.render` gives).
+
+    Returns:
+        The text, as bytes.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families)))
+    return generate_latest(registry)

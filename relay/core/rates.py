@@ -5,7 +5,8 @@ Rules:
 * Pure: nothing here reads a clock, sleeps or does I/O. :class:`TokenBucket` and
   :class:`FairQueue` take the time (seconds, any monotonic origin) as a parameter;
   :class:`RateSchedule` takes the wall-clock time as a ``datetime``;
-  :func:`chunk_size`, :func:`burst_for` and :func:`jain_index` are plain functions.
+  :func:`chunk_size`, :func:`burst_for`, :func:`jain_index` and :func:`egress_shares`
+  are plain functions.
   The asyncio side (waiting, timers, refunds of cancelled waiters) is
   :mod:`relay.transfer.bandwidth`.
 * Rates are bytes per second and 0 always means unlimited.
@@ -16,6 +17,11 @@ Rules:
 * Writes are paced in chunks that shrink as streams multiply (:func:`chunk_size`),
   so one stream waits about :data:`MAX_GAP` seconds between two writes: a TUF
   client takes a long gap for a slow-retrieval attack.
+* One egress cap over several processes: each process takes the part of the cap
+  :func:`egress_shares` gives it from every process's active flows, so each agent of
+  the relay gets about ``cap / flows`` wherever it is served (the fair queue shares
+  a process's part among its own agents). :mod:`relay.transfer.share` publishes the
+  flows and applies the parts.
 * A schedule is values: :class:`ScheduleEntry` (as configured, ``HH:MM`` and day
   names) parsed into :class:`Window` (minutes and weekday numbers) by
   :meth:`RateSchedule.from_entries`; the configuration builds entries, this module
@@ -38,6 +44,7 @@ MIN_CHUNK = 1024  # bytes: smaller writes cost more in overhead than they save i
 MAX_CHUNK = 64 * 1024  # bytes
 BURST_SECONDS = 0.05  # seconds of traffic a bucket may save up while idle
 SLACK = 1e-6  # seconds: a timer that fires this early still counts as on time
+IDLE_SHARE = 0.02  # the part of an egress cap kept for processes with no flow, together
 _RETAG_BELOW = 0.75  # re-tag waiting requests when the quantum shrinks below this share
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
@@ -220,6 +227,44 @@ def jain_index(values: Iterable[float]) -> float:
         return 1.0
     total = sum(xs)
     return total * total / (len(xs) * squares)
+
+
+def egress_shares(flows: Sequence[int | None], idle_share: float = IDLE_SHARE) -> tuple[float, ...]:
+    """Each process's part of a relay-wide egress cap, from the flows each one serves.
+
+    A flow is an agent with a transfer waiting or running in that process. Parts
+    are proportional to flows, so with fair queueing inside each process every
+    agent of the relay gets about ``cap / total flows``. A live process with no
+    flow gets a small floor (``idle_share`` split over the live processes), so
+    a new flow starts at once instead of waiting for its process's next look at
+    the others; when no process has a flow, the live ones share the cap evenly.
+
+    Args:
+        flows: per process (slot), its flows, or ``None`` when it is not live (no
+            recent heartbeat: a dead or stuck process, which must not hold bandwidth).
+            Negative counts are read as 0.
+        idle_share: the part of the cap set aside for idle live processes together,
+            in ``[0, 1)``.
+
+    Returns:
+        One fraction per slot: 0 for slots that are not live, the others summing
+        to 1 (all 0 when no slot is live).
+
+    Raises:
+        ValueError: ``idle_share`` is outside ``[0, 1)``.
+    """
+    if not 0 <= idle_share < 1:
+        raise ValueError(f"the idle share must be in [0, 1), got {idle_share}")
+    live = [f for f in flows if f is not None]
+    busy = sum(max(0, f) for f in live)
+    if not live:
+        return tuple(0.0 for _ in flows)
+    if busy == 0:
+        return tuple(0.0 if f is None else 1 / len(live) for f in flows)
+    floor = idle_share / len(live)
+    idle = sum(1 for f in live if f <= 0)
+    rest = 1 - floor * idle
+    return tuple(0.0 if f is None else (rest * f / busy if f > 0 else floor) for f in flows)
 
 
 class TicketState(Enum):
@@ -593,6 +638,7 @@ class RateSchedule:
 
 __all__ = [
     "BURST_SECONDS",
+    "IDLE_SHARE",
     "MAX_CHUNK",
     "MAX_GAP",
     "MIN_CHUNK",
@@ -607,5 +653,6 @@ __all__ = [
     "Window",
     "burst_for",
     "chunk_size",
+    "egress_shares",
     "jain_index",
 ]

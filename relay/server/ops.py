@@ -1,15 +1,40 @@
-"""Operations endpoints: ``/healthz`` (liveness), ``/readyz`` (readiness), ``/metrics``."""
+"""Operations endpoints: ``/healthz`` (liveness), ``/readyz`` (readiness), ``/metrics``.
+
+With several processes (``relay.workers``), each worker serves its own registry at
+``GET /internal/metrics`` on its Unix socket ``<data_dir>/run/worker-<slot>.sock``
+(:func:`worker_metrics`), and the leader's ``/metrics`` is the whole relay's: it
+asks every worker at once (:func:`scrape_workers`, a short timeout; a worker that
+does not answer is left out of that scrape, ``relay_worker_up{slot}`` says 0 and
+``relay_worker_scrape_errors_total{slot}`` counts it) and merges their texts into
+its own (:func:`relay.metrics.merge_families`), parsing and merging in a thread.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Mapping
+from pathlib import Path
 
+import aiohttp
 from aiohttp import web
+from prometheus_client.metrics_core import Metric
 
-from relay.metrics import CONTENT_TYPE_LATEST
+from relay.metrics import (
+    CONTENT_TYPE_LATEST,
+    RelayMetrics,
+    merge_families,
+    parse_families,
+    render_families,
+)
 from relay.server.internal import CHANGES
 from relay.server.state import STATE
+
+logger = logging.getLogger(__name__)
+
+WORKER_SCRAPE_TIMEOUT = 2.0  # seconds: a worker slower than this is left out of a scrape
+WORKER_METRICS_PATH = "/internal/metrics"
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -67,3 +92,88 @@ async def metrics_handler(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = await asyncio.to_thread(state.metrics.render)  # the fleet counts walk the agents
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def worker_metrics(request: web.Request) -> web.Response:
+    """``GET /internal/metrics`` of a worker: its own registry, for the leader to merge."""
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def scrape_worker(path: Path, timeout: float = WORKER_SCRAPE_TIMEOUT) -> list[Metric]:
+    """A worker's metric families, fetched from its Unix socket and parsed (in a thread).
+
+    Returns:
+        The families.
+
+    Raises:
+        aiohttp.ClientError: no answer, or not ``200``.
+        TimeoutError: no whole answer within ``timeout`` seconds.
+        ValueError: the answer is not the exposition format.
+    """
+    connector = aiohttp.UnixConnector(path=str(path))
+    async with (
+        aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as session,
+        session.get(f"http://worker{WORKER_METRICS_PATH}") as response,
+    ):
+        response.raise_for_status()
+        text = await response.text()
+    return await asyncio.to_thread(parse_families, text)
+
+
+async def scrape_workers(
+    metrics: RelayMetrics, sockets: Mapping[int, Path], timeout: float = WORKER_SCRAPE_TIMEOUT
+) -> list[list[Metric]]:
+    """Every worker's families at once; a worker that does not answer is left out and counted.
+
+    Sets ``relay_worker_up{slot}`` (the leader, slot 0, is up) and counts failures in
+    ``relay_worker_scrape_errors_total{slot}``. What each slot contributes goes
+    through ``metrics.worker_totals`` (:class:`relay.metrics.WorkerTotals`), so the
+    relay's counters keep counting what a worker that did not answer, or was
+    restarted, had counted.
+
+    Returns:
+        The lists of families to merge with the leader's.
+
+    Raises:
+        asyncio.CancelledError: the scrape was cancelled.
+    """
+    results = await asyncio.gather(
+        *(scrape_worker(path, timeout) for path in sockets.values()), return_exceptions=True
+    )
+    metrics.worker_up.labels("0").set(1)
+    answered = []
+    for slot, result in zip(sockets, results, strict=True):
+        up = not isinstance(result, BaseException)
+        metrics.worker_up.labels(str(slot)).set(up)
+        if isinstance(result, list):
+            answered.extend(metrics.worker_totals.answered(slot, result))
+        elif isinstance(result, aiohttp.ClientError | OSError | TimeoutError | ValueError):
+            metrics.worker_scrape_errors.labels(str(slot)).inc()
+            logger.info("worker %d left out of this scrape of /metrics: %r", slot, result)
+            answered.extend(metrics.worker_totals.missing(slot))
+        else:
+            raise result
+    return answered
+
+
+async def merged_metrics(
+    metrics: RelayMetrics, sockets: Mapping[int, Path], timeout: float = WORKER_SCRAPE_TIMEOUT
+) -> bytes:
+    """The relay's metrics: the leader's registry merged with every worker's that answers.
+
+    Returns:
+        The text exposition format.
+
+    Raises:
+        asyncio.CancelledError: the scrape was cancelled.
+    """
+    workers = await scrape_workers(metrics, sockets, timeout)
+    own = metrics.render()  # on the loop: the registry's hot counters are the loop's
+    return await asyncio.to_thread(_merge, own, workers)
+
+
+def _merge(own: bytes, workers: list[list[Metric]]) -> bytes:
+    return render_families(merge_families(parse_families(own.decode()), workers))

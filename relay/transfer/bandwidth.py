@@ -24,6 +24,10 @@ Rules:
   at once and its tokens are refunded, so nobody queued behind it waits for bytes
   that will never be sent. An unlimited limiter returns from ``acquire`` without
   awaiting anything.
+* Several processes serving one relay each take a *share* of the shared rate
+  (:meth:`BandwidthLimiter.set_share`, kept by :mod:`relay.transfer.share`): the
+  rate a schedule or a reload sets stays the relay's, and the process paces at
+  that rate times its share. The per-agent rate is not shared: it holds per process.
 * Time-of-day rates are followed by one task, :func:`follow_schedule`, which reads
   the wall clock through a function it is given. It follows a :class:`LiveSchedule`
   when the schedule may be replaced while it runs (a configuration reload).
@@ -59,6 +63,9 @@ class BandwidthLimiter:
     One instance limits all responses (``egress`` and ``per_agent``); another, with
     ``per_agent=0`` and ``agent=None`` on every call, limits upstream fetches.
 
+    With a share below 1 (:meth:`set_share`: this process's part of a relay-wide
+    cap), the shared bucket runs at ``rate * share``; ``rate`` stays the rate set.
+
     Args:
         rate: the shared rate in bytes/s (0 = unlimited).
         per_agent: each agent's rate in bytes/s (0 = unlimited).
@@ -79,9 +86,11 @@ class BandwidthLimiter:
         if rate < 0 or per_agent < 0 or max_chunk < 1:
             raise ValueError(f"bad limiter settings: {rate=}, {per_agent=}, {max_chunk=}")
         self._rate = float(rate)
+        self._share = 1.0
+        self._shared_rate = self._rate  # the rate the shared bucket runs at: rate * share
         self._per_agent = float(per_agent)
         self._max_chunk = max_chunk
-        self._shared = TokenBucket(self._rate, burst_for(self._rate))
+        self._shared = TokenBucket(self._shared_rate, burst_for(self._shared_rate))
         self._agents: dict[str, TokenBucket] = {}
         self._prune_at = 1024
         self._queue: FairQueue[asyncio.Future[None] | None] = FairQueue()
@@ -99,8 +108,18 @@ class BandwidthLimiter:
 
     @property
     def rate(self) -> float:
-        """The shared rate in bytes/s (0 = unlimited)."""
+        """The shared rate in bytes/s as set (0 = unlimited), before any share."""
         return self._rate
+
+    @property
+    def share(self) -> float:
+        """The part of :attr:`rate` this limiter paces at (1.0 unless shared)."""
+        return self._share
+
+    @property
+    def active_flows(self) -> int:
+        """Agents with a stream open or a request waiting here now."""
+        return max(len(self._streams), self._queue.flows)
 
     @property
     def per_agent(self) -> float:
@@ -120,21 +139,41 @@ class BandwidthLimiter:
         """
         if rate < 0 or per_agent < 0:
             raise ValueError(f"a rate cannot be negative: {rate=}, {per_agent=}")
-        if rate == self._rate and per_agent == self._per_agent:
+        self._apply(float(rate), self._share, float(per_agent))
+
+    def set_share(self, share: float) -> None:
+        """Pace at ``share`` of the shared rate from now on; the per-agent rate is untouched.
+
+        Several processes serving one relay each take their part of one cap this
+        way (:mod:`relay.transfer.share`); a later :meth:`set_rates` (a schedule, a
+        reload) keeps the share.
+
+        Raises:
+            ValueError: ``share`` is not in ``(0, 1]``.
+        """
+        if not 0 < share <= 1:
+            raise ValueError(f"a share must be in (0, 1], got {share}")
+        self._apply(self._rate, share, self._per_agent)
+
+    def _apply(self, rate: float, share: float, per_agent: float) -> None:
+        if rate == self._rate and share == self._share and per_agent == self._per_agent:
             return
         lifted = self._per_agent > 0 and per_agent <= 0
-        self._rate, self._per_agent = float(rate), float(per_agent)
+        agents_changed = per_agent != self._per_agent
+        self._rate, self._share, self._per_agent = rate, share, per_agent
+        self._shared_rate = rate * share
         loop = _running_loop()
         if loop is None:
             # Outside the loop nothing can be waiting: start afresh, clocks come later.
-            self._shared = TokenBucket(self._rate, burst_for(self._rate))
+            self._shared = TokenBucket(self._shared_rate, burst_for(self._shared_rate))
             self._agents.clear()
             return
         now = loop.time()
         self._queue.set_quantum(self._quantum())
-        self._shared.set_rate(self._rate, now, burst_for(self._rate))
-        for bucket in self._agents.values():
-            bucket.set_rate(self._per_agent, now, burst_for(self._per_agent))
+        self._shared.set_rate(self._shared_rate, now, burst_for(self._shared_rate))
+        if agents_changed:
+            for bucket in self._agents.values():
+                bucket.set_rate(self._per_agent, now, burst_for(self._per_agent))
         if lifted:
             self._queue.expedite()
         self._pump()
@@ -170,8 +209,8 @@ class BandwidthLimiter:
         """
         own = max(1, self._streams.get(agent, 0))
         size = self._max_chunk
-        if self._rate > 0:
-            size = min(size, chunk_size(self._rate, self._flows(agent) * own, size))
+        if self._shared_rate > 0:
+            size = min(size, chunk_size(self._shared_rate, self._flows(agent) * own, size))
         if self._per_agent > 0:
             size = min(size, chunk_size(self._per_agent, own, size))
         return size
@@ -183,9 +222,9 @@ class BandwidthLimiter:
 
     def _quantum(self) -> float:
         """A single stream's fair chunk now: the most one request is charged."""
-        if self._rate <= 0:
+        if self._shared_rate <= 0:
             return math.inf
-        return chunk_size(self._rate, self._flows(None), self._max_chunk)
+        return chunk_size(self._shared_rate, self._flows(None), self._max_chunk)
 
     async def acquire(self, agent: str | None, n: int) -> float:
         """Wait until ``n`` bytes of ``agent`` may go.
@@ -201,7 +240,7 @@ class BandwidthLimiter:
             asyncio.CancelledError: the caller was cancelled; its reservation is
                 withdrawn and refunded.
         """
-        if (self._rate <= 0 and self._per_agent <= 0) or n <= 0:
+        if (self._shared_rate <= 0 and self._per_agent <= 0) or n <= 0:
             return 0.0
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -236,7 +275,7 @@ class BandwidthLimiter:
         return waited
 
     def _piece(self) -> int:
-        return chunk_size(self._rate, self._flows(None), self._max_chunk)
+        return chunk_size(self._shared_rate, self._flows(None), self._max_chunk)
 
     def _enqueue(
         self, agent: str | None, n: int, now: float
