@@ -41,7 +41,7 @@ from relay.fleet.registry import Registry
 from relay.metrics import RelayMetrics
 from relay.server.events import EVENTS, EventHub, follow_mirror, follow_upstream
 from relay.server.fleet import watch_fleet
-from relay.server.internal import CHANGES
+from relay.server.internal import CHANGES, egress_file, make_run_dir
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import AGENT_SECRET, CONFIG, METRICS, STATE, RelayState
@@ -55,6 +55,7 @@ from relay.transfer.bandwidth import (
 )
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
+from relay.transfer.share import EgressShare
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,18 @@ def apply_limits(
     schedule.apply(schedule_from_config(config.limits), egress, upstream)
     gate.max_total = config.limits.max_transfers
     gate.max_per_agent = config.limits.max_transfers_per_agent
+
+
+async def open_share(config: Config, slot: int, slots: int) -> EgressShare | None:
+    """This process's part of the one egress cap, with several processes (else ``None``).
+
+    Raises:
+        OSError: ``<data_dir>/run`` or its shared file cannot be made.
+    """
+    if slots <= 1:
+        return None
+    await asyncio.to_thread(make_run_dir, config)
+    return await asyncio.to_thread(EgressShare, egress_file(config), slot, slots)
 
 
 def _log_overrides(policy: PolicyStore, config: Config) -> None:
@@ -346,11 +359,17 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     bg.supervise(
         "rate-schedule", partial(follow_schedule, schedule, egress_limiter, upstream_limiter)
     )
+    # With worker processes: one egress cap for all (the leader is slot 0).
+    share = await open_share(config, 0, config.relay.processes)
+    if share is not None:
+        bg.supervise("egress-share", partial(share.run, egress_limiter))
     try:
         yield
     finally:
         hub.close()
         await bg.close()
+        if share is not None:
+            share.close()
         await deltas.close()
         await mirror.close()
         state.files.close()

@@ -41,6 +41,7 @@ from relay.server.state import STATE
 
 RUN_DIR = "run"
 LEADER_SOCKET = "leader.sock"
+EGRESS_FILE = "egress.shm"
 CHANGES_HOLD = 30.0
 """Seconds the leader holds a worker's changes poll without a change."""
 INTERNAL_PREFIX = "/internal/"
@@ -52,6 +53,28 @@ METRICS_PATH = "/internal/metrics"
 def run_dir(config: Config) -> Path:
     """``<data_dir>/run``: the processes' private sockets."""
     return config.relay.data_dir / RUN_DIR
+
+
+def make_run_dir(config: Config) -> Path:
+    """Create ``<data_dir>/run`` (mode 0700: only the relay's user enters it); blocking.
+
+    Raises:
+        OSError: it cannot be made.
+    """
+    path = run_dir(config)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def egress_file(config: Config) -> Path:
+    """The file the processes share the egress cap through (:mod:`relay.transfer.share`)."""
+    return run_dir(config) / EGRESS_FILE
+
+
+def worker_sockets(config: Config) -> dict[int, Path]:
+    """Every worker's private socket by slot (the leader's ``/metrics`` asks each)."""
+    return {slot: worker_socket(config, slot) for slot in range(1, config.relay.processes)}
 
 
 def leader_socket(config: Config) -> Path:

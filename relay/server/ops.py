@@ -28,13 +28,13 @@ from relay.metrics import (
     parse_families,
     render_families,
 )
-from relay.server.internal import CHANGES
-from relay.server.state import STATE
+from relay.server.internal import CHANGES, METRICS_PATH, worker_sockets
+from relay.server.state import METRICS, STATE
 
 logger = logging.getLogger(__name__)
 
 WORKER_SCRAPE_TIMEOUT = 2.0  # seconds: a worker slower than this is left out of a scrape
-WORKER_METRICS_PATH = "/internal/metrics"
+WORKER_METRICS_PATH = METRICS_PATH
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -88,15 +88,18 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
+    """Prometheus text exposition: the whole relay's (its workers' merged in)."""
     state = request.app[STATE]
-    body = await asyncio.to_thread(state.metrics.render)  # the fleet counts walk the agents
+    if state.config.relay.processes > 1:
+        body = await merged_metrics(state.metrics, worker_sockets(state.config))
+    else:
+        body = await asyncio.to_thread(state.metrics.render)  # the fleet counts walk the agents
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def worker_metrics(request: web.Request) -> web.Response:
     """``GET /internal/metrics`` of a worker: its own registry, for the leader to merge."""
-    body = request.app[STATE].metrics.render()
+    body = request.app[METRICS].render()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -171,9 +174,10 @@ async def merged_metrics(
         asyncio.CancelledError: the scrape was cancelled.
     """
     workers = await scrape_workers(metrics, sockets, timeout)
-    own = metrics.render()  # on the loop: the registry's hot counters are the loop's
-    return await asyncio.to_thread(_merge, own, workers)
+    # In a thread: the leader's fleet counts walk the agents, and parsing is CPU.
+    return await asyncio.to_thread(_merge, metrics, workers)
 
 
-def _merge(own: bytes, workers: list[list[Metric]]) -> bytes:
+def _merge(metrics: RelayMetrics, workers: list[list[Metric]]) -> bytes:
+    own = metrics.render()
     return render_families(merge_families(parse_families(own.decode()), workers))

@@ -57,12 +57,13 @@ from relay.core.protocol import DeltaFormat, formats_from_accept
 from relay.core.tokens import SECRET_BYTES
 from relay.deltas.service import PatchFile
 from relay.errors import ConfigError
-from relay.metrics import CONTENT_TYPE_LATEST, RelayMetrics
+from relay.metrics import RelayMetrics
 from relay.server.blobs import admit, paced_slot, send_blob, send_patch
 from relay.server.compose import (
     AGENT_SECRET_FILE,
     apply_limits,
     make_limiters,
+    open_share,
     read_trusted_root,
 )
 from relay.server.connections import ConnectionGuard, ConnectionLimits, GuardedSite
@@ -77,6 +78,7 @@ from relay.server.internal import (
     worker_socket,
 )
 from relay.server.metadata import METADATA_HEADERS, MetadataHeaders, metadata_response
+from relay.server.ops import worker_metrics
 from relay.server.run import (
     ACCESS_LOGGER,
     AccessLogger,
@@ -213,6 +215,7 @@ class WorkerState:
     leader: Leader
     started: float  # the leader's: Last-Modified agrees across processes
     slot: int
+    slots: int  # the processes serving the relay, the leader included
     verbose: int = 0
     generation: str = ""
     content: int | None = None
@@ -294,12 +297,6 @@ async def _forward_transfer(request: web.Request, st: WorkerState) -> web.Stream
         return await forward(request, st.leader, st.metrics, pace)
 
 
-async def internal_metrics(request: web.Request) -> web.Response:
-    """``GET /internal/metrics`` on the worker's own socket: its registry."""
-    body = request.app[WORKER].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 # -- composition ------------------------------------------------------------------------
 
 
@@ -333,6 +330,7 @@ async def build_state(
         leader=leader,
         started=float(settings["started"]),
         slot=slot,
+        slots=int(settings["slots"]),
         verbose=verbose,
         settings=int(settings["settings"]),
     )
@@ -363,12 +361,17 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(follow_schedule(st.schedule, st.limiter, st.upstream_limiter)),
     ]
+    share = await open_share(st.config, st.slot, st.slots)
+    if share is not None:  # this process's part of the one egress cap
+        tasks.append(asyncio.create_task(share.run(st.limiter)))
     try:
         yield
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if share is not None:
+            share.close()
         st.files.close()
         await st.leader.close()
 
@@ -506,8 +509,8 @@ async def run_worker(socket_path: Path, slot: int, verbose: int = 0) -> None:
             **limits.handler_args(),
         )
         own = web.Application()
-        own[WORKER] = st
-        own.router.add_get(METRICS_PATH, internal_metrics)
+        own[METRICS] = st.metrics
+        own.router.add_get(METRICS_PATH, worker_metrics)
         own_runner = web.AppRunner(own, access_log=None, handle_signals=False)
         sockets: list[socket.socket] = []
         try:
