@@ -152,3 +152,14 @@ async def test_internal_routes_answer_a_workers_own_requests_only(tmp_path):
                 assert r.status == 404
     finally:
         await runner.cleanup()
+
+
+async def test_an_application_built_outside_relay_serve_serves_alone(serve_relay):
+    # The demo and the tests build the application themselves: no workers, whatever the key.
+    relay = await serve_relay(**{"relay.workers": 0})
+    assert relay_state(relay).config.relay.processes >= 1
+    async with aiohttp.ClientSession() as s:
+        async with s.get(relay.url + "metrics") as r:
+            text = await r.text()
+        assert "relay_worker_up{" not in text
+        assert not (relay_state(relay).config.relay.data_dir / "run").exists()

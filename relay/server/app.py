@@ -13,8 +13,14 @@ from relay.server.routes import add_routes
 from relay.server.state import CONFIG, METRICS
 
 
-def make_app(config: Config, *, metrics: RelayMetrics | None = None) -> web.Application:
+def make_app(
+    config: Config, *, metrics: RelayMetrics | None = None, processes: int = 1
+) -> web.Application:
     """Build the relay application for ``config``.
+
+    ``processes``: the processes serving it, this one (the leader) and its workers; only
+    ``relay serve`` starts workers (:mod:`relay.server.run`), so an application built
+    anywhere else serves alone, whatever ``relay.workers`` says.
 
     Raises:
         ConfigError: at start-up (in the cleanup context) for a missing trusted
@@ -26,5 +32,5 @@ def make_app(config: Config, *, metrics: RelayMetrics | None = None) -> web.Appl
     app.cleanup_ctx.append(components)
     app.on_shutdown.append(answer_held)
     app.on_shutdown.append(close_changes)
-    add_routes(app)
+    add_routes(app, processes=processes)
     return app

@@ -360,7 +360,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
         "rate-schedule", partial(follow_schedule, schedule, egress_limiter, upstream_limiter)
     )
     # With worker processes: one egress cap for all (the leader is slot 0).
-    share = await open_share(config, 0, config.relay.processes)
+    share = await open_share(config, 0, app[CHANGES].slots)
     if share is not None:
         bg.supervise("egress-share", partial(share.run, egress_limiter))
     try:

@@ -72,9 +72,9 @@ def egress_file(config: Config) -> Path:
     return run_dir(config) / EGRESS_FILE
 
 
-def worker_sockets(config: Config) -> dict[int, Path]:
+def worker_sockets(config: Config, slots: int) -> dict[int, Path]:
     """Every worker's private socket by slot (the leader's ``/metrics`` asks each)."""
-    return {slot: worker_socket(config, slot) for slot in range(1, config.relay.processes)}
+    return {slot: worker_socket(config, slot) for slot in range(1, slots)}
 
 
 def leader_socket(config: Config) -> Path:
@@ -97,8 +97,10 @@ class Changes:
         addresses: the leader's listening addresses, ``(family, host, port)``: each
             worker binds the same ones.
         starting: the workers are being started (``/readyz`` waits for them).
+        slots: the processes serving the relay, the leader included (1: no workers).
     """
 
+    slots: int = 1
     content: int | None = None
     settings: int = 0
     addresses: list[tuple[int, str, int]] = field(default_factory=list)
@@ -189,7 +191,7 @@ async def settings(request: web.Request) -> web.Response:
             "config": config_to_dict(state.config),
             "started": state.started,
             "addresses": hub.addresses,
-            "slots": state.config.relay.processes,
+            "slots": hub.slots,
             "generation": hub.generation,
             "content": hub.content,
             "settings": hub.settings,
@@ -197,13 +199,13 @@ async def settings(request: web.Request) -> web.Response:
     )
 
 
-def add_internal_routes(app: web.Application, *, workers: bool) -> None:
-    """Keep :data:`CHANGES`; with ``workers``, register the routes they use.
+def add_internal_routes(app: web.Application, processes: int) -> None:
+    """Keep :data:`CHANGES`; with workers (``processes`` above 1), the routes they use.
 
     A single process has no such routes: its HTTP surface is the relay's alone.
     """
-    app[CHANGES] = Changes()
-    if workers:
+    app[CHANGES] = Changes(slots=processes)
+    if processes > 1:
         app.router.add_get(CHANGES_PATH, changes, name="internal-changes")
         app.router.add_get(SETTINGS_PATH, settings, name="internal-settings")
 

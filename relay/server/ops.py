@@ -90,8 +90,9 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_handler(request: web.Request) -> web.Response:
     """Prometheus text exposition: the whole relay's (its workers' merged in)."""
     state = request.app[STATE]
-    if state.config.relay.processes > 1:
-        body = await merged_metrics(state.metrics, worker_sockets(state.config))
+    slots = request.app[CHANGES].slots
+    if slots > 1:
+        body = await merged_metrics(state.metrics, worker_sockets(state.config, slots))
     else:
         body = await asyncio.to_thread(state.metrics.render)  # the fleet counts walk the agents
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

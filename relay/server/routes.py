@@ -8,15 +8,15 @@ from relay.server import admin, agents, blobs, events, metadata, ops, ui
 from relay.server.http import COUNTS, counted
 from relay.server.internal import add_internal_routes
 from relay.server.metadata import METADATA_HEADERS, MetadataHeaders
-from relay.server.state import CONFIG, METRICS
+from relay.server.state import METRICS
 
 
 async def _not_found(_request: web.Request) -> web.StreamResponse:
     raise web.HTTPNotFound(text="not found\n")
 
 
-def add_routes(app: web.Application) -> None:
-    """Register every route of the relay on ``app``."""
+def add_routes(app: web.Application, *, processes: int = 1) -> None:
+    """Register every route of the relay on ``app`` (``processes``: its own and its workers')."""
     app[METADATA_HEADERS] = MetadataHeaders()
     app[COUNTS] = app[METRICS].requests.values
     for path, handler, name in (
@@ -33,5 +33,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/reports", counted("reports", agents.reports), name="reports")
     admin.add_admin_routes(app)
     ui.add_ui_routes(app)
-    add_internal_routes(app, workers=app[CONFIG].relay.processes > 1)
+    add_internal_routes(app, processes)
     app.router.add_get("/{tail:.*}", counted("other", _not_found), name="other")

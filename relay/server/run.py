@@ -805,8 +805,8 @@ class Service:
         ready: asyncio.Event | None,
         admin: list[socket.socket],
     ) -> None:
-        app = self.app = make_app(self.config)
         processes = self.config.relay.processes
+        app = self.app = make_app(self.config, processes=processes)
         if processes > 1:
             app.middlewares.insert(0, from_workers)
         if admin:
