@@ -41,7 +41,7 @@ from relay.fleet.registry import Registry
 from relay.metrics import RelayMetrics
 from relay.server.events import EVENTS, EventHub, follow_mirror, follow_upstream
 from relay.server.fleet import watch_fleet
-from relay.server.internal import CHANGES
+from relay.server.internal import CHANGES, run_dir
 from relay.server.replica import follow_parent
 from relay.server.retention import PinPolicy
 from relay.server.state import AGENT_SECRET, CONFIG, METRICS, STATE, RelayState
@@ -55,6 +55,7 @@ from relay.transfer.bandwidth import (
 )
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
+from relay.transfer.share import EgressShare
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,33 @@ def make_limiters(
     metrics.bind(metrics.bandwidth_limit.labels("per_agent"), lambda: egress.per_agent)
     metrics.bind(metrics.bandwidth_limit.labels("upstream"), lambda: upstream.rate)
     return schedule, egress, upstream
+
+
+EGRESS_SHARE_FILE = "egress.shm"
+"""In ``<data_dir>/run/``: the processes' shares of the egress cap (:mod:`relay.transfer.share`)."""
+
+
+def open_egress_share(config: Config, slot: int, slots: int) -> EgressShare | None:
+    """Process ``slot``'s record of the relay's one egress cap; ``None`` with one process.
+
+    The leader (slot 0) opens it first, before it starts its workers, and starts
+    from a new file: records of an earlier run are gone. Blocking (it may create
+    ``<data_dir>/run/`` and the file): call it in a thread.
+
+    Returns:
+        The share to run beside the egress limiter, or ``None``.
+
+    Raises:
+        OSError: the directory or the file cannot be made or mapped.
+    """
+    if slots <= 1:
+        return None
+    directory = run_dir(config)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = directory / EGRESS_SHARE_FILE
+    if slot == 0:
+        path.unlink(missing_ok=True)
+    return EgressShare(path, slot, slots)
 
 
 def apply_limits(
@@ -346,11 +374,18 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     bg.supervise(
         "rate-schedule", partial(follow_schedule, schedule, egress_limiter, upstream_limiter)
     )
+    # With worker processes the egress cap is the relay's: the leader is slot 0.
+    share = await asyncio.to_thread(open_egress_share, config, 0, config.relay.processes)
+    if share is not None:
+        bg.supervise("egress-share", partial(share.run, egress_limiter))
     try:
         yield
     finally:
         hub.close()
         await bg.close()
+        if share is not None:  # the workers have stopped: nothing uses the file now
+            share.close()
+            await asyncio.to_thread(share.path.unlink, missing_ok=True)
         await deltas.close()
         await mirror.close()
         state.files.close()

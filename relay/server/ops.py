@@ -2,11 +2,11 @@
 
 With several processes (``relay.workers``), each worker serves its own registry at
 ``GET /internal/metrics`` on its Unix socket ``<data_dir>/run/worker-<slot>.sock``
-(:func:`worker_metrics`), and the leader's ``/metrics`` is the whole relay's: it
+(:mod:`relay.server.worker`), and the leader's ``/metrics`` is the whole relay's: it
 asks every worker at once (:func:`scrape_workers`, a short timeout; a worker that
 does not answer is left out of that scrape, ``relay_worker_up{slot}`` says 0 and
 ``relay_worker_scrape_errors_total{slot}`` counts it) and merges their texts into
-its own (:func:`relay.metrics.merge_families`), parsing and merging in a thread.
+its own (:func:`relay.metrics.merge_families`), rendering, parsing and merging in a thread.
 """
 
 from __future__ import annotations
@@ -28,13 +28,12 @@ from relay.metrics import (
     parse_families,
     render_families,
 )
-from relay.server.internal import CHANGES
+from relay.server.internal import CHANGES, METRICS_PATH, worker_socket
 from relay.server.state import STATE
 
 logger = logging.getLogger(__name__)
 
 WORKER_SCRAPE_TIMEOUT = 2.0  # seconds: a worker slower than this is left out of a scrape
-WORKER_METRICS_PATH = "/internal/metrics"
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -88,15 +87,14 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
+    """Prometheus text exposition: the relay's, every worker process's merged in."""
     state = request.app[STATE]
-    body = await asyncio.to_thread(state.metrics.render)  # the fleet counts walk the agents
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-async def worker_metrics(request: web.Request) -> web.Response:
-    """``GET /internal/metrics`` of a worker: its own registry, for the leader to merge."""
-    body = request.app[STATE].metrics.render()
+    config = state.config
+    if config.relay.processes > 1:
+        sockets = {slot: worker_socket(config, slot) for slot in range(1, config.relay.processes)}
+        body = await merged_metrics(state.metrics, sockets)
+    else:
+        body = await asyncio.to_thread(state.metrics.render)  # the fleet counts walk the agents
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -116,7 +114,7 @@ async def scrape_worker(path: Path, timeout: float = WORKER_SCRAPE_TIMEOUT) -> l
         aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as session,
-        session.get(f"http://worker{WORKER_METRICS_PATH}") as response,
+        session.get(f"http://worker{METRICS_PATH}") as response,
     ):
         response.raise_for_status()
         text = await response.text()
@@ -171,9 +169,9 @@ async def merged_metrics(
         asyncio.CancelledError: the scrape was cancelled.
     """
     workers = await scrape_workers(metrics, sockets, timeout)
-    own = metrics.render()  # on the loop: the registry's hot counters are the loop's
-    return await asyncio.to_thread(_merge, own, workers)
+    return await asyncio.to_thread(_merge, metrics, workers)  # the fleet counts walk the agents
 
 
-def _merge(own: bytes, workers: list[list[Metric]]) -> bytes:
-    return render_families(merge_families(parse_families(own.decode()), workers))
+def _merge(metrics: RelayMetrics, workers: list[list[Metric]]) -> bytes:
+    own = parse_families(metrics.render().decode())
+    return render_families(merge_families(own, workers))

@@ -63,6 +63,7 @@ from relay.server.compose import (
     AGENT_SECRET_FILE,
     apply_limits,
     make_limiters,
+    open_egress_share,
     read_trusted_root,
 )
 from relay.server.connections import ConnectionGuard, ConnectionLimits, GuardedSite
@@ -93,6 +94,7 @@ from relay.storage.secret import load_or_create_secret
 from relay.transfer.bandwidth import BandwidthLimiter, LiveSchedule, follow_schedule
 from relay.transfer.gate import TransferGate
 from relay.transfer.openfiles import OpenFileCache
+from relay.transfer.share import EgressShare
 
 logger = logging.getLogger("relay.server.worker")  # run as __main__ too
 
@@ -213,6 +215,7 @@ class WorkerState:
     leader: Leader
     started: float  # the leader's: Last-Modified agrees across processes
     slot: int
+    share: EgressShare | None = None  # this process's part of the relay's egress cap
     verbose: int = 0
     generation: str = ""
     content: int | None = None
@@ -333,6 +336,7 @@ async def build_state(
         leader=leader,
         started=float(settings["started"]),
         slot=slot,
+        share=await asyncio.to_thread(open_egress_share, config, slot, int(settings["slots"])),
         verbose=verbose,
         settings=int(settings["settings"]),
     )
@@ -363,12 +367,16 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     tasks = [
         asyncio.create_task(follow_schedule(st.schedule, st.limiter, st.upstream_limiter)),
     ]
+    if st.share is not None:
+        tasks.append(asyncio.create_task(st.share.run(st.limiter)))
     try:
         yield
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if st.share is not None:
+            st.share.close()
         st.files.close()
         await st.leader.close()
 
