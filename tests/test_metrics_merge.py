@@ -25,7 +25,8 @@ from relay.metrics import (
     parse_families,
     render_families,
 )
-from relay.server.ops import WORKER_METRICS_PATH, merged_metrics
+from relay.server.internal import METRICS_PATH
+from relay.server.ops import merged_metrics
 from tests.test_monitoring import tool
 
 BUCKETS = (1.0, 5.0, 25.0)
@@ -164,7 +165,7 @@ async def _worker(path, metrics: RelayMetrics | None, *, stuck: asyncio.Event | 
         return web.Response(body=metrics.render(), content_type="text/plain")
 
     app = web.Application()
-    app.router.add_get(WORKER_METRICS_PATH, handler)
+    app.router.add_get(METRICS_PATH, handler)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
     await runner.setup()
     await web.UnixSite(runner, str(path)).start()

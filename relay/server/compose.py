@@ -154,7 +154,10 @@ async def open_share(config: Config, slot: int, slots: int) -> EgressShare | Non
     if slots <= 1:
         return None
     await asyncio.to_thread(make_run_dir, config)
-    return await asyncio.to_thread(EgressShare, egress_file(config), slot, slots)
+    path = egress_file(config)
+    if slot == 0:  # the leader starts before its workers: a new file, no earlier run's records
+        await asyncio.to_thread(path.unlink, missing_ok=True)
+    return await asyncio.to_thread(EgressShare, path, slot, slots)
 
 
 def _log_overrides(policy: PolicyStore, config: Config) -> None:
@@ -368,8 +371,9 @@ async def components(app: web.Application) -> AsyncIterator[None]:
     finally:
         hub.close()
         await bg.close()
-        if share is not None:
+        if share is not None:  # the workers have stopped: nothing uses the file now
             share.close()
+            await asyncio.to_thread(share.path.unlink, missing_ok=True)
         await deltas.close()
         await mirror.close()
         state.files.close()

@@ -6,7 +6,7 @@ With several processes (``relay.workers``), each worker serves its own registry 
 asks every worker at once (:func:`scrape_workers`, a short timeout; a worker that
 does not answer is left out of that scrape, ``relay_worker_up{slot}`` says 0 and
 ``relay_worker_scrape_errors_total{slot}`` counts it) and merges their texts into
-its own (:func:`relay.metrics.merge_families`), parsing and merging in a thread.
+its own (:func:`relay.metrics.merge_families`), rendering, parsing and merging in a thread.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ class EgressShare:
     ) -> None:
         if not 0 <= slot < slots:
             raise ValueError(f"slot {slot} is outside 0..{slots - 1}")
+        self._path = path
         self._slot = slot
         self._slots = slots
         self._clock = clock
@@ -93,6 +94,11 @@ class EgressShare:
             os.close(fd)
         seq = _SEQ.unpack_from(self._map, self._offset(slot))[0]
         self._seq = seq + (seq & 1)  # a writer that died between two stores left it odd
+
+    @property
+    def path(self) -> Path:
+        """The shared file."""
+        return self._path
 
     @property
     def slot(self) -> int:
