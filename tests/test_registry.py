@@ -190,6 +190,8 @@ class CountingKV(KV):
         self.fail = False
 
     def write_many_sync(self, values, deletes):
+        if self.fail == "bug":
+            raise TypeError("not JSON serializable")
         if self.fail:
             raise StateUnavailableError("state database: cannot save: disk full")
         self.batches += 1
@@ -240,9 +242,12 @@ async def test_a_store_that_refuses_writes_fails_every_save_until_it_recovers(tm
         await _seen(registry, "a2", "lab", t + 1)
     with pytest.raises(StateUnavailableError, match="disk full"):
         await _seen(registry, "a1", "lab", t + 2)  # no substance, but the store fails: it waits
+    kv.fail = "bug"  # an unexpected error: the same answer, and the writer goes on
+    with pytest.raises(StateUnavailableError, match="not JSON serializable"):
+        await _seen(registry, "a3", "lab", t + 3)
     kv.fail = False
-    await _seen(registry, "a1", "lab", t + 3)
-    assert sorted(k for k, _v in kv.items_sync("agent:")) == ["agent:a1", "agent:a2"]
+    await _seen(registry, "a1", "lab", t + 4)
+    assert sorted(k for k, _v in kv.items_sync("agent:")) == ["agent:a1", "agent:a2", "agent:a3"]
     await registry.close()
     kv.close()
 

@@ -791,7 +791,11 @@ class Registry:
         try:
             if dirty or gone:
                 await asyncio.to_thread(self._write_sync, list(dirty.values()), sorted(gone))
-        except StateUnavailableError as e:
+        except Exception as error:  # the writer goes on; the records wait for the next batch
+            e = error if isinstance(error, StateUnavailableError) else None
+            if e is None:
+                logger.exception("agent records: unexpected failure of a batch")
+                e = StateUnavailableError(f"agent records not saved: {error!r}")
             self._failing = True
             if not self._kv.damaged:  # kept for the next batch (unless newer or gone)
                 for agent_id, record in dirty.items():
@@ -804,9 +808,9 @@ class Registry:
                 self._failure_logged = time.monotonic()
                 logger.warning("agent records not saved yet (retried with the next save): %s", e)
             return
-        except BaseException as e:
+        except BaseException:  # cancelled: the relay stops
             if commit is not None and not commit.done():
-                commit.set_exception(StateUnavailableError(f"agent records not saved: {e}"))
+                commit.set_exception(StateUnavailableError("agent records not saved: stopping"))
             raise
         self._failing = False
         if commit is not None:
