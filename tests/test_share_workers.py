@@ -5,19 +5,22 @@ process) download a stored blob at once. Over the measured interval, the bytes t
 relay sent (``relay_bytes_served_total`` on its merged ``/metrics``, read at both
 ends) stay within the cap times the interval plus 5 %, plus what each process's
 bucket may hold (its burst) and one chunk per stream already granted; both
-processes sent some (the worker's own count, on its socket).
+processes sent some (the worker's own count, on its socket). The merged text
+passes ``promtool check metrics`` and says the worker is up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import time
 
 import aiohttp
 import pytest
 
 from relay.core.rates import burst_for
+from tests.test_monitoring import tool
 from tests.test_workers import (  # the fixture and helpers of worker-process tests
     _get,
     _sample,
@@ -41,11 +44,15 @@ async def _download(url: str) -> None:
             pass
 
 
-async def _served(relay) -> tuple[float, float, float]:
-    """Bytes served from the cache by the relay and by its worker, and when (monotonic)."""
+async def _metrics(relay) -> str:
     async with aiohttp.ClientSession() as s, s.get(relay.url + "metrics") as r:
         assert r.status == 200
-        text = await r.text()
+        return await r.text()
+
+
+async def _served(relay) -> tuple[float, float, float]:
+    """Bytes served from the cache by the relay and by its worker, and when (monotonic)."""
+    text = await _metrics(relay)
     at = time.monotonic()
     worker = _sample(await worker_metrics(relay), "relay_bytes_served_total", source="cache")
     return _sample(text, "relay_bytes_served_total", source="cache"), worker, at
@@ -88,3 +95,17 @@ async def test_egress_cap_with_two_workers(repo, relay_workers):  # noqa: F811 -
     assert sent >= 0.7 * CAP * seconds, (sent, seconds)  # the cap is used, not wasted
     # Both processes sent (16 connections all to one of two: a 1 in 32768 chance).
     assert 0 < by_worker < sent, (by_worker, sent)
+
+    text = await _metrics(relay)
+    assert (
+        _sample(text, "relay_worker_up", slot="0")
+        == _sample(text, "relay_worker_up", slot="1")
+        == 1
+    )
+    check = await asyncio.to_thread(
+        subprocess.run,
+        [tool("promtool"), "check", "metrics"],
+        input=text.encode(),
+        capture_output=True,
+    )
+    assert check.returncode == 0 and not check.stdout and not check.stderr, check
