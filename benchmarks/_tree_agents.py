@@ -12,6 +12,8 @@ anything else unexpected is counted as an error, by kind, and the step is tried 
 Light: no python-tuf per agent (the metadata is not fetched or verified; the sha256 of the
 offer is). The full TUF client is what ``tests/`` and ``relay demo`` use.
 
+The process runs at a lower priority (``--nice``): on a machine shared with the relays,
+the agents (on their own machines in a real fleet) should not take the relays' CPU.
 The process prints ``ready`` once every agent has checked in and sent its first events
 request, then ``done`` once every agent installed ``--want`` and checked in after it (or at
 ``--timeout`` seconds after ``ready``), and writes its figures as JSON to ``--out``.
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import resource
 import sys
 import time
@@ -39,6 +42,8 @@ from relay.core.protocol import AGENT_ID_HEADER, AGENT_TOKEN_HEADER, DEFAULT_GRO
 
 STARTING = 32  # agents of one process in their first check-in at once (a ramp, not a SYN flood)
 RETRY_S = 1.0  # wait before trying a step again after an error
+LAG_TICK = 0.1  # seconds between the loop-lag ticks
+LAG_REPORTED = 0.25  # seconds: later wake-ups are recorded
 CALL_TIMEOUT = aiohttp.ClientTimeout(total=120, sock_connect=30)
 
 
@@ -59,7 +64,10 @@ class Population:
     hold_timeout: aiohttp.ClientTimeout
     started: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(STARTING))
     errors: Counter[str] = field(default_factory=Counter)
-    busy: int = 0
+    busy: Counter[str] = field(default_factory=Counter)
+    lags: list[tuple[float, float]] = field(default_factory=list)  # (time, seconds late)
+    # seconds from the agent's previous answer to each connection error
+    error_gaps: list[float] = field(default_factory=list)
     checkins: list[tuple[float, float, int]] = field(default_factory=list)  # start, s, branch
     events_200: int = 0
     events_204: int = 0
@@ -84,6 +92,7 @@ class Agent:
         self.token = ""
         self.generation = ""
         self.installed_at: float | None = None
+        self.answered = time.monotonic()  # when the agent's previous answer ended
         self.bytes = 0
 
     def _headers(self) -> dict[str, str]:
@@ -108,15 +117,17 @@ class Agent:
                     method, self.base + path, json=body, headers=self._headers(), timeout=timeout
                 ) as resp:
                     data = await resp.read()
+                    self.answered = time.monotonic()
                     if resp.status in ok:
                         return resp.status, data
                     if resp.status == 503:
-                        self.pop.busy += 1
+                        self.pop.busy[what] += 1
                         await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
                         continue
                     self.pop.errors[f"{what}: {resp.status}"] += 1
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.pop.errors[f"{what}: {type(exc).__name__}"] += 1
+                self.pop.error_gaps.append(time.monotonic() - self.answered)
             await asyncio.sleep(RETRY_S)
 
     async def checkin(self) -> list[dict[str, Any]]:
@@ -212,6 +223,16 @@ class Agent:
             await self.update()
 
 
+async def watch_loop(pop: Population) -> None:
+    """Record when this process's event loop wakes up late (the agents' own lag)."""
+    while True:
+        before = time.monotonic()
+        await asyncio.sleep(LAG_TICK)
+        late = time.monotonic() - before - LAG_TICK
+        if late > LAG_REPORTED:
+            pop.lags.append((time.time(), late))
+
+
 async def population(args: argparse.Namespace) -> dict[str, Any]:
     branches = args.branches.split(",")
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=15)
@@ -237,6 +258,7 @@ async def population(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(args.first, args.first + args.count)
         ]
         tasks = [asyncio.create_task(a.run()) for a in agents]
+        tasks.append(asyncio.create_task(watch_loop(pop)))
         await asyncio.wait_for(pop.all_ready.wait(), args.timeout)
         ready_at = time.time()
         print("ready", flush=True)
@@ -254,7 +276,10 @@ async def population(args: argparse.Namespace) -> dict[str, Any]:
         "timed_out": timed_out,
         "finished": pop.finished,
         "errors": dict(pop.errors),
-        "busy_503": pop.busy,
+        "busy_503": dict(pop.busy),
+        "cpu_s": time.process_time(),
+        "loop_lags": pop.lags,
+        "error_gaps": pop.error_gaps,
         "events_200": pop.events_200,
         "events_204": pop.events_204,
         "checkins": pop.checkins,
@@ -274,9 +299,13 @@ def main() -> None:
     parser.add_argument("--want", required=True, help="the version every agent must install")
     parser.add_argument("--hold", type=float, default=55, help="the relays' events.hold, s")
     parser.add_argument("--timeout", type=float, default=600, help="for each phase, s")
+    parser.add_argument(
+        "--nice", type=int, default=10, help="added niceness: the relays first (10)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     raise_nofile()
+    os.nice(args.nice)
     result = asyncio.run(population(args))
     args.out.write_text(json.dumps(result))
     print("done", flush=True)

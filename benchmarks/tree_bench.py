@@ -77,6 +77,8 @@ SMOKE_AGENTS = 300
 PHASE_TIMEOUT = 600  # seconds: agents settled; every agent updated
 HELD_TIMEOUT = 120  # seconds: the branches hold every agent's events request
 SAMPLE_S = 0.5
+PROBE_S = 1.0  # seconds between the probe's check-ins
+PROBE_TIMEOUT = 60
 AGENTS_SCRIPT = Path(__file__).parent / "_tree_agents.py"
 
 
@@ -87,11 +89,14 @@ def relay_settings(fd_limit: int) -> dict[str, str]:
         "RELAY_LIMITS__MAX_CONNECTIONS": str(fd_limit * 3 // 4),
         "RELAY_LIMITS__MAX_TRANSFERS_PER_AGENT": "8",
         "RELAY_STORE__SCRUB_INTERVAL": "0",
+        "RELAY_LIMITS__IDLE_TIMEOUT": IDLE_TIMEOUT,
     }
     if hasattr(default_config().relay, "workers"):
         env["RELAY_RELAY__WORKERS"] = "1"
     return env
 
+
+IDLE_TIMEOUT = "120s"  # keep-alive: above the agents' 15 s, with room for a busy agent process
 
 TOP_SETTINGS = {
     "RELAY_SYNC__INTERVAL": "1",  # the top relay's poll of the origin: the clock starts there
@@ -121,6 +126,16 @@ def total(samples: dict[str, float], name: str, labels: str = "") -> float:
     """The sum of a metric's series whose labels contain ``labels``."""
     pattern = re.compile(rf"^{name}(\{{.*\}})?$")
     return sum(v for k, v in samples.items() if pattern.match(k) and labels in k)
+
+
+def listen_drops() -> dict[str, int]:
+    """The machine's TCP listen-queue overflows and drops so far (``/proc/net/netstat``)."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:]))
+            return {k: int(row.get(k, 0)) for k in ("ListenOverflows", "ListenDrops")}
+    return {}
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -156,6 +171,60 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(10)
+
+
+class Probe:
+    """One check-in a second, turn about on each branch, from a thread of this process.
+
+    Its latency is the relay's answer time seen by a client that is not itself loaded
+    (the agents' own figures include their processes' event-loop delays).
+    """
+
+    def __init__(self, ports: list[int], installed) -> None:
+        self.ports = ports
+        self.body = json.dumps(
+            {
+                "group": "default",
+                "installed": [
+                    {"product": PRODUCT, "version": installed.version, "sha256": installed.sha256}
+                ],
+                "accept_delta": [],
+            }
+        )
+        self.samples: list[tuple[float, int, float, int]] = []  # time, branch, seconds, status
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _one(self, branch: int) -> None:
+        agent = f"probe-{branch}"
+        body = json.loads(self.body) | {"agent_id": agent}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.ports[branch]}/v1/checkin",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", "Relay-Agent-Id": agent},
+        )
+        start = time.time()
+        t0 = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=PROBE_TIMEOUT) as r:
+                r.read()
+                status = r.status
+        except urllib.error.HTTPError as e:
+            status = e.code
+        except OSError:
+            status = 0
+        self.samples.append((start, branch, time.monotonic() - t0, status))
+
+    def _run(self) -> None:
+        branch = 0
+        while not self._stop.wait(PROBE_S):
+            self._one(branch)
+            branch = (branch + 1) % len(self.ports)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(PROBE_TIMEOUT + 5)
 
 
 def read_line(proc: subprocess.Popen, timeout: float) -> str:
@@ -199,6 +268,7 @@ def run_once(index: int, args: argparse.Namespace, tree: Tree, fd_limit: int) ->
     root.write_bytes(repo.root_bytes(1))
     common = relay_settings(fd_limit)
     load_start = loadavg()
+    drops0 = listen_drops()
     with ExitStack() as stack:
         up = stack.enter_context(origin(repo.public_dir, 0))
         top_port = free_port()
@@ -231,6 +301,8 @@ def run_once(index: int, args: argparse.Namespace, tree: Tree, fd_limit: int) ->
         relays = [top, *branches]
         sampler = RssSampler([p.pid for p in relays])
         stack.callback(sampler.stop)
+        probe = Probe(ports, base)
+        stack.callback(probe.stop)
         per = -(-args.agents // args.processes)
         urls = ",".join(f"http://127.0.0.1:{p}/" for p in ports)
         clients = []
@@ -295,6 +367,7 @@ def run_once(index: int, args: argparse.Namespace, tree: Tree, fd_limit: int) ->
         peak = [status_kib(p.pid, "VmHWM") for p in relays]
         origin1 = stats(up)
         sampler.stop()
+        probe.stop()
     agents = [json.loads((work / f"agents{k}.json").read_text()) for k in range(args.processes)]
     blob_path = f"targets/{target.url_path}"
     return {
@@ -313,11 +386,19 @@ def run_once(index: int, args: argparse.Namespace, tree: Tree, fd_limit: int) ->
                 "cpu_s_total": c1,
                 "cpu_s_after_publish": c1 - c0,
                 "peak_rss_kib": hwm,
+                "rejected_503": changed(m0, m1, "relay_rejected_total"),
+                "requests": changed(m0, m1, "relay_http_requests_total"),
+                "closed": changed(m0, m1, "relay_connections_closed_total"),
             }
-            for name, c0, c1, hwm in zip(_names(), cpu0, cpu1, peak)
+            for name, c0, c1, hwm, m0, m1 in zip(_names(), cpu0, cpu1, peak, before, after)
         ],
+        "probe": [(t - published, b, seconds, status) for t, b, seconds, status in probe.samples],
+        "probe_ms_settle": _latencies([x * 1000 for t, _, x, _ in probe.samples if t < published]),
+        "probe_ms_update": _latencies([x * 1000 for t, _, x, _ in probe.samples if t >= published]),
+        "probe_failed": sum(1 for *_, status in probe.samples if status != 200),
         "rss": [(t - published, kib) for t, kib in sampler.samples],
         "sampler_max_gap_s": sampler.max_gap(),
+        "listen_drops": {k: v - drops0.get(k, 0) for k, v in listen_drops().items()},
     }
 
 
@@ -343,16 +424,21 @@ def outcome(agents: list[dict], published: float) -> dict:
     before = [s * 1000 for start, s, _ in checkins if start < published]
     after = [s * 1000 for start, s, _ in checkins if start >= published]
     slowest = max(checkins, key=lambda c: c[1], default=(published, 0.0, -1))
-    errors: dict[str, int] = {}
-    for a in agents:
-        for kind, n in a["errors"].items():
-            errors[kind] = errors.get(kind, 0) + n
+    errors = _merged(a["errors"] for a in agents)
+    busy = _merged(a["busy_503"] for a in agents)
+    lags = [(t - published, late) for a in agents for t, late in a["loop_lags"]]
+    gaps = sorted(g for a in agents for g in a.get("error_gaps", []))
     return {
         "installed": len(done),
         "timed_out": any(a["timed_out"] for a in agents),
         "errors": errors,
         "error_count": sum(errors.values()),
-        "busy_503": sum(a["busy_503"] for a in agents),
+        "busy_503": sum(busy.values()),
+        "busy_503_by_request": busy,
+        "agents_cpu_s": [a["cpu_s"] for a in agents],
+        "agents_loop_lag_max_s": max((late for _, late in lags), default=0.0),
+        "error_gap_s": {"min": gaps[0], "median": gaps[len(gaps) // 2]} if gaps else {},
+        "agents_loop_lags_over_1s": sorted((round(t, 1), round(x, 2)) for t, x in lags if x > 1),
         "events_200": sum(a["events_200"] for a in agents),
         "events_204": sum(a["events_204"] for a in agents),
         "downloaded_bytes": sum(a["bytes"] for a in agents),
@@ -372,6 +458,23 @@ def outcome(agents: list[dict], published: float) -> dict:
             "branch": slowest[2],
         },
     }
+
+
+def _merged(counters) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for counter in counters:
+        for kind, n in counter.items():
+            out[kind] = out.get(kind, 0) + n
+    return out
+
+
+def changed(before: dict[str, float], after: dict[str, float], name: str) -> dict[str, float]:
+    """The series of ``name`` that changed, with their increase."""
+    out = {}
+    for series, value in after.items():
+        if series.startswith(name + "{") and value != before.get(series, 0.0):
+            out[series.removeprefix(name)] = value - before.get(series, 0.0)
+    return out
 
 
 def _latencies(ms: list[float]) -> dict:
@@ -433,6 +536,7 @@ def summarize(runs: list[dict]) -> dict:
     for phase in ("settle", "update"):
         for q in ("p50", "p90", "p99", "max"):
             out[f"checkin_{phase}_{q}_ms"] = over(lambda r, p=phase, q=q: r[f"checkin_ms_{p}"][q])
+            out[f"probe_{phase}_{q}_ms"] = over(lambda r, p=phase, q=q: r[f"probe_ms_{p}"][q])
     for i, name in enumerate(_names()):
         out[f"{name}/cpu_s_after_publish"] = over(
             lambda r, i=i: r["relays"][i]["cpu_s_after_publish"]
@@ -460,31 +564,108 @@ def plot(run: dict, directory: Path) -> list[Path]:
     fig.savefig(completion, dpi=100)
     plt.close(fig)
     rss = directory / "tree_rss.png"
-    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    fig, (ax, lower) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, constrained_layout=True)
     xs = [t for t, _ in run["rss"]]
     for i, name in enumerate(_names()):
         ax.plot(xs, [kib[i] / 1024 for _, kib in run["rss"]], label=name)
-    ax.axvline(0, color="grey", linestyle=":", label="publish")
     ax.set_title(f"relay RSS every {SAMPLE_S} s ({run['agents']:,} agents)")
-    ax.set_xlabel("seconds since the publish (negative: start and check-ins)")
     ax.set_ylabel("RSS, MiB")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for b in range(BRANCHES):
+        points = [(t, x) for t, branch, x, _ in run["probe"] if branch == b]
+        lower.plot(
+            [t for t, _ in points],
+            [x for _, x in points],
+            ".-",
+            label=f"branch {b}",
+            color=f"C{b + 1}",
+        )
+    lower.set_title(f"one probe check-in every {PROBE_S:.0f} s, turn about on each branch")
+    lower.set_ylabel("check-in answer, s")
+    lower.set_xlabel("seconds since the publish (negative: start and check-ins)")
+    for axis in (ax, lower):
+        axis.axvline(0, color="grey", linestyle=":", label="publish")
+        axis.grid(alpha=0.3)
+        axis.legend()
     fig.savefig(rss, dpi=100)
     plt.close(fig)
     return [completion, rss]
 
 
 def report(results: dict) -> None:
-    s = results["summary"]
-    print(f"\n{results['machine']}\n{len(results['runs'])} runs of {results['agents']:,} agents")
-    for i, run in enumerate(results["runs"], 1):
+    """Print the Markdown of RESULTS.md from a saved ``tree_result.json``."""
+    s, runs = results["summary"], results["runs"]
+
+    def over(get, fmt: str = ".2f") -> str:
+        return spread(summary([get(r) for r in runs]), fmt)
+
+    def row(label: str, cell: str) -> None:
+        print(f"| {label} | {cell} |")
+
+    print(f"Machine: {results['machine']}\n")
+    for i, run in enumerate(runs, 1):
         print(
-            f"run {i}: load {run['load_start']} / {run['load_publish']} / {run['load_end']}; "
-            f"errors {run['errors'] or 0}; held at publish {run['held_at_publish']:.0f}"
+            f"- run {i}: 1-minute load average {run['load_start'].split()[0]} at the start, "
+            f"{run['load_publish'].split()[0]} at the publish, {run['load_end'].split()[0]} "
+            f"at the end; {run['held_at_publish']:,.0f} events requests held at the publish"
         )
-    for key, value in s.items():
-        print(f"{key:36} {spread(value)}")
+    print(f"\n| figure ({len(runs)} runs of {results['agents']:,} agents) | median (min–max) |")
+    print("|---|---|")
+    row("agents that installed the new version", over(lambda r: r["installed"], ",.0f"))
+    row("agents' errors (retried)", over(lambda r: r["error_count"], ",.0f"))
+    row("`503` + `Retry-After` answers (waited out)", over(lambda r: r["busy_503"], ",.0f"))
+    row("settle: agent processes started → every events request held, s", spread(s["settle_s"]))
+    row("**publish → last agent installed, s**", f"**{spread(s['last_s'])}**")
+    for q in ("p50", "p90", "p99"):
+        row(f"publish → agent installed, {q}, s", spread(s[f"{q}_s"]))
+    for b in range(BRANCHES):
+        row(f"publish → last agent of branch {b}, s", spread(s[f"branch{b}_last_s"]))
+    row(
+        "origin → top: the blob's bytes sent by the origin / blob size",
+        spread(s["origin_to_top_blob"]),
+    )
+    row(
+        "origin → top: all upstream bytes of the top relay / blob size (its 1 s metadata polls included)",
+        spread(s["origin_to_top_all"]),
+    )
+    row(
+        "top → branches: blob bytes the top relay served / blob size (3 branches)",
+        spread(s["top_to_branches_blob"]),
+    )
+    for b in range(BRANCHES):
+        row(
+            f"top → branch {b}: all upstream bytes / blob size (metadata included)",
+            spread(s[f"top_to_branch{b}_all"]),
+        )
+    for who, key in (("agents", "checkin"), ("probe", "probe")):
+        for phase, when in (("settle", "before the publish"), ("update", "after the publish")):
+            cells = " / ".join(
+                f"{s[f'{key}_{phase}_{q}_ms']['median']:,.0f}" for q in ("p50", "p90", "p99", "max")
+            )
+            row(f"check-in latency, {who}, {when}: p50 / p90 / p99 / max, ms (medians)", cells)
+    for i, name in enumerate(_names()):
+        row(
+            f"{name} relay: CPU s after the publish; in all; peak RSS MiB",
+            f"{spread(s[f'{name}/cpu_s_after_publish'], '.1f')}; "
+            f"{spread(s[f'{name}/cpu_s_total'], '.1f')}; {spread(s[f'{name}/peak_rss_mib'], '.0f')}",
+        )
+    row("agent processes: CPU s, all four together", over(lambda r: sum(r["agents_cpu_s"]), ".1f"))
+    row(
+        "agent processes: their longest event-loop lag, s",
+        over(lambda r: r["agents_loop_lag_max_s"]),
+    )
+    if all("listen_drops" in r for r in runs):
+        row(
+            "the machine's TCP listen-queue overflows during the run",
+            over(lambda r: r["listen_drops"].get("ListenOverflows", 0), ",.0f"),
+        )
+    for i, run in enumerate(runs, 1):
+        rejected = {r["name"]: r["rejected_503"] for r in run["relays"] if r["rejected_503"]}
+        closed = {r["name"]: r["closed"] for r in run["relays"] if r.get("closed")}
+        print(
+            f"\nrun {i}: errors {run['errors'] or 'none'}; 503 {rejected or 'none'}; "
+            f"connections closed by the guard {closed or 'none'}; seconds from an agent's "
+            f"previous answer to its connection error {run.get('error_gap_s') or '-'}"
+        )
 
 
 def main() -> None:
@@ -498,11 +679,17 @@ def main() -> None:
         "--size", type=parse_size, default=parse_size(SIZE), help=f"blob size ({SIZE})"
     )
     parser.add_argument(
+        "--report", type=Path, help="print the Markdown tables of a saved tree_result.json"
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help=f"{SMOKE_AGENTS} agents, one run, results and plots under _work/",
     )
     args = parser.parse_args()
+    if args.report:
+        report(json.loads(args.report.read_text()))
+        return
     out_dir = HERE
     if args.smoke:
         args.agents, args.runs, out_dir = SMOKE_AGENTS, 1, WORK
