@@ -24,6 +24,7 @@ HERE = Path(__file__).parent
 WORK = HERE / "_work"
 REPO = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+LOAD = [sys.executable, str(HERE / "_load.py")]
 
 
 def free_port() -> int:
@@ -213,10 +214,41 @@ def wait_http(url: str, ok=(200,), timeout: float = 30) -> None:
 
 
 @contextmanager
+def origin(public: Path, rate: int):
+    """``_load.py origin``: a static origin of ``public``, output limited to ``rate`` B/s (0: none).
+
+    Yields its base URL; :func:`stats` reads the body bytes it sent per path.
+    """
+    port = free_port()
+    proc = subprocess.Popen([*LOAD, "origin", str(public), str(port), str(rate)])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/_stats")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def stats(base: str) -> dict:
+    """Body bytes an :func:`origin` sent so far, per path."""
+    with urllib.request.urlopen(f"{base}/_stats") as r:
+        return json.loads(r.read())
+
+
+@contextmanager
 def relay_process(
-    upstream: str, root_file: Path, data_dir: Path, port: int, env=None, tree: Tree | None = None
+    upstream: str,
+    root_file: Path,
+    data_dir: Path,
+    port: int,
+    env=None,
+    tree: Tree | None = None,
+    log: Path | None = None,
 ):
-    """A relay in its own process (one process, access log off), from ``tree`` (default: this one)."""
+    """A relay in its own process (one process, access log off), from ``tree`` (default: this one).
+
+    Its output goes to ``log`` when given (else nowhere).
+    """
     tree = tree or Tree(REPO)
     # wrk's 64 connections come from one address without Relay-Agent-Id: as one agent.
     environ = {
@@ -243,7 +275,7 @@ def relay_process(
         env=environ,
         cwd=tree.path,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(out := log.open("ab") if log else None) or subprocess.DEVNULL,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz")
@@ -254,6 +286,9 @@ def relay_process(
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(10)
+        if out:
+            out.close()
 
 
 _UNITS = {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import (  # noqa: E402
     HERE,
+    LOAD,
     REPO,
     WORK,
     Tree,
@@ -44,9 +45,11 @@ from benchmarks._common import (  # noqa: E402
     loadavg,
     machine,
     nginx,
+    origin,
     relay_process,
     save,
     spread,
+    stats,
     summary,
     wait_http,
 )
@@ -67,25 +70,7 @@ CASES = [(200, 8 * MIB), (1000, 1 * MIB)]
 FAIR_AGENTS = 50
 FAIR_CAP = 20 * MIB
 FAIR_SECONDS = 10.0
-LOAD = [sys.executable, str(Path(__file__).parent / "_load.py")]
 NGINX = "nginx"
-
-
-@contextmanager
-def origin(public: Path, rate: int):
-    port = free_port()
-    proc = subprocess.Popen([*LOAD, "origin", str(public), str(port), str(rate)])
-    try:
-        wait_http(f"http://127.0.0.1:{port}/_stats")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def stats(base: str) -> dict:
-    with urllib.request.urlopen(f"{base}/_stats") as r:
-        return json.loads(r.read())
 
 
 def run_clients(url: str, n: int, sha: str, timeout: float = 60) -> dict:
