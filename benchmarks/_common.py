@@ -82,8 +82,9 @@ class Tree:
     process comes from the tree, so two commits are measured against the same harness.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, event_loop: str | None = None) -> None:
         self.path = path.resolve()
+        self.event_loop = event_loop
         venv = self.path / ".venv" / "bin" / "python"
         self.python = str(venv) if venv.exists() else sys.executable
         # The CLI became a package (relay/cli/main.py); older trees run relay/cli.py.
@@ -99,7 +100,9 @@ class Tree:
             ).stdout.strip()
             or self.path.name
         )
-        self.label = f"relay@{self.commit}"
+        self.label = f"relay@{self.commit}" + (f"+{event_loop}" if event_loop else "")
+        # The relay's own settings for this variant, as RELAY_<SECTION>__<KEY> variables.
+        self.env = {"RELAY_RELAY__EVENT_LOOP": event_loop} if event_loop else {}
         self.aiohttp = subprocess.run(
             [self.python, "-c", "import aiohttp; print(aiohttp.__version__)"],
             capture_output=True,
@@ -111,6 +114,8 @@ class Tree:
         return {
             "path": str(self.path),
             "commit": self.commit,
+            "label": self.label,
+            "env": self.env,
             "python": self.python,
             "aiohttp": self.aiohttp,
         }
@@ -223,6 +228,7 @@ def relay_process(
         **os.environ,
         "RELAY_RELAY__ACCESS_LOG": "false",
         "RELAY_LIMITS__MAX_TRANSFERS_PER_AGENT": "0",
+        **tree.env,
         **(env or {}),
     }
     proc = subprocess.Popen(
@@ -286,7 +292,8 @@ def save(name: str, data: dict) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """``--runs`` and ``--relay-tree``, shared by the benchmarks that compare checkouts."""
+    """``--runs``, ``--relay-tree`` and ``--event-loop``, shared by the benchmarks that
+    compare checkouts (see :func:`trees_of`)."""
     parser.add_argument(
         "--runs", type=int, default=3, help="runs; medians and min–max over them (3)"
     )
@@ -296,3 +303,17 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="checkout whose relay is measured, with its venv in DIR/.venv (repeatable; default: this one)",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop", "auto"),
+        action="append",
+        help="relay.event_loop of the relay measured (repeatable: each tree is measured "
+        "with each loop in the same run; default: the tree's own default)",
+    )
+
+
+def trees_of(args: argparse.Namespace) -> list[Tree]:
+    """The relays to measure: every ``--relay-tree`` with every ``--event-loop``."""
+    paths = args.relay_tree or [REPO]
+    loops = args.event_loop or [None]
+    return [Tree(path, loop) for path in paths for loop in loops]

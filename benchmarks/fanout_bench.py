@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import (  # noqa: E402
     HERE,
-    REPO,
     WORK,
     Tree,
     add_run_options,
@@ -48,6 +47,7 @@ from benchmarks._common import (  # noqa: E402
     save,
     spread,
     summary,
+    trees_of,
     wait_http,
 )
 from relay.core.rates import jain_index  # noqa: E402
@@ -268,7 +268,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["cold", "fair"])
     add_run_options(parser)
     args = parser.parse_args()
-    trees = [Tree(p) for p in (args.relay_tree or [REPO])]
+    trees = trees_of(args)
     WORK.mkdir(exist_ok=True)
     repo_dir = WORK / "fan-repo"
     shutil.rmtree(repo_dir, ignore_errors=True)

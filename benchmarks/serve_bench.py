@@ -12,6 +12,8 @@ machine's load does not always favour the same tree), then nginx (2 workers). Ra
 are taken within a run, then the median and the spread (min–max) over the runs are reported.
 
 Run:  python benchmarks/serve_bench.py [--seconds 10] [--runs 3] [--relay-tree DIR ...]
+            [--event-loop asyncio|uvloop ...] [--access-log]
+Each relay tree is measured with each --event-loop given (relay.event_loop), in the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import (  # noqa: E402
-    REPO,
     WORK,
     Tree,
     add_run_options,
@@ -39,6 +40,7 @@ from benchmarks._common import (  # noqa: E402
     save,
     spread,
     summary,
+    trees_of,
     wrk,
 )
 from relay.publisher.repository import Repository  # noqa: E402
@@ -91,7 +93,12 @@ def p99_ms(text: str) -> float:
 
 
 def one_run(
-    repo: Repository, root: Path, paths: dict[str, str], trees: list[Tree], seconds: int
+    repo: Repository,
+    root: Path,
+    paths: dict[str, str],
+    trees: list[Tree],
+    seconds: int,
+    env: dict[str, str],
 ) -> dict:
     run: dict = {"load_start": loadavg()}
     n1, n2 = free_port(), free_port()
@@ -104,7 +111,9 @@ def one_run(
             rp = free_port()
             data = WORK / "serve-relay-data"
             shutil.rmtree(data, ignore_errors=True)
-            with relay_process(f"http://127.0.0.1:{n1}/", root, data, rp, tree=tree) as relay:
+            with relay_process(
+                f"http://127.0.0.1:{n1}/", root, data, rp, env=env, tree=tree
+            ) as relay:
                 # Warm: every blob cached (prefetch) and every file in the page cache.
                 for path in paths.values():
                     wrk(f"http://127.0.0.1:{rp}{path}", 4, 1)
@@ -126,6 +135,9 @@ def one_run(
             "64MiB_cpu_vs_nginx1": r["64MiB"]["cpu_ms_per_mb"]
             / run["nginx1/64MiB"]["cpu_ms_per_mb"],
             "4KiB_rps_vs_nginx1": r["4KiB"]["rps"] / run["nginx1/4KiB"]["rps"],
+            # CPU per unit sent: steadier than rates on a shared machine.
+            "1MiB_cpu_vs_nginx1": r["1MiB"]["cpu_ms_per_mb"] / run["nginx1/1MiB"]["cpu_ms_per_mb"],
+            "4KiB_cpu_vs_nginx1": r["4KiB"]["cpu_ms_per_mb"] / run["nginx1/4KiB"]["cpu_ms_per_mb"],
         }
     return run
 
@@ -148,9 +160,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=int, default=10, help="seconds of load per case (10)")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="relays write their access log (to /dev/null), as by default; off otherwise",
+    )
     add_run_options(parser)
     args = parser.parse_args()
-    trees = [Tree(p) for p in (args.relay_tree or [REPO])]
+    env = {"RELAY_RELAY__ACCESS_LOG": "true"} if args.access_log else {}
+    trees = trees_of(args)
     WORK.mkdir(exist_ok=True)
     repo, paths = build_repo(WORK / "serve-repo")
     root = WORK / "serve-root.json"
@@ -158,7 +176,7 @@ def main() -> None:
     runs = []
     for i in range(args.runs):
         order = trees if i % 2 == 0 else trees[::-1]
-        runs.append(one_run(repo, root, paths, order, args.seconds))
+        runs.append(one_run(repo, root, paths, order, args.seconds, env))
         print(
             f"run {i + 1}/{args.runs} done, load average {runs[-1]['load_start']} -> {runs[-1]['load_end']}"
         )
@@ -166,6 +184,7 @@ def main() -> None:
         "machine": machine(),
         "trees": [t.describe() for t in trees],
         "seconds": args.seconds,
+        "access_log": args.access_log,
         "runs": runs,
         "summary": summarize(runs),
     }
@@ -180,7 +199,10 @@ def report(results: dict, trees: list[Tree]) -> None:
         print(
             f"run {i}: load average (1, 5, 15 min) {run['load_start']} at start, {run['load_end']} at end"
         )
-    print(f"median (min–max) over {len(results['runs'])} runs of {results['seconds']} s per case")
+    print(
+        f"median (min–max) over {len(results['runs'])} runs of {results['seconds']} s per case, "
+        f"relay access log {'on' if results.get('access_log') else 'off'}"
+    )
     print(f"{'case':<24}{'req/s':>22}{'MB/s':>22}{'CPU ms/MB':>24}{'p99 ms':>22}")
     servers = ["nginx1", *(t.label for t in trees), "nginx2"]
     for name in CASES:
@@ -203,6 +225,8 @@ def report(results: dict, trees: list[Tree]) -> None:
         print(
             f"  b. 4 KiB metadata req/s relay/nginx1: {spread(r['4KiB_rps_vs_nginx1'])}x (floor 0.25)"
         )
+        print(f"     1 MiB CPU per MB relay/nginx1: {spread(r['1MiB_cpu_vs_nginx1'])}x")
+        print(f"     4 KiB CPU per request relay/nginx1: {spread(r['4KiB_cpu_vs_nginx1'])}x")
 
 
 if __name__ == "__main__":
