@@ -310,12 +310,20 @@ class GuardedConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        sock = transport.get_extra_info("socket")
+        try:
+            # Through a socket object of our own on the descriptor: uvloop's transport
+            # sockets refuse shutdown().
+            sock = socket.socket(fileno=transport.get_extra_info("socket").fileno())
+        except (OSError, AttributeError):
+            transport.abort()
+            return
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError):
+        except OSError:
             transport.abort()
+        finally:
+            sock.detach()  # the descriptor stays the transport's
 
     def _head_timeout(self) -> None:
         self._timer = None
