@@ -82,9 +82,10 @@ class Tree:
     process comes from the tree, so two commits are measured against the same harness.
     """
 
-    def __init__(self, path: Path, event_loop: str | None = None) -> None:
+    def __init__(self, path: Path, event_loop: str | None = None, workers: int = 1) -> None:
         self.path = path.resolve()
         self.event_loop = event_loop
+        self.workers = workers
         venv = self.path / ".venv" / "bin" / "python"
         self.python = str(venv) if venv.exists() else sys.executable
         # The CLI became a package (relay/cli/main.py); older trees run relay/cli.py.
@@ -100,9 +101,16 @@ class Tree:
             ).stdout.strip()
             or self.path.name
         )
-        self.label = f"relay@{self.commit}" + (f"+{event_loop}" if event_loop else "")
-        # The relay's own settings for this variant, as RELAY_<SECTION>__<KEY> variables.
-        self.env = {"RELAY_RELAY__EVENT_LOOP": event_loop} if event_loop else {}
+        self.label = (
+            f"relay@{self.commit}"
+            + (f"+{event_loop}" if event_loop else "")
+            + (f"+w{workers}" if workers != 1 else "")
+        )
+        # The relay's own settings for this variant, as RELAY_<SECTION>__<KEY> variables;
+        # relay.workers always (its default is one process per core).
+        self.env = {"RELAY_RELAY__WORKERS": str(workers)}
+        if event_loop:
+            self.env["RELAY_RELAY__EVENT_LOOP"] = event_loop
         self.aiohttp = subprocess.run(
             [self.python, "-c", "import aiohttp; print(aiohttp.__version__)"],
             capture_output=True,
@@ -129,10 +137,15 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime + cutime + cstime) / CLK_TCK
 
 
-def nginx_workers_cpu(master: int) -> float:
-    total = cpu_seconds(master)
-    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
-        total += cpu_seconds(int(child))
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live children (nginx's workers, a relay's workers)."""
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += cpu_seconds(int(child))
+            except FileNotFoundError:  # exited meanwhile: its CPU is in cutime now
+                pass
     return total
 
 
@@ -221,7 +234,9 @@ def wait_http(url: str, ok=(200,), timeout: float = 30) -> None:
 def relay_process(
     upstream: str, root_file: Path, data_dir: Path, port: int, env=None, tree: Tree | None = None
 ):
-    """A relay in its own process (one process, access log off), from ``tree`` (default: this one)."""
+    """A relay in its own process (access log off), from ``tree`` (default: this one).
+
+    One process unless ``tree.workers`` (``relay.workers``) says otherwise."""
     tree = tree or Tree(REPO)
     # wrk's 64 connections come from one address without Relay-Agent-Id: as one agent.
     environ = {
@@ -292,8 +307,8 @@ def save(name: str, data: dict) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """``--runs``, ``--relay-tree`` and ``--event-loop``, shared by the benchmarks that
-    compare checkouts (see :func:`trees_of`)."""
+    """``--runs``, ``--relay-tree``, ``--event-loop`` and ``--workers``, shared by the
+    benchmarks that compare checkouts (see :func:`trees_of`)."""
     parser.add_argument(
         "--runs", type=int, default=3, help="runs; medians and min–max over them (3)"
     )
@@ -311,9 +326,18 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         "with each loop in the same run; default: the tree's own default)",
     )
 
+    parser.add_argument(
+        "--workers",
+        type=int,
+        action="append",
+        help="relay.workers of the relay measured (repeatable, as --event-loop; default 1)",
+    )
+
 
 def trees_of(args: argparse.Namespace) -> list[Tree]:
-    """The relays to measure: every ``--relay-tree`` with every ``--event-loop``."""
+    """The relays to measure: every ``--relay-tree`` with every ``--event-loop`` and
+    every ``--workers``."""
     paths = args.relay_tree or [REPO]
     loops = args.event_loop or [None]
-    return [Tree(path, loop) for path in paths for loop in loops]
+    workers = args.workers or [1]
+    return [Tree(path, loop, n) for path in paths for loop in loops for n in workers]

@@ -17,6 +17,8 @@ the runs are printed and saved, and the clients' completion times are plotted
 (``benchmarks/fanout_cold.png``) when matplotlib is installed.
 
 Run:  python benchmarks/fanout_bench.py [--runs 3] [--only cold|fair] [--relay-tree DIR ...]
+            [--event-loop asyncio|uvloop ...] [--workers N ...]
+(each relay tree with each loop and each relay.workers given; one process unless --workers)
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ def serve(results: dict) -> None:
         "1MiB_vs_nginx2": "1 MiB throughput / nginx 2 workers",
         "64MiB_cpu_vs_nginx1": "64 MiB server CPU per MB / nginx 1 worker (ceiling 2)",
         "4KiB_rps_vs_nginx1": "b. 4 KiB metadata req/s / nginx 1 worker (floor 0.25)",
+        "4KiB_rps_vs_nginx2": "4 KiB metadata req/s / nginx 2 workers",
         "1MiB_cpu_vs_nginx1": "1 MiB server CPU per MB / nginx 1 worker",
         "4KiB_cpu_vs_nginx1": "4 KiB server CPU per request / nginx 1 worker",
     }
