@@ -83,8 +83,10 @@ class Tree:
     process comes from the tree, so two commits are measured against the same harness.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, event_loop: str | None = None, workers: int = 1) -> None:
         self.path = path.resolve()
+        self.event_loop = event_loop
+        self.workers = workers
         venv = self.path / ".venv" / "bin" / "python"
         self.python = str(venv) if venv.exists() else sys.executable
         # The CLI became a package (relay/cli/main.py); older trees run relay/cli.py.
@@ -100,7 +102,16 @@ class Tree:
             ).stdout.strip()
             or self.path.name
         )
-        self.label = f"relay@{self.commit}"
+        self.label = (
+            f"relay@{self.commit}"
+            + (f"+{event_loop}" if event_loop else "")
+            + (f"+w{workers}" if workers != 1 else "")
+        )
+        # The relay's own settings for this variant, as RELAY_<SECTION>__<KEY> variables;
+        # relay.workers always (its default is one process per core).
+        self.env = {"RELAY_RELAY__WORKERS": str(workers)}
+        if event_loop:
+            self.env["RELAY_RELAY__EVENT_LOOP"] = event_loop
         self.aiohttp = subprocess.run(
             [self.python, "-c", "import aiohttp; print(aiohttp.__version__)"],
             capture_output=True,
@@ -112,6 +123,8 @@ class Tree:
         return {
             "path": str(self.path),
             "commit": self.commit,
+            "label": self.label,
+            "env": self.env,
             "python": self.python,
             "aiohttp": self.aiohttp,
         }
@@ -125,10 +138,15 @@ def cpu_seconds(pid: int) -> float:
     return (utime + stime + cutime + cstime) / CLK_TCK
 
 
-def nginx_workers_cpu(master: int) -> float:
-    total = cpu_seconds(master)
-    for child in Path(f"/proc/{master}/task/{master}/children").read_text().split():
-        total += cpu_seconds(int(child))
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its live children (nginx's workers, a relay's workers)."""
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                total += cpu_seconds(int(child))
+            except FileNotFoundError:  # exited meanwhile: its CPU is in cutime now
+                pass
     return total
 
 
@@ -245,9 +263,10 @@ def relay_process(
     tree: Tree | None = None,
     log: Path | None = None,
 ):
-    """A relay in its own process (one process, access log off), from ``tree`` (default: this one).
+    """A relay in its own process (access log off), from ``tree`` (default: this one).
 
-    Its output goes to ``log`` when given (else nowhere).
+    One process unless ``tree.workers`` (``relay.workers``) says otherwise. Its output goes to
+    ``log`` when given (else nowhere).
     """
     tree = tree or Tree(REPO)
     # wrk's 64 connections come from one address without Relay-Agent-Id: as one agent.
@@ -255,6 +274,7 @@ def relay_process(
         **os.environ,
         "RELAY_RELAY__ACCESS_LOG": "false",
         "RELAY_LIMITS__MAX_TRANSFERS_PER_AGENT": "0",
+        **tree.env,
         **(env or {}),
     }
     proc = subprocess.Popen(
@@ -321,7 +341,8 @@ def save(name: str, data: dict) -> None:
 
 
 def add_run_options(parser: argparse.ArgumentParser) -> None:
-    """``--runs`` and ``--relay-tree``, shared by the benchmarks that compare checkouts."""
+    """``--runs``, ``--relay-tree``, ``--event-loop`` and ``--workers``, shared by the
+    benchmarks that compare checkouts (see :func:`trees_of`)."""
     parser.add_argument(
         "--runs", type=int, default=3, help="runs; medians and min–max over them (3)"
     )
@@ -331,3 +352,26 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         action="append",
         help="checkout whose relay is measured, with its venv in DIR/.venv (repeatable; default: this one)",
     )
+    parser.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop", "auto"),
+        action="append",
+        help="relay.event_loop of the relay measured (repeatable: each tree is measured "
+        "with each loop in the same run; default: the tree's own default)",
+    )
+
+    parser.add_argument(
+        "--workers",
+        type=int,
+        action="append",
+        help="relay.workers of the relay measured (repeatable, as --event-loop; default 1)",
+    )
+
+
+def trees_of(args: argparse.Namespace) -> list[Tree]:
+    """The relays to measure: every ``--relay-tree`` with every ``--event-loop`` and
+    every ``--workers``."""
+    paths = args.relay_tree or [REPO]
+    loops = args.event_loop or [None]
+    workers = args.workers or [1]
+    return [Tree(path, loop, n) for path in paths for loop in loops for n in workers]

@@ -17,6 +17,8 @@ the runs are printed and saved, and the clients' completion times are plotted
 (``benchmarks/fanout_cold.png``) when matplotlib is installed.
 
 Run:  python benchmarks/fanout_bench.py [--runs 3] [--only cold|fair] [--relay-tree DIR ...]
+            [--event-loop asyncio|uvloop ...] [--workers N ...]
+(each relay tree with each loop and each relay.workers given; one process unless --workers)
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).parent.parent))
 from benchmarks._common import (  # noqa: E402
     HERE,
     LOAD,
-    REPO,
     WORK,
     Tree,
     add_run_options,
@@ -51,6 +52,7 @@ from benchmarks._common import (  # noqa: E402
     spread,
     stats,
     summary,
+    trees_of,
     wait_http,
 )
 from relay.core.rates import jain_index  # noqa: E402
@@ -253,7 +255,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["cold", "fair"])
     add_run_options(parser)
     args = parser.parse_args()
-    trees = [Tree(p) for p in (args.relay_tree or [REPO])]
+    trees = trees_of(args)
     WORK.mkdir(exist_ok=True)
     repo_dir = WORK / "fan-repo"
     shutil.rmtree(repo_dir, ignore_errors=True)

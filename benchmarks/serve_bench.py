@@ -1,4 +1,4 @@
-"""Serving cached blobs and metadata: relay (one process) beside nginx, same files, same run.
+"""Serving cached blobs and metadata: relay beside nginx, same files, same run.
 
 Figures (issue "fan-out under load", a and b):
   a. 1 MiB blobs at 64 connections: throughput, relay / nginx (1 worker); nginx 2 workers too.
@@ -12,6 +12,10 @@ machine's load does not always favour the same tree), then nginx (2 workers). Ra
 are taken within a run, then the median and the spread (min–max) over the runs are reported.
 
 Run:  python benchmarks/serve_bench.py [--seconds 10] [--runs 3] [--relay-tree DIR ...]
+            [--event-loop asyncio|uvloop ...] [--workers N ...] [--access-log]
+Each relay tree is measured with each --event-loop (relay.event_loop) and each --workers
+(relay.workers; 1, one process, unless given) in the same run. Server CPU counts a
+process and its children (nginx's workers, the relay's worker processes).
 """
 
 from __future__ import annotations
@@ -25,20 +29,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
 from benchmarks._common import (  # noqa: E402
-    REPO,
     WORK,
     Tree,
     add_run_options,
-    cpu_seconds,
     free_port,
     loadavg,
     machine,
     nginx,
-    nginx_workers_cpu,
     relay_process,
     save,
     spread,
     summary,
+    tree_cpu,
+    trees_of,
     wrk,
 )
 from relay.publisher.repository import Repository  # noqa: E402
@@ -69,10 +72,10 @@ def build_repo(path: Path) -> tuple[Repository, dict[str, str]]:
     }
 
 
-def measure(base: str, path: str, pid: int, seconds: int, nginx_master: bool) -> dict:
-    before = nginx_workers_cpu(pid) if nginx_master else cpu_seconds(pid)
+def measure(base: str, path: str, pid: int, seconds: int) -> dict:
+    before = tree_cpu(pid)
     result = wrk(base + path, CONNECTIONS, seconds)
-    after = nginx_workers_cpu(pid) if nginx_master else cpu_seconds(pid)
+    after = tree_cpu(pid)
     result["cpu_s"] = after - before
     result["seconds"] = seconds
     mb = result["bytes_per_s"] * seconds / 1e6
@@ -91,32 +94,35 @@ def p99_ms(text: str) -> float:
 
 
 def one_run(
-    repo: Repository, root: Path, paths: dict[str, str], trees: list[Tree], seconds: int
+    repo: Repository,
+    root: Path,
+    paths: dict[str, str],
+    trees: list[Tree],
+    seconds: int,
+    env: dict[str, str],
 ) -> dict:
     run: dict = {"load_start": loadavg()}
     n1, n2 = free_port(), free_port()
     with nginx(repo.public_dir, n1, workers=1) as ng1:
         for name in CASES:
-            run[f"nginx1/{name}"] = measure(
-                f"http://127.0.0.1:{n1}", paths[name], ng1.pid, seconds, True
-            )
+            run[f"nginx1/{name}"] = measure(f"http://127.0.0.1:{n1}", paths[name], ng1.pid, seconds)
         for tree in trees:
             rp = free_port()
             data = WORK / "serve-relay-data"
             shutil.rmtree(data, ignore_errors=True)
-            with relay_process(f"http://127.0.0.1:{n1}/", root, data, rp, tree=tree) as relay:
+            with relay_process(
+                f"http://127.0.0.1:{n1}/", root, data, rp, env=env, tree=tree
+            ) as relay:
                 # Warm: every blob cached (prefetch) and every file in the page cache.
                 for path in paths.values():
                     wrk(f"http://127.0.0.1:{rp}{path}", 4, 1)
                 for name in CASES:
                     run[f"{tree.label}/{name}"] = measure(
-                        f"http://127.0.0.1:{rp}", paths[name], relay.pid, seconds, False
+                        f"http://127.0.0.1:{rp}", paths[name], relay.pid, seconds
                     )
     with nginx(repo.public_dir, n2, workers=2) as ng2:
         for name in CASES:
-            run[f"nginx2/{name}"] = measure(
-                f"http://127.0.0.1:{n2}", paths[name], ng2.pid, seconds, True
-            )
+            run[f"nginx2/{name}"] = measure(f"http://127.0.0.1:{n2}", paths[name], ng2.pid, seconds)
     run["load_end"] = loadavg()
     for tree in trees:
         r = {k.split("/", 1)[1]: v for k, v in run.items() if k.startswith(tree.label + "/")}
@@ -126,6 +132,10 @@ def one_run(
             "64MiB_cpu_vs_nginx1": r["64MiB"]["cpu_ms_per_mb"]
             / run["nginx1/64MiB"]["cpu_ms_per_mb"],
             "4KiB_rps_vs_nginx1": r["4KiB"]["rps"] / run["nginx1/4KiB"]["rps"],
+            "4KiB_rps_vs_nginx2": r["4KiB"]["rps"] / run["nginx2/4KiB"]["rps"],
+            # CPU per unit sent: steadier than rates on a shared machine.
+            "1MiB_cpu_vs_nginx1": r["1MiB"]["cpu_ms_per_mb"] / run["nginx1/1MiB"]["cpu_ms_per_mb"],
+            "4KiB_cpu_vs_nginx1": r["4KiB"]["cpu_ms_per_mb"] / run["nginx1/4KiB"]["cpu_ms_per_mb"],
         }
     return run
 
@@ -148,9 +158,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=int, default=10, help="seconds of load per case (10)")
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="relays write their access log (to /dev/null), as by default; off otherwise",
+    )
     add_run_options(parser)
     args = parser.parse_args()
-    trees = [Tree(p) for p in (args.relay_tree or [REPO])]
+    env = {"RELAY_RELAY__ACCESS_LOG": "true"} if args.access_log else {}
+    trees = trees_of(args)
     WORK.mkdir(exist_ok=True)
     repo, paths = build_repo(WORK / "serve-repo")
     root = WORK / "serve-root.json"
@@ -158,7 +174,7 @@ def main() -> None:
     runs = []
     for i in range(args.runs):
         order = trees if i % 2 == 0 else trees[::-1]
-        runs.append(one_run(repo, root, paths, order, args.seconds))
+        runs.append(one_run(repo, root, paths, order, args.seconds, env))
         print(
             f"run {i + 1}/{args.runs} done, load average {runs[-1]['load_start']} -> {runs[-1]['load_end']}"
         )
@@ -166,6 +182,7 @@ def main() -> None:
         "machine": machine(),
         "trees": [t.describe() for t in trees],
         "seconds": args.seconds,
+        "access_log": args.access_log,
         "runs": runs,
         "summary": summarize(runs),
     }
@@ -180,7 +197,10 @@ def report(results: dict, trees: list[Tree]) -> None:
         print(
             f"run {i}: load average (1, 5, 15 min) {run['load_start']} at start, {run['load_end']} at end"
         )
-    print(f"median (min–max) over {len(results['runs'])} runs of {results['seconds']} s per case")
+    print(
+        f"median (min–max) over {len(results['runs'])} runs of {results['seconds']} s per case, "
+        f"relay access log {'on' if results.get('access_log') else 'off'}"
+    )
     print(f"{'case':<24}{'req/s':>22}{'MB/s':>22}{'CPU ms/MB':>24}{'p99 ms':>22}")
     servers = ["nginx1", *(t.label for t in trees), "nginx2"]
     for name in CASES:
@@ -203,6 +223,9 @@ def report(results: dict, trees: list[Tree]) -> None:
         print(
             f"  b. 4 KiB metadata req/s relay/nginx1: {spread(r['4KiB_rps_vs_nginx1'])}x (floor 0.25)"
         )
+        print(f"     4 KiB metadata req/s relay/nginx2: {spread(r['4KiB_rps_vs_nginx2'])}x")
+        print(f"     1 MiB CPU per MB relay/nginx1: {spread(r['1MiB_cpu_vs_nginx1'])}x")
+        print(f"     4 KiB CPU per request relay/nginx1: {spread(r['4KiB_cpu_vs_nginx1'])}x")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def loads(results: dict) -> str:
 
 def serve(results: dict) -> None:
     s = results["summary"]
-    trees = [f"relay@{t['commit']}" for t in results["trees"]]
+    trees = [t.get("label", f"relay@{t['commit']}") for t in results["trees"]]
     print(
         f"{len(results['runs'])} runs of {results['seconds']} s per case; 1-minute load average {loads(results)}\n"
     )
@@ -55,8 +55,13 @@ def serve(results: dict) -> None:
         "1MiB_vs_nginx2": "1 MiB throughput / nginx 2 workers",
         "64MiB_cpu_vs_nginx1": "64 MiB server CPU per MB / nginx 1 worker (ceiling 2)",
         "4KiB_rps_vs_nginx1": "b. 4 KiB metadata req/s / nginx 1 worker (floor 0.25)",
+        "4KiB_rps_vs_nginx2": "4 KiB metadata req/s / nginx 2 workers",
+        "1MiB_cpu_vs_nginx1": "1 MiB server CPU per MB / nginx 1 worker",
+        "4KiB_cpu_vs_nginx1": "4 KiB server CPU per request / nginx 1 worker",
     }
     for key, label in rows.items():
+        if key not in s[f"ratios/{trees[0]}"]:  # saved by an older version of the script
+            continue
         cells = " | ".join(f"{spread(s[f'ratios/{t}'][key])}x" for t in trees)
         print(f"| {label} | {cells} |")
 

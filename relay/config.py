@@ -76,6 +76,7 @@ DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+EventLoop = Literal["uvloop", "asyncio"]
 PolicyMode = Literal["autonomous", "replica"]
 DeltaFormatName = Literal["zstd", "bsdiff4"]
 
@@ -315,6 +316,11 @@ class RelaySettings:
         integer(0, MAX_WORKERS),
         "integer 0..64: processes serving relay.listen; 0 = one per core, 1 = a single process",
         default=0,
+    )
+    event_loop: EventLoop = setting(
+        choice("uvloop", "asyncio"),
+        "uvloop | asyncio (the standard library's loop: more CPU per request)",
+        default="uvloop",
     )
 
     @property

@@ -11,7 +11,7 @@ from relay.cli.admin import OLD_TOKEN_VARIABLE, TOKEN_VARIABLE
 from relay.cli.config import serve_overrides
 from relay.cli.exitcodes import ExitCode
 from relay.config import Config, load_config
-from relay.server.run import serve
+from relay.server.run import loop_factory, serve
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,5 +36,6 @@ def run(args: argparse.Namespace) -> int:
     def reload() -> Config:  # on SIGHUP: the same file, variables and flags
         return load_config(args.config, os.environ, overrides)
 
-    asyncio.run(serve(config, reload=reload, verbose=args.verbose))
+    with asyncio.Runner(loop_factory=loop_factory(config.relay.event_loop)) as runner:
+        runner.run(serve(config, reload=reload, verbose=args.verbose))
     return ExitCode.OK

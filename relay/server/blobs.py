@@ -9,7 +9,8 @@
 3. **decide**: one synchronous RFC 9110 decision gives the status, the byte
    range and the headers (:mod:`relay.core.rfc9110`).
 4. **gate**: a transfer slot in total and per agent, else 503 ``Retry-After``.
-5. **send**: ``loop.sendfile`` from the open-file cache (stored, unthrottled), paced
+5. **send**: ``sendfile`` from the open-file cache (stored, unthrottled; ``os.sendfile``
+   on the socket where the loop lacks ``loop.sendfile``, as uvloop does), paced
    chunks (throttled), or the growing fill's bytes as they arrive (followers).
 
 ``GET /deltas/{from}/{to}`` is the same path over the relay-made patches; a 404
@@ -398,15 +399,60 @@ async def send_file_range(
             sent = await asyncio.get_running_loop().sendfile(
                 transport, entry.file, start, end - start
             )
-        except NotImplementedError:
-            await _stream_file(request, resp, entry.file.fileno(), start, end, None, on_bytes)
-            return
+        except NotImplementedError:  # uvloop: no loop.sendfile
+            if transport.get_write_buffer_size():  # the headers must be out first
+                await _stream_file(request, resp, entry.file.fileno(), start, end, None, on_bytes)
+                return
+            sent = await _sendfile_socket(transport, entry.file.fileno(), start, end - start)
         on_bytes(sent)
         if sent < end - start:
             transport.abort()
             raise ShortFileError(f"file ended {end - start - sent} bytes early")
         return
     await _stream_file(request, resp, entry.file.fileno(), start, end, pace, on_bytes)
+
+
+async def _sendfile_socket(transport: asyncio.Transport, fd: int, offset: int, count: int) -> int:
+    """``os.sendfile`` to the transport's socket, where the loop has no ``loop.sendfile``.
+
+    The transport's buffer must be empty and nothing else may write to it meanwhile
+    (the handler owns the connection until its body is sent). The socket is used
+    through a duplicate descriptor, which the loop lets this function watch, and which
+    is closed whatever happens. A reset or a shutdown of the socket (the connection
+    guard's cut) ends the wait and fails the next call.
+
+    Returns:
+        The bytes sent: fewer than ``count`` if the file ended early.
+
+    Raises:
+        OSError: the socket failed (``ConnectionError`` when the client went away).
+    """
+    loop = asyncio.get_running_loop()
+    out = os.dup(transport.get_extra_info("socket").fileno())
+    sent = 0
+    try:
+        while sent < count:
+            try:
+                n = os.sendfile(out, fd, offset + sent, count - sent)
+            except BlockingIOError:
+                writable = loop.create_future()
+                loop.add_writer(out, _wake, writable)
+                try:
+                    await writable
+                finally:
+                    loop.remove_writer(out)
+                continue
+            if n == 0:
+                break
+            sent += n
+    finally:
+        os.close(out)
+    return sent
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _stream_file(

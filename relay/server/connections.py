@@ -49,7 +49,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum, auto
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -177,8 +177,8 @@ class _Refused(asyncio.Protocol):
         self._answer = answer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if isinstance(transport, asyncio.WriteTransport):
-            transport.write(self._answer)
+        # A stream protocol's transport writes; uvloop's do without deriving from asyncio's.
+        cast("asyncio.Transport", transport).write(self._answer)
         transport.close()
 
 
@@ -226,8 +226,8 @@ class GuardedConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Register the connection, then hand it to aiohttp."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's do not derive from asyncio.Transport).
+        self.transport = transport = cast("asyncio.Transport", transport)
         if not self._guard.opened(self):
             self._state = _State.REFUSED
             transport.write(self._guard.refusal)
@@ -310,12 +310,20 @@ class GuardedConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        sock = transport.get_extra_info("socket")
+        try:
+            # Through a socket object of our own on the descriptor: uvloop's transport
+            # sockets refuse shutdown().
+            sock = socket.socket(fileno=transport.get_extra_info("socket").fileno())
+        except (OSError, AttributeError):
+            transport.abort()
+            return
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
             sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError):
+        except OSError:
             transport.abort()
+        finally:
+            sock.detach()  # the descriptor stays the transport's
 
     def _head_timeout(self) -> None:
         self._timer = None

@@ -56,7 +56,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
-from relay.config import Config
+from relay.config import Config, EventLoop
 from relay.core.protocol import AGENT_ID_HEADER, is_agent_id
 from relay.core.verify import TrustSession
 from relay.errors import ConfigError, DataDirLockedError, MetadataRejectedError, StartupError
@@ -221,9 +221,10 @@ def body_bytes(request: BaseRequest, response: web.StreamResponse) -> int:
     Blob and delta bodies count what was written or sent with ``sendfile``
     (:data:`relay.server.blobs.BODY_BYTES`); other responses hold their body.
     """
-    sent: int | None = response.get(BODY_BYTES)
-    if sent is not None:
-        return sent
+    if not isinstance(response, web.Response):  # streamed: blobs and deltas count theirs
+        sent: int | None = response.get(BODY_BYTES)
+        if sent is not None:
+            return sent
     if request.method == "HEAD" or response.status in _NO_BODY or response.status < 200:
         return 0
     if isinstance(response, web.Response):
@@ -257,34 +258,39 @@ class AccessLogger(AbstractAccessLogger):
         """Write the access line; ``duration`` is the request's, in seconds."""
         if request.remote == "":
             return  # over the leader's Unix socket: the worker that forwarded it logs it
+        logger = self.logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
         headers = request.headers
         agent = headers.get(AGENT_ID_HEADER, "")
         agent = agent if agent and is_agent_id(agent) else "-"
         size = body_bytes(request, response)
+        method, path, status = request.method, request.raw_path, response.status
         version = request.version
-        line = f"{request.method} {request.raw_path} HTTP/{version.major}.{version.minor}"
         user_agent = headers.get("User-Agent", "-")
+        remote = request.remote
+        started = _clf_time(int(time.time() - duration))
+        line = f"{method} {path} HTTP/{version.major}.{version.minor}"
+        message = (
+            f'{remote or "-"} - {agent} [{started}] "{_escape(line)}" {status} {size or "-"} '
+            f'"{_escape(headers.get("Referer", "-"))}" "{_escape(user_agent)}"'
+        )
         fields = {
-            "remote": request.remote,
-            "method": request.method,
-            "path": request.raw_path,
-            "status": response.status,
+            "remote": remote,
+            "method": method,
+            "path": path,
+            "status": status,
             "bytes": size,
             "seconds": round(duration, 6),
             "agent": agent,
             "user_agent": user_agent,
         }
-        self.logger.info(
-            '%s - %s [%s] "%s" %d %s "%s" "%s"',
-            request.remote or "-",
-            agent,
-            _clf_time(int(time.time() - duration)),  # the time the request started
-            _escape(line),
-            response.status,
-            size or "-",
-            _escape(headers.get("Referer", "-")),
-            _escape(user_agent),
-            extra={"fields": fields},
+        # The record is made here, its message already formatted: logger.info would look
+        # up the caller's frame and %-format the line, a large share of a small request.
+        logger.handle(
+            logger.makeRecord(
+                logger.name, logging.INFO, "", 0, message, (), None, extra={"fields": fields}
+            )
         )
 
 
@@ -874,6 +880,7 @@ class Service:
             path,
             processes,
             verbose=self._verbose,
+            event_loop=self.config.relay.event_loop,
             on_restart=lambda _slot: metrics.worker_restarts.inc(),
         )
         app[CHANGES].starting = True
@@ -944,6 +951,20 @@ class Service:
         while (sig := await self._signals.get()) is signal.SIGHUP:
             logger.info("SIGHUP ignored: the relay is stopping")
         return sig
+
+
+def loop_factory(event_loop: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop ``event_loop`` (``relay.event_loop``) names, for ``asyncio.Runner``.
+
+    uvloop is the default: it spends less CPU per request than the standard library's
+    loop (``benchmarks/RESULTS.md``, "Serving"). It has no ``loop.sendfile``, so stored
+    blobs go out with ``os.sendfile`` on the socket (:mod:`relay.server.blobs`).
+    """
+    if event_loop == "uvloop":
+        import uvloop  # noqa: PLC0415 - loaded only by the processes that run on it
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
 
 
 async def serve(

@@ -2,7 +2,8 @@
 
 Rules:
 
-* A worker is ``python -m relay.server.worker --leader <socket> --slot <n>``, in a
+* A worker is ``python -m relay.server.worker --leader <socket> --slot <n>
+  --event-loop <relay.event_loop>``, in a
   process group of its own (a Ctrl-C on the terminal reaches the leader, which passes
   the stop on, not every process at once), with the leader's environment but
   ``NOTIFY_SOCKET``: only the leader speaks to systemd. Its logs go to the leader's
@@ -53,6 +54,7 @@ class WorkerPool:
         leader_socket: the leader's private socket, which workers forward to.
         slots: the processes serving, the leader included.
         verbose: the leader's ``-v`` count, passed on.
+        event_loop: ``relay.event_loop``, passed on (a worker runs on the leader's loop).
         on_restart: called with the slot each time a worker is started again.
     """
 
@@ -62,11 +64,13 @@ class WorkerPool:
         slots: int,
         *,
         verbose: int = 0,
+        event_loop: str = "uvloop",
         on_restart: Callable[[int], None] | None = None,
     ) -> None:
         self._socket = leader_socket
         self._slots = range(1, slots)
         self._verbose = verbose
+        self._event_loop = event_loop
         self._on_restart = on_restart
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -93,7 +97,8 @@ class WorkerPool:
     async def _spawn(self, slot: int) -> bool:
         """Start the worker of ``slot``; whether it came to listen."""
         command = [sys.executable, "-m", _WORKER_MODULE, "--leader", str(self._socket)]
-        command += ["--slot", str(slot)] + ["-v"] * self._verbose
+        command += ["--slot", str(slot), "--event-loop", self._event_loop]
+        command += ["-v"] * self._verbose
         proc = await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.DEVNULL,
@@ -101,8 +106,9 @@ class WorkerPool:
             env=worker_environment(),
             # A process group of its own (a terminal's Ctrl-C reaches the leader only, which
             # passes the stop on); the same session (one scheduling group: a new session
-            # would be a separate autogroup, with a CPU share of its own).
-            process_group=0,
+            # would be a separate autogroup, with a CPU share of its own). setpgrp in the
+            # child rather than process_group=0, which uvloop's subprocess_exec refuses.
+            preexec_fn=os.setpgrp,
         )
         self._procs[slot] = proc
         stdout = proc.stdout

@@ -45,13 +45,13 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from aiohttp import web
 
 from relay.cache.mirror import StoredBlob, StoredMetadata
 from relay.cache.singleflight import SingleFlight
-from relay.config import Config, config_from_dict
+from relay.config import Config, EventLoop, config_from_dict
 from relay.core.model import Target, is_sha256
 from relay.core.protocol import DeltaFormat, formats_from_accept
 from relay.core.tokens import SECRET_BYTES
@@ -85,6 +85,7 @@ from relay.server.run import (
     bind_shared,
     drain,
     log_level,
+    loop_factory,
     private_socket,
     setup_logging,
 )
@@ -539,17 +540,28 @@ async def run_worker(socket_path: Path, slot: int, verbose: int = 0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m relay.server.worker --leader SOCKET --slot N [-v]``; the exit status."""
+    """``python -m relay.server.worker --leader SOCKET --slot N [--event-loop L] [-v]``.
+
+    Returns:
+        The exit status.
+    """
     parser = argparse.ArgumentParser(
         prog="relay-worker", description="a worker process of a relay (started by its leader)"
     )
     parser.add_argument("--leader", type=Path, required=True, help="the leader's socket")
     parser.add_argument("--slot", type=int, required=True, help="this worker's number (1..)")
+    parser.add_argument(
+        "--event-loop",
+        choices=get_args(EventLoop),
+        default="uvloop",
+        help="relay.event_loop of the leader (uvloop)",
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="debug logs")
     args = parser.parse_args(argv)
     die_with_parent()
     try:
-        asyncio.run(run_worker(args.leader, args.slot, args.verbose))
+        with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+            runner.run(run_worker(args.leader, args.slot, args.verbose))
     except (LeaderGoneError, ConfigError, OSError) as e:
         print(f"relay worker {args.slot}: {e}", file=sys.stderr)  # noqa: T201 - the CLI's line
         return 1
