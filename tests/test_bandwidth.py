@@ -150,6 +150,39 @@ async def test_per_agent_limit_holds_and_gaps_stay_short():
     assert limiter.throttled_seconds == pytest.approx(log[-1][0])
 
 
+class _PlainHandleLoop(VirtualTimeLoop):
+    """As uvloop: ``call_at`` answers a plain :class:`asyncio.Handle`, without ``when()``."""
+
+    def call_at(self, when, callback, *args, context=None):  # noqa: ANN001, ANN201
+        timer = super().call_at(when, callback, *args, context=context)
+        return _PlainHandle(timer, self)
+
+
+class _PlainHandle(asyncio.Handle):
+    def __init__(self, timer: asyncio.TimerHandle, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(lambda: None, (), loop)
+        self._timer = timer
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        super().cancel()
+
+
+def test_the_shared_cap_holds_on_a_loop_whose_timers_have_no_when():
+    # uvloop's call_at gives a plain Handle for a time already past; the limiter kept
+    # asking it when() and failed the request (AttributeError) under load.
+    cap = 4 * MiB
+
+    async def run() -> None:
+        limiter = BandwidthLimiter(cap, 0)
+        log: list[tuple[float, str, int]] = []
+        await asyncio.gather(*(_stream(limiter, f"agent-{i}", log, 2.0) for i in range(8)))
+        assert _rate(log, 0.4, 2.0) == pytest.approx(cap)
+
+    with asyncio.Runner(loop_factory=_PlainHandleLoop) as runner:
+        runner.run(run())
+
+
 @on_virtual_time
 async def test_fair_shares_among_50_agents_under_a_shared_cap():
     cap = 4 * MiB

@@ -94,7 +94,9 @@ class BandwidthLimiter:
         self._agents: dict[str, TokenBucket] = {}
         self._prune_at = 1024
         self._queue: FairQueue[asyncio.Future[None] | None] = FairQueue()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._timer_at = 0.0  # when _timer fires (uvloop's call_at returns a plain Handle
+        # without ``when()`` for a time already past)
         self._timer_loop: asyncio.AbstractEventLoop | None = None  # the loop of _timer
         self._streams: dict[str, int] = {}
         self.active_streams = 0
@@ -308,12 +310,13 @@ class BandwidthLimiter:
         # costs one more pump, which re-arms it. A timer of another (closed) loop
         # would never fire.
         if timer is not None and (
-            wake is None or timer.when() > wake + SLACK or self._timer_loop is not loop
+            wake is None or self._timer_at > wake + SLACK or self._timer_loop is not loop
         ):
             timer.cancel()
             self._timer = timer = None
         if wake is not None and timer is None:
             self._timer = loop.call_at(wake, self._on_timer)
+            self._timer_at = wake
             self._timer_loop = loop
 
     def _on_timer(self) -> None:
