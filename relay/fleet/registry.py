@@ -33,7 +33,10 @@ Rules:
 * It keeps each agent's newest :data:`EVENTS_KEPT` report events (newest first),
   what it was last offered per product (:class:`relay.core.fleet.LastOffer`),
   and its installed versions, updated by check-ins and by ``installed`` reports
-  as they arrive. Records are compact: slots, tuples, interned names.
+  as they arrive. Records are compact: slots, tuples, interned names; offers,
+  events and kept rows are tuples of strings and numbers, which the cyclic
+  garbage collector stops tracking (one tracked object per agent: its full
+  passes stay short at 50,000 agents).
 * States are derived on reading (:func:`relay.core.fleet.derive_state`), never
   stored: they depend on the time (an on-demand deadline passes). The report rows
   of an agent are kept until its record changes or one of its on-demand
@@ -67,6 +70,7 @@ from relay.core.fleet import (
     version_table,
     worst_state,
 )
+from relay.core.policy import Action, RolloutMode
 from relay.core.protocol import Event, ReportEvent, Via, rfc3339
 from relay.errors import StateUnavailableError
 from relay.storage.kv import KV
@@ -103,7 +107,20 @@ def _installed_item(item: Mapping[str, Any]) -> Installed:
     )
 
 
-def _offer(raw: Mapping[str, Any] | LastOffer) -> LastOffer | None:
+# Offers, events and kept rows are held as tuples of strings and numbers (no enums, no
+# objects): once the cyclic garbage collector has seen such a tuple it stops tracking it,
+# so its full passes do not walk every agent's values (only the records themselves).
+_Offer = tuple[str, str, str, str, str | None, str]
+"""(action, version, sha256, mode, deadline, at): a :class:`LastOffer`."""
+_Event = tuple[str, str, str, str, str, int, str, str, str]
+"""(product, from_version, to_version, event, via, bytes, reason, message, at)."""
+_Row = tuple[str, str, str, str, str, str, str, str, str, str, str, str]
+"""A :class:`ReportRow`'s fields, the state as its value."""
+_KeptRows = tuple[int, float, float, tuple[_Row, ...], str]
+"""(revision, computed at, valid until, rows, worst state)."""
+
+
+def _offer(raw: Mapping[str, Any] | LastOffer) -> _Offer | None:
     if isinstance(raw, LastOffer):
         offer = raw
     else:
@@ -111,51 +128,86 @@ def _offer(raw: Mapping[str, Any] | LastOffer) -> LastOffer | None:
             offer = LastOffer.from_dict(raw)
         except ValueError:
             return None
-    return LastOffer(
-        action=offer.action,
-        version=_s(offer.version),
-        sha256=_s(offer.sha256),
-        mode=offer.mode,
-        deadline=offer.deadline,
-        at=offer.at,
+    return (
+        _s(offer.action.value),
+        _s(offer.version),
+        _s(offer.sha256),
+        _s(offer.mode.value),
+        offer.deadline,
+        offer.at,
     )
 
 
-def _event(raw: Mapping[str, Any] | ReportEvent) -> ReportEvent | None:
-    if isinstance(raw, ReportEvent):
-        return raw
+def _last_offer(offer: _Offer) -> LastOffer:
+    return LastOffer(Action(offer[0]), offer[1], offer[2], RolloutMode(offer[3]), *offer[4:])
+
+
+def _event(raw: Mapping[str, Any] | ReportEvent) -> _Event | None:
+    data: Mapping[str, Any] = raw.to_dict() if isinstance(raw, ReportEvent) else raw
     try:
-        return ReportEvent(
-            product=_s(raw.get("product", "")),
-            from_version=_s(raw.get("from_version", "")),
-            to_version=_s(raw.get("to_version", "")),
-            event=Event(str(raw.get("event", ""))),
-            via=Via(str(raw.get("via", Via.FULL))),
-            bytes=int(raw.get("bytes", 0) or 0),
-            reason=_s(raw.get("reason", "")),
-            message=str(raw.get("message", "")),
-            at=str(raw.get("at", "")),
+        return (
+            _s(data.get("product", "")),
+            _s(data.get("from_version", "")),
+            _s(data.get("to_version", "")),
+            _s(Event(str(data.get("event", ""))).value),
+            _s(Via(str(data.get("via", Via.FULL))).value),
+            int(data.get("bytes", 0) or 0),
+            _s(data.get("reason", "")),
+            str(data.get("message", "")),
+            str(data.get("at", "")),
         )
     except (TypeError, ValueError):
         return None
 
 
-def _event_dict(event: ReportEvent | None) -> dict[str, Any] | None:
-    return None if event is None else dict(event.to_dict())
+_EVENT_FIELDS = (
+    "product",
+    "from_version",
+    "to_version",
+    "event",
+    "via",
+    "bytes",
+    "reason",
+    "message",
+    "at",
+)
 
 
-def _offer_substance(offered: tuple[tuple[str, LastOffer], ...]) -> tuple[object, ...]:
+def _event_dict(event: _Event | None) -> dict[str, Any] | None:
+    """The JSON form (:meth:`ReportEvent.to_dict`)."""
+    return None if event is None else dict(zip(_EVENT_FIELDS, event, strict=True))
+
+
+def _offer_substance(offered: tuple[tuple[str, _Offer], ...]) -> tuple[object, ...]:
     # What an offer means; its ``at`` (when it was last answered) is no substance.
-    return tuple((p, o.action, o.version, o.sha256, o.mode, o.deadline) for p, o in offered)
+    return tuple((p, o[:5]) for p, o in offered)
 
 
-_KeptRows = tuple[int, float, float, tuple[ReportRow, ...], FleetState]
+def _pack_row(row: ReportRow) -> _Row:
+    return (
+        row.agent_id,
+        row.group,
+        row.product,
+        row.installed_version,
+        row.offered_version,
+        _s(row.state.value),
+        row.reason,
+        row.message,
+        row.last_event,
+        row.last_event_at,
+        row.last_seen,
+        row.address,
+    )
+
+
+def _row(f: _Row) -> ReportRow:
+    return ReportRow(f[0], f[1], f[2], f[3], f[4], FleetState(f[5]), *f[6:])
 
 
 class AgentRecord:
     """What the relay knows of one agent.
 
-    Compact: slots, tuples of interned strings, frozen values. Every change
+    Compact: slots, tuples of interned strings and numbers. Every change
     replaces a value (never mutates one in place) and moves :attr:`rev`, so the
     report rows kept for the record are recomputed and a thread reading it sees
     whole values. The list and dict properties are the JSON forms (copies).
@@ -201,8 +253,8 @@ class AgentRecord:
         self.failures = failures
         self._installed: tuple[Installed, ...] = ()
         self._first_offered: tuple[tuple[str, float], ...] = ()
-        self._offered: tuple[tuple[str, LastOffer], ...] = ()
-        self._events: tuple[ReportEvent, ...] = ()  # newest first
+        self._offered: tuple[tuple[str, _Offer], ...] = ()
+        self._events: tuple[_Event, ...] = ()  # newest first
         self.rev = 0
         self.installed = installed
         self.first_offered = first_offered or {}
@@ -240,7 +292,7 @@ class AgentRecord:
     @property
     def offered(self) -> dict[str, dict[str, Any]]:
         """Product -> what the relay last offered (:meth:`LastOffer.to_dict`)."""
-        return {p: o.to_dict() for p, o in self._offered}
+        return {p: _last_offer(o).to_dict() for p, o in self._offered}
 
     @offered.setter
     def offered(self, offers: Mapping[str, Mapping[str, Any] | LastOffer]) -> None:
@@ -252,7 +304,7 @@ class AgentRecord:
     @property
     def events(self) -> list[dict[str, Any]]:
         """The newest report events, newest first."""
-        return [dict(e.to_dict()) for e in self._events]
+        return [d for e in self._events if (d := _event_dict(e)) is not None]
 
     @events.setter
     def events(self, events: Iterable[Mapping[str, Any] | ReportEvent]) -> None:
@@ -327,7 +379,7 @@ class AgentRecord:
         """What the relay last offered for ``product`` (``None``: never, or unreadable)."""
         for p, offer in self._offered:
             if p == product:
-                return offer
+                return _last_offer(offer)
         return None
 
     def rows_change_at(self) -> float:
@@ -335,19 +387,19 @@ class AgentRecord:
         deadlines = [
             when.timestamp()
             for _p, offer in self._offered
-            if (when := parse_time(offer.deadline)) is not None
+            if (when := parse_time(offer[4])) is not None
         ]
         return min(deadlines, default=math.inf)
 
     def rows(self, now: dt.datetime) -> list[ReportRow]:
         """One report row per product the agent has, was offered or reported on."""
-        newest: dict[str, ReportEvent] = {}
+        newest: dict[str, _Event] = {}
         for event in self._events:
-            newest.setdefault(event.product, event)
+            newest.setdefault(event[0], event)
         products = {p for p, _v, _s in self._installed}
         products |= {p for p, _o in self._offered} | {p for p in newest if p}
         latest = self._events[0] if self._events else None
-        if latest is not None and not latest.product and latest.event is Event.FAILED:
+        if latest is not None and not latest[0] and latest[3] == Event.FAILED:
             products.add("")
         last_seen = rfc3339(self.last_seen) if self.last_seen else ""
         out = []
@@ -372,15 +424,15 @@ class AgentRecord:
                     state=standing.state,
                     reason=standing.reason,
                     message=standing.message,
-                    last_event=str(last.event) if last else "",
-                    last_event_at=last.at if last else "",
+                    last_event=last[3] if last else "",
+                    last_event_at=last[8] if last else "",
                     last_seen=last_seen or "",
                     address=self.address,
                 )
             )
         return out
 
-    def cached_rows(self, now: dt.datetime) -> tuple[tuple[ReportRow, ...], FleetState]:
+    def cached_rows(self, now: dt.datetime) -> tuple[list[ReportRow], FleetState]:
         """:meth:`rows` and their worst state, kept until the record changes or a deadline passes.
 
         Safe from a thread while the loop changes the record (the record's
@@ -390,20 +442,26 @@ class AgentRecord:
         kept = self._rows
         rev = self.rev
         if kept is None or kept[0] != rev or not kept[1] <= at < kept[2]:
-            rows = tuple(self.rows(now))
-            kept = (rev, at, self.rows_change_at(), rows, worst_state(rows))
-            self._rows = kept
-        return kept[3], kept[4]
+            rows = self.rows(now)
+            worst = worst_state(rows)
+            packed = tuple(_pack_row(r) for r in rows)
+            self._rows = (rev, at, self.rows_change_at(), packed, _s(worst.value))
+            return rows, worst
+        return [_row(f) for f in kept[3]], FleetState(kept[4])
 
     def worst_state(self, now: dt.datetime) -> FleetState:
         """The worst state of the agent's products (kept as :meth:`cached_rows`)."""
+        kept = self._rows
+        at = now.timestamp()
+        if kept is not None and kept[0] == self.rev and kept[1] <= at < kept[2]:
+            return FleetState(kept[4])
         return self.cached_rows(now)[1]
 
     # -- changes ---------------------------------------------------------------
 
     def add_event(self, event: ReportEvent) -> None:
         """Record one report event: newest first, bounded; it updates the versions installed."""
-        stored = _event(event.to_dict())
+        stored = _event(event)
         if stored is None:
             return
         self._events = (stored, *self._events[: EVENTS_KEPT - 1])
