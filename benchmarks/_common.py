@@ -160,6 +160,7 @@ def nginx(
     cache_dir: Path | None = None,
 ):
     """Run nginx serving ``root`` (or proxying with a cache and proxy_cache_lock)."""
+    WORK.mkdir(exist_ok=True)  # a fresh checkout has none (it is not tracked)
     conf_dir = Path(tempfile.mkdtemp(prefix="nginx-", dir=WORK))
     if proxy_to:
         assert cache_dir is not None
