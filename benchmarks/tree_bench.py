@@ -82,21 +82,20 @@ PROBE_TIMEOUT = 60
 AGENTS_SCRIPT = Path(__file__).parent / "_tree_agents.py"
 
 
+IDLE_TIMEOUT = "120s"  # keep-alive: above the agents' 15 s, with room for a busy agent process
+
+
 def relay_settings(fd_limit: int) -> dict[str, str]:
     """The settings of every relay in the tree, as environment variables."""
-    env = {
+    return {
+        "RELAY_RELAY__WORKERS": "1",  # one process per relay (the default is one per core)
         "RELAY_DELTA__ENABLED": "false",  # full blobs only: each link carries the blob once
         "RELAY_LIMITS__MAX_CONNECTIONS": str(fd_limit * 3 // 4),
         "RELAY_LIMITS__MAX_TRANSFERS_PER_AGENT": "8",
         "RELAY_STORE__SCRUB_INTERVAL": "0",
         "RELAY_LIMITS__IDLE_TIMEOUT": IDLE_TIMEOUT,
     }
-    if hasattr(default_config().relay, "workers"):
-        env["RELAY_RELAY__WORKERS"] = "1"
-    return env
 
-
-IDLE_TIMEOUT = "120s"  # keep-alive: above the agents' 15 s, with room for a busy agent process
 
 TOP_SETTINGS = {
     "RELAY_SYNC__INTERVAL": "1",  # the top relay's poll of the origin: the clock starts there
