@@ -27,6 +27,7 @@ Medians and min–max over ``--runs``. Writes ``benchmarks/tree_result.json``,
 
     python benchmarks/tree_bench.py [--agents 10000] [--runs 3] [--size 1MiB]
     python benchmarks/tree_bench.py --smoke      # 300 agents, one run, under _work/
+    python benchmarks/tree_bench.py --report benchmarks/tree_result.json   # the tables
 """
 
 from __future__ import annotations
@@ -82,21 +83,21 @@ PROBE_TIMEOUT = 60
 AGENTS_SCRIPT = Path(__file__).parent / "_tree_agents.py"
 
 
-def relay_settings(fd_limit: int) -> dict[str, str]:
+IDLE_TIMEOUT = "120s"  # keep-alive: above the agents' 15 s, with room for a busy agent process
+
+
+def relay_settings(fd_limit: int, splay: float) -> dict[str, str]:
     """The settings of every relay in the tree, as environment variables."""
-    env = {
+    return {
+        "RELAY_EVENTS__SPLAY": str(splay),
+        "RELAY_RELAY__WORKERS": "1",  # one process per relay (the default is one per core)
         "RELAY_DELTA__ENABLED": "false",  # full blobs only: each link carries the blob once
         "RELAY_LIMITS__MAX_CONNECTIONS": str(fd_limit * 3 // 4),
         "RELAY_LIMITS__MAX_TRANSFERS_PER_AGENT": "8",
         "RELAY_STORE__SCRUB_INTERVAL": "0",
         "RELAY_LIMITS__IDLE_TIMEOUT": IDLE_TIMEOUT,
     }
-    if hasattr(default_config().relay, "workers"):
-        env["RELAY_RELAY__WORKERS"] = "1"
-    return env
 
-
-IDLE_TIMEOUT = "120s"  # keep-alive: above the agents' 15 s, with room for a busy agent process
 
 TOP_SETTINGS = {
     "RELAY_SYNC__INTERVAL": "1",  # the top relay's poll of the origin: the clock starts there
@@ -266,7 +267,7 @@ def run_once(index: int, args: argparse.Namespace, tree: Tree, fd_limit: int) ->
     )
     root = work / "root.json"
     root.write_bytes(repo.root_bytes(1))
-    common = relay_settings(fd_limit)
+    common = relay_settings(fd_limit, args.splay)
     load_start = loadavg()
     drops0 = listen_drops()
     with ExitStack() as stack:
@@ -682,6 +683,17 @@ def main() -> None:
         "--report", type=Path, help="print the Markdown tables of a saved tree_result.json"
     )
     parser.add_argument(
+        "--splay",
+        type=float,
+        default=default_config().events.splay,
+        help="the relays' events.splay, s (their default)",
+    )
+    parser.add_argument("--work", type=Path, default=WORK, help="the runs' files (_work/)")
+    parser.add_argument(
+        "--out", type=Path, help="tree_result.json and the plots (benchmarks/; --smoke: _work/)"
+    )
+    parser.add_argument("--no-plot", action="store_true", help="no PNGs (no matplotlib needed)")
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help=f"{SMOKE_AGENTS} agents, one run, results and plots under _work/",
@@ -690,16 +702,15 @@ def main() -> None:
     if args.report:
         report(json.loads(args.report.read_text()))
         return
-    out_dir = HERE
+    out_dir = args.out or HERE
     if args.smoke:
-        args.agents, args.runs, out_dir = SMOKE_AGENTS, 1, WORK
-    args.work = WORK
+        args.agents, args.runs, out_dir = SMOKE_AGENTS, 1, args.out or WORK
     raise_nofile()  # the relays inherit it
     fd_limit = os.sysconf("SC_OPEN_MAX")
     tree = Tree(args.relay_tree[0]) if args.relay_tree else Tree(REPO)
     runs = [run_once(i, args, tree, fd_limit) for i in range(args.runs)]
     median_run = sorted(runs, key=lambda r: r["last_s"])[len(runs) // 2]
-    settings = relay_settings(fd_limit)
+    settings = relay_settings(fd_limit, args.splay)
     results = {
         "machine": machine(),
         "relay": tree.describe(),
@@ -708,7 +719,7 @@ def main() -> None:
         "size": args.size,
         "events": {
             "hold_s": default_config().events.hold,
-            "splay_s": default_config().events.splay,
+            "splay_s": args.splay,
         },
         "settings": {"all": settings, "top": TOP_SETTINGS, "branches": BRANCH_SETTINGS},
         "summary": summarize(runs),
@@ -716,9 +727,9 @@ def main() -> None:
             {k: v for k, v in r.items() if k not in ("rss", "completion_by_branch")} for r in runs
         ],
     }
-    out_dir.mkdir(exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tree_result.json").write_text(json.dumps(results, indent=1))
-    for path in plot(median_run, out_dir):
+    for path in [] if args.no_plot else plot(median_run, out_dir):
         print(f"wrote {path}")
     report(results)
 
