@@ -29,7 +29,9 @@ A quiet second (**idle**) comes first: the ticker's own lateness on this machine
 phase reports its worst stall, how many ticks were later than 50 ms, its full (generation
 2) garbage collections and the longest of them (``gc.callbacks``), and where the loop's
 thread was while the loop was late past 50 ms (a thread samples its stack every 10 ms).
-Phases 1-7 run in a fresh process per run (memory and collector start from nothing).
+Phases 1-7 run in a fresh process per run (memory and collector start from nothing), on
+the event loop the relay's configuration names (``relay.event_loop``; asyncio in
+checkouts from before that setting).
 Deltas are off (``benchmarks/delta_bench.py`` measures the engine). Medians and min–max
 over ``--runs``; the load average at the start and end of each run. Every run's figures,
 latencies and late ticks are saved (``--json``); ``--plot`` draws the first run's
@@ -74,6 +76,7 @@ from benchmarks._common import (  # noqa: E402
     summary,
 )
 from benchmarks._inprocess import inprocess_relay  # noqa: E402
+from relay.config import load_config  # noqa: E402
 from relay.publisher.repository import Repository  # noqa: E402
 
 AGENTS = 50_000
@@ -195,6 +198,16 @@ def publish_worker(repo_dir: str, version: str, seed: int, size: int) -> dict[st
     return {"version": version, "url_path": target.url_path, "sha256": target.sha256}
 
 
+def relay_loop() -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The event loop a relay of this checkout runs on by default (``relay.event_loop``)."""
+    try:
+        from relay.server.run import loop_factory  # noqa: PLC0415 - absent from older trees
+    except ImportError:
+        return "asyncio", asyncio.new_event_loop
+    name = str(getattr(load_config(None, environ={}).relay, "event_loop", "asyncio"))
+    return name, loop_factory(name)  # type: ignore[arg-type]
+
+
 def worker(argv: list[str]) -> None:
     """``--worker MODE JSON-ARGS``: run one client job and print its JSON result."""
     mode, raw = argv
@@ -206,11 +219,16 @@ def worker(argv: list[str]) -> None:
     elif mode == "listing":
         out = asyncio.run(listing_worker(**args))
     elif mode == "relay":
-        out = asyncio.run(
-            measured_relay(
-                work=Path(args.pop("work")), repo=Repository.open(Path(args.pop("repo"))), **args
+        name, factory = relay_loop()
+        with asyncio.Runner(loop_factory=factory) as runner:
+            out = runner.run(
+                measured_relay(
+                    work=Path(args.pop("work")),
+                    repo=Repository.open(Path(args.pop("repo"))),
+                    **args,
+                )
             )
-        )
+        out["event_loop"] = name
     else:
         out = publish_worker(**args)
     print(json.dumps(out))
@@ -641,7 +659,7 @@ def report(results: dict[str, Any]) -> None:
     print(f"command: {results['command']}")
     for i, run in enumerate(results["runs"], 1):
         print(
-            f"run {i} (relay@{run.get('commit', '?')}): load average {run['load_start']} at start, {run['load_end']} at end; "
+            f"run {i} (relay@{run.get('commit', '?')} on {run.get('event_loop', 'asyncio')}): load average {run['load_start']} at start, {run['load_end']} at end; "
             f"{run['registered']} agents registered; check-ins "
             f"{run['populate']['statuses']} then {run['checkin']['statuses']}; "
             f"fills {run['fills']}; listing {run['listing']['mode']}, "
