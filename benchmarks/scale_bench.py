@@ -29,14 +29,16 @@ A quiet second (**idle**) comes first: the ticker's own lateness on this machine
 phase reports its worst stall, how many ticks were later than 50 ms, its full (generation
 2) garbage collections and the longest of them (``gc.callbacks``), and where the loop's
 thread was while the loop was late past 50 ms (a thread samples its stack every 10 ms).
-Phases 1-7 run in a fresh process per run (memory and collector start from nothing).
+Phases 1-7 run in a fresh process per run (memory and collector start from nothing), on
+the event loop the relay's configuration names (``relay.event_loop``; asyncio in
+checkouts from before that setting).
 Deltas are off (``benchmarks/delta_bench.py`` measures the engine). Medians and min–max
 over ``--runs``; the load average at the start and end of each run. Every run's figures,
 latencies and late ticks are saved (``--json``); ``--plot`` draws the first run's
 check-in latency CDFs and stall timeline.
 
 Run:  python benchmarks/scale_bench.py [--runs 3] [--agents 50000] [--concurrency 64]
-      [--blob-kib 8192] [--json benchmarks/_work/scale.json] [--plot scale.png]
+      [--blob-kib 8192] [--json benchmarks/_work/scale.json] [--append] [--plot scale.png]
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ from benchmarks._common import (  # noqa: E402
     summary,
 )
 from benchmarks._inprocess import inprocess_relay  # noqa: E402
+from relay.config import load_config  # noqa: E402
 from relay.publisher.repository import Repository  # noqa: E402
 
 AGENTS = 50_000
@@ -195,6 +198,16 @@ def publish_worker(repo_dir: str, version: str, seed: int, size: int) -> dict[st
     return {"version": version, "url_path": target.url_path, "sha256": target.sha256}
 
 
+def relay_loop() -> tuple[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The event loop a relay of this checkout runs on by default (``relay.event_loop``)."""
+    try:
+        from relay.server.run import loop_factory  # noqa: PLC0415 - absent from older trees
+    except ImportError:
+        return "asyncio", asyncio.new_event_loop
+    name = str(getattr(load_config(None, environ={}).relay, "event_loop", "asyncio"))
+    return name, loop_factory(name)  # type: ignore[arg-type]
+
+
 def worker(argv: list[str]) -> None:
     """``--worker MODE JSON-ARGS``: run one client job and print its JSON result."""
     mode, raw = argv
@@ -206,11 +219,16 @@ def worker(argv: list[str]) -> None:
     elif mode == "listing":
         out = asyncio.run(listing_worker(**args))
     elif mode == "relay":
-        out = asyncio.run(
-            measured_relay(
-                work=Path(args.pop("work")), repo=Repository.open(Path(args.pop("repo"))), **args
+        name, factory = relay_loop()
+        with asyncio.Runner(loop_factory=factory) as runner:
+            out = runner.run(
+                measured_relay(
+                    work=Path(args.pop("work")),
+                    repo=Repository.open(Path(args.pop("repo"))),
+                    **args,
+                )
             )
-        )
+        out["event_loop"] = name
     else:
         out = publish_worker(**args)
     print(json.dumps(out))
@@ -392,11 +410,11 @@ def process_rss(pid: int) -> int:
     return 0
 
 
-async def wait_until(check: Callable[[], bool], timeout: float) -> None:
+async def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():
         if time.monotonic() > deadline:
-            msg = "timed out"
+            msg = f"{what}: not done after {timeout:.0f} s"
             raise TimeoutError(msg)
         await asyncio.sleep(0.05)
 
@@ -432,7 +450,9 @@ async def measured_relay(
     sampler.start()
     out: dict[str, Any] = {}
     try:
-        await wait_until(lambda: store.contains(first[-1]["sha256"]), 120)
+        await wait_until(
+            lambda: store.contains(first[-1]["sha256"]), 120, "the first prefetch (origin?)"
+        )
         async with ticker.measure("idle"):
             await asyncio.sleep(1)
 
@@ -451,7 +471,9 @@ async def measured_relay(
             latest = [*latest, new]
             async with ticker.measure("sync"):
                 await state.mirror.sync_once()
-                await wait_until(lambda sha=new["sha256"]: store.contains(sha), 120)
+                await wait_until(
+                    lambda sha=new["sha256"]: store.contains(sha), 120, "the prefetch after a sync"
+                )
         evictions_before = store.stats.evictions
 
         evicted = [f"{base}/targets/{t['url_path']}" for t in latest[:-QUOTA_BLOBS]]
@@ -637,7 +659,7 @@ def report(results: dict[str, Any]) -> None:
     print(f"command: {results['command']}")
     for i, run in enumerate(results["runs"], 1):
         print(
-            f"run {i}: load average {run['load_start']} at start, {run['load_end']} at end; "
+            f"run {i} (relay@{run.get('commit', '?')} on {run.get('event_loop', 'asyncio')}): load average {run['load_start']} at start, {run['load_end']} at end; "
             f"{run['registered']} agents registered; check-ins "
             f"{run['populate']['statuses']} then {run['checkin']['statuses']}; "
             f"fills {run['fills']}; listing {run['listing']['mode']}, "
@@ -727,6 +749,12 @@ def main() -> None:
     )
     parser.add_argument("--plot", type=Path, help="write a PNG: check-in CDF, stall timeline")
     parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add these runs to those saved in --json (to alternate with another checkout "
+        "run by run)",
+    )
+    parser.add_argument(
         "--blob-kib", type=int, default=BLOB // 1024, help=f"KiB per version ({BLOB // 1024})"
     )
     parser.add_argument(
@@ -742,21 +770,24 @@ def main() -> None:
     if args.worker:
         worker(args.worker)
         return
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent,
+    ).stdout.strip()
     blob = args.blob_kib * 1024
-    runs = []
+    runs = json.loads(args.json.read_text())["runs"] if args.append and args.json.exists() else []
     for i in range(args.runs):
-        runs.append(one_run(args.work, args.agents, args.concurrency, blob))
+        runs.append(
+            one_run(args.work.resolve(), args.agents, args.concurrency, blob) | {"commit": commit}
+        )
         print(f"run {i + 1}/{args.runs} done, load average {runs[-1]['load_end']}", flush=True)
     results = {
         "machine": machine(),
         "command": " ".join(["python", "benchmarks/scale_bench.py", *sys.argv[1:]]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=Path(__file__).parent,
-        ).stdout.strip(),
+        "commit": commit,
         "agents": args.agents,
         "concurrency": args.concurrency,
         "blob_bytes": blob,

@@ -5,6 +5,7 @@ Every cell is ``median (min–max)`` over the runs of the file. Run:
     python benchmarks/tables.py serve benchmarks/_work/serve.json
     python benchmarks/tables.py fanout benchmarks/_work/fanout.json
     python benchmarks/tables.py delta NEW/_work/delta.json [OLD/_work/delta.json]
+    python benchmarks/tables.py scale AFTER.json BEFORE.json   # scale_bench.py --json
 """
 
 from __future__ import annotations
@@ -149,14 +150,58 @@ def delta(new: dict, old: dict | None) -> None:
             )
 
 
+def scale(after: dict, before: dict) -> None:
+    """Two checkouts' scale_bench.py runs (turn about) side by side."""
+    b, a = before["summary"], after["summary"]
+    commits = [f"relay@{r['runs'][0].get('commit', '?')}" for r in (before, after)]
+    for label, r in zip(commits, (before, after)):
+        print(f"{label}: {len(r['runs'])} runs; 1-minute load average {loads(r)}")
+    print(
+        f"\n| phase | worst stall, {commits[0]} | worst stall, **{commits[1]}** | ticks late > 50 ms | longest full GC |"
+    )
+    print("|---|---:|---:|---:|---:|")
+    for name, st in a["stalls"].items():
+        o = b["stalls"][name]
+        print(
+            f"| {name} | {spread(o['worst_ms'], ',.0f')} ms | **{spread(st['worst_ms'], ',.0f')} ms** "
+            f"| {spread(o['over_50ms'], '.0f')} → {spread(st['over_50ms'], '.0f')} "
+            f"| {spread(o['gc_worst_ms'], ',.0f')} → {spread(st['gc_worst_ms'], ',.0f')} ms |"
+        )
+    print("\n| check-ins, 64 at once | relay | p50 ms | p90 ms | p99 ms | max ms | per second |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    n = f"{after['agents']:,}"
+    for kind, label in (("populate", f"{n} new agents"), ("checkin", f"{n} registered again")):
+        for who, r in zip(commits, (b, a)):
+            c = r[kind]
+            cells = " | ".join(
+                spread(c[k], ",.0f") for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "per_second")
+            )
+            print(f"| {label} | {who} | {cells} |")
+    rows = {
+        "rss_per_agent": ("RSS growth per agent while they register, B", ",.0f"),
+        "metrics_worst_seconds": ("`GET /metrics`, slowest of five, s", ".3f"),
+        "listing_seconds": ("admin listing, every agent, s", ".2f"),
+        "listing_worst_page_seconds": ("admin listing, slowest answer, s", ".3f"),
+        "restart_ready_seconds": ("restart to ready, s", ".2f"),
+        "empty_ready_seconds": ("start to ready, empty data directory (anchor), s", ".2f"),
+        "restart_rss_mib": ("RSS after the restart, MiB", ".0f"),
+        "restart_rss_per_agent": ("restarted RSS over the empty start, B per agent", ",.0f"),
+    }
+    print(f"\n| | {commits[0]} | **{commits[1]}** |")
+    print("|---|---:|---:|")
+    print(f"| admin listing | {', '.join(b['listing_mode'])} | {', '.join(a['listing_mode'])} |")
+    for key, (label, fmt) in rows.items():
+        print(f"| {label} | {spread(b[key], fmt)} | **{spread(a[key], fmt)}** |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("kind", choices=["serve", "fanout", "delta"])
+    parser.add_argument("kind", choices=["serve", "fanout", "delta", "scale"])
     parser.add_argument("file", type=Path)
     parser.add_argument(
-        "before", type=Path, nargs="?", help="delta: the other checkout's delta.json"
+        "before", type=Path, nargs="?", help="delta, scale: the other checkout's JSON"
     )
     args = parser.parse_args()
     results = json.loads(args.file.read_text())
@@ -165,6 +210,8 @@ def main() -> None:
         serve(results)
     elif args.kind == "fanout":
         fanout(results)
+    elif args.kind == "scale":
+        scale(results, json.loads(args.before.read_text()))
     else:
         delta(results, json.loads(args.before.read_text()) if args.before else None)
 
