@@ -360,3 +360,30 @@ async def test_a_worker_stops_when_its_leader_is_killed(relay_workers):
     relay.proc.send_signal(signal.SIGKILL)
     await relay.proc.wait()
     assert await _gone(worker)  # PR_SET_PDEATHSIG, or its changes poll failing
+
+
+@pytest.mark.timeout(120)
+async def test_a_blob_the_leaders_scrub_sets_aside_is_no_longer_served_by_a_worker(
+    repo, relay_workers
+):
+    blob = os.urandom(SIZE)
+    tgt = repo.add_bytes(blob, "app.bin", product="app", version="1.0.0")
+    relay = await relay_workers(RELAY_STORE__SCRUB_INTERVAL="1")
+    url = f"{relay.url}targets/{tgt.url_path}"
+    assert await _get(url) == (200, blob)  # stored by the leader
+    await _until_worker_answers(relay, "targets", 200, lambda: _get(url))  # found by the worker
+    # Damage the stored file in place, as a failing disk would: the same file the worker has
+    # open. The leader's scrub finds it and sets it aside; the worker must not serve it on.
+    stored = relay.data_dir / "blobs" / "sha256" / tgt.sha256[:2] / tgt.sha256[2:]
+    with stored.open("r+b") as f:
+        f.seek(SIZE // 2)
+        byte = f.read(1)
+        f.seek(SIZE // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    await relay.wait_for(f"stored blob {tgt.sha256} is damaged")
+    good = 0
+    for _ in range(60):  # a moment for the worker to hear of it, then only the right bytes
+        good = good + 1 if await _get(url) == (200, blob) else 0
+        if good == 12:  # noqa: PLR2004 - twelve connections in a row, both processes
+            break
+    assert good == 12  # noqa: PLR2004

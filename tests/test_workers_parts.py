@@ -15,7 +15,14 @@ from relay.cache.mirror import StoredMetadata
 from relay.config import config_from_dict, config_to_dict, load_config
 from relay.errors import ConfigError
 from relay.server.http import CLIENT_ADDRESS_HEADER, via_worker
-from relay.server.internal import CHANGES, CHANGES_PATH, Changes, changes, from_workers
+from relay.server.internal import (
+    CHANGES,
+    CHANGES_PATH,
+    GONE_KEPT,
+    Changes,
+    changes,
+    from_workers,
+)
 from relay.server.supervisor import worker_environment
 from tests.support import free_port, relay_state
 
@@ -58,24 +65,39 @@ def test_workers_never_talk_to_systemd():
 
 async def test_changes_answer_at_once_when_behind_and_hold_otherwise():
     changes = Changes(content=4)
-    assert changes.generation == "4.0"
-    assert await changes.wait("3.0", hold=30) == "4.0"  # behind: at once
-    assert await changes.wait("4.0", hold=0.01) == "4.0"  # the end of the hold: unchanged
-    waiter = asyncio.ensure_future(changes.wait("4.0", hold=30))
+    assert changes.generation == "4.0.0"
+    assert await changes.wait("3.0.0", hold=30) == "4.0.0"  # behind: at once
+    assert await changes.wait("4.0.0", hold=0.01) == "4.0.0"  # the end of the hold: unchanged
+    waiter = asyncio.ensure_future(changes.wait("4.0.0", hold=30))
     await asyncio.sleep(0)
     changes.new_content(5)
-    assert await asyncio.wait_for(waiter, 5) == "5.0"
-    waiter = asyncio.ensure_future(changes.wait("5.0", hold=30))
+    assert await asyncio.wait_for(waiter, 5) == "5.0.0"
+    waiter = asyncio.ensure_future(changes.wait("5.0.0", hold=30))
     await asyncio.sleep(0)
     changes.new_settings()
-    assert await asyncio.wait_for(waiter, 5) == "5.1"
+    assert await asyncio.wait_for(waiter, 5) == "5.1.0"
+    waiter = asyncio.ensure_future(changes.wait("5.1.0", hold=30))
+    await asyncio.sleep(0)
+    changes.blob_removed("a" * 64)
+    assert await asyncio.wait_for(waiter, 5) == "5.1.1"
     changes.new_content(5)  # the same generation again: nothing to tell
-    assert changes.generation == "5.1"
-    waiter = asyncio.ensure_future(changes.wait("5.1", hold=30))
+    assert changes.generation == "5.1.1"
+    waiter = asyncio.ensure_future(changes.wait("5.1.1", hold=30))
     await asyncio.sleep(0)
     changes.close()
-    assert await asyncio.wait_for(waiter, 5) == "5.1"
-    assert await changes.wait("5.1", hold=30) == "5.1"  # closed: never held again
+    assert await asyncio.wait_for(waiter, 5) == "5.1.1"
+    assert await changes.wait("5.1.1", hold=30) == "5.1.1"  # closed: never held again
+
+
+def test_removed_blobs_are_told_to_a_worker_behind_or_all_forgotten():
+    changes = Changes()
+    for i in range(3):
+        changes.blob_removed(str(i) * 64)
+    assert changes.removed_since(3) == []
+    assert changes.removed_since(1) == ["1" * 64, "2" * 64]
+    for i in range(GONE_KEPT):
+        changes.blob_removed(f"{i:064x}")
+    assert changes.removed_since(0) is None  # more than are kept: forget every blob
 
 
 async def test_stored_metadata_is_the_leaders_generation_verified_again(relay, repo, root_file):
@@ -146,7 +168,9 @@ async def test_internal_routes_answer_a_workers_own_requests_only(tmp_path):
         async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(str(path))) as s:
             async with s.get(url) as r:
                 assert r.status == 200
-                assert await r.json() == {"generation": "1.0", "content": 1, "settings": 0}
+                answer = await r.json()
+                assert answer["generation"] == "1.0.0"
+                assert (answer["content"], answer["settings"], answer["removed"]) == (1, 0, 0)
             # A client's request a worker forwards carries its address: not for clients.
             async with s.get(url, headers={CLIENT_ADDRESS_HEADER: "127.0.0.1"}) as r:
                 assert r.status == 404

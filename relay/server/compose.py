@@ -329,6 +329,7 @@ async def components(app: web.Application) -> AsyncIterator[None]:
 
     track(mirror.current)
     changes.new_content(mirror.current.timestamp_version if mirror.current else None)
+    store.on_removed.append(changes.blob_removed)  # workers forget what they found of it
     mirror.listeners.append(after_sync)
     follow_mirror(hub, mirror)
 

@@ -18,7 +18,9 @@ Rules:
 * ``GET /internal/v1/changes?since=<generation>`` is a long poll: it answers at once
   when the generation differs from ``since``, else when the verified metadata or the
   live settings change, or at the end of :data:`CHANGES_HOLD` with the same
-  generation. The generation is ``<timestamp version>.<settings serial>``.
+  generation. The generation is ``<timestamp version>.<settings serial>.<blobs
+  removed>``; with ``removed=<count seen>`` the answer names the blobs removed since
+  (``gone``; ``null``: more than the leader remembers, forget them all).
 * ``GET /internal/v1/settings`` is what a worker runs with: the live configuration
   (:func:`relay.config.config_to_dict`, secrets included: hence the rule above), the
   leader's start time (so ``Last-Modified`` agrees across processes) and the
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,8 @@ from relay.server.state import STATE
 RUN_DIR = "run"
 LEADER_SOCKET = "leader.sock"
 EGRESS_FILE = "egress.shm"
+GONE_KEPT = 4096
+"""Removed blobs the leader remembers for a worker behind (past that: it forgets them all)."""
 CHANGES_HOLD = 30.0
 """Seconds the leader holds a worker's changes poll without a change."""
 INTERNAL_PREFIX = "/internal/"
@@ -98,6 +103,8 @@ class Changes:
             worker binds the same ones.
         starting: the workers are being started (``/readyz`` waits for them).
         slots: the processes serving the relay, the leader included (1: no workers).
+        removed: blobs that left the store so far (evicted, quarantined, removed):
+            a worker forgets what it found of them.
     """
 
     slots: int = 1
@@ -105,13 +112,33 @@ class Changes:
     settings: int = 0
     addresses: list[tuple[int, str, int]] = field(default_factory=list)
     starting: bool = False
+    removed: int = 0
+    _gone: deque[str] = field(
+        default_factory=lambda: deque(maxlen=GONE_KEPT), init=False, repr=False
+    )
     _changed: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
     _closed: bool = field(default=False, init=False, repr=False)
 
     @property
     def generation(self) -> str:
-        """``<timestamp version>.<settings serial>``."""
-        return f"{self.content if self.content is not None else '-'}.{self.settings}"
+        """``<timestamp version>.<settings serial>.<blobs removed>``."""
+        content = self.content if self.content is not None else "-"
+        return f"{content}.{self.settings}.{self.removed}"
+
+    def blob_removed(self, sha256: str) -> None:
+        """A blob left the store (the store's ``on_removed``)."""
+        self.removed += 1
+        self._gone.append(sha256)
+        self._wake()
+
+    def removed_since(self, seen: int) -> list[str] | None:
+        """The digests removed after the first ``seen``; ``None``: more than are kept."""
+        missed = self.removed - seen
+        if missed <= 0:
+            return []
+        if missed > len(self._gone):
+            return None
+        return list(self._gone)[-missed:]
 
     def new_content(self, timestamp_version: int | None) -> None:
         """A new verified generation is served (and saved)."""
@@ -176,8 +203,15 @@ async def changes(request: web.Request) -> web.Response:
     _workers_only(request)
     hub = request.app[CHANGES]
     generation = await hub.wait(request.query.get("since", "")[:64], CHANGES_HOLD)
+    seen = request.query.get("removed", "")
     return web.json_response(
-        {"generation": generation, "content": hub.content, "settings": hub.settings}
+        {
+            "generation": generation,
+            "content": hub.content,
+            "settings": hub.settings,
+            "removed": hub.removed,
+            "gone": hub.removed_since(int(seen)) if seen.isdigit() else None,
+        }
     )
 
 
@@ -195,6 +229,7 @@ async def settings(request: web.Request) -> web.Response:
             "generation": hub.generation,
             "content": hub.content,
             "settings": hub.settings,
+            "removed": hub.removed,
         }
     )
 

@@ -21,7 +21,9 @@ Rules:
   here; its access log has the client-facing line.
 * It follows the leader with a long poll (``GET /internal/v1/changes``): a new
   generation is read from disk, new settings (SIGHUP on the leader) are fetched
-  and applied (limits, rates, transfer caps, logging). It ignores SIGHUP itself.
+  and applied (limits, rates, transfer caps, logging), a blob the leader removed
+  (evicted, or set aside by its scrub) is forgotten with its open file. It ignores
+  SIGHUP itself.
 * SIGTERM or SIGINT: it drains as the leader does. It stops by itself when the
   leader is gone: ``PR_SET_PDEATHSIG`` (Linux), a parent that changed, or a changes
   poll that keeps failing.
@@ -163,8 +165,17 @@ class StoredBlobs:
     async def quarantine(self, sha256: str, why: str) -> None:
         """Forget a blob found damaged or gone: the next request checks it again (or forwards)."""
         logger.info("stored blob %s: %s: left to the leader", sha256, why)
+        self.forget(sha256)
+
+    def forget(self, sha256: str) -> None:
+        """Forget ``sha256`` (the leader removed it): found and hashed again, or forwarded."""
         self._found.pop(sha256, None)
         self._files.forget(sha256)
+
+    def forget_all(self) -> None:
+        """Forget every blob found (the leader removed more than it remembers)."""
+        for sha in list(self._found):
+            self.forget(sha)
 
 
 class StoredPatches:
@@ -221,6 +232,7 @@ class WorkerState:
     generation: str = ""
     content: int | None = None
     settings: int = 0
+    removed: int = 0  # the leader's count of blobs removed, as last followed
     parent: int = field(default_factory=os.getppid)
 
 
@@ -334,6 +346,7 @@ async def build_state(
         slots=int(settings["slots"]),
         verbose=verbose,
         settings=int(settings["settings"]),
+        removed=int(settings["removed"]),
     )
     metrics.bind(metrics.active_transfers, lambda: float(st.gate.active))
     await _reload(st, settings.get("content"))
@@ -406,14 +419,27 @@ async def apply_settings(st: WorkerState, settings: dict[str, Any]) -> None:
     logger.info("worker %d: settings of the leader applied", st.slot)
 
 
+def _forget_removed(st: WorkerState, answer: dict[str, Any]) -> None:
+    """Forget the blobs the leader removed (evicted, or quarantined by its scrub)."""
+    removed = answer.get("removed")
+    if not isinstance(removed, int) or removed == st.removed:
+        return
+    gone = answer.get("gone")
+    if isinstance(gone, list):
+        for sha in gone:
+            st.blobs.forget(str(sha))
+    else:
+        st.blobs.forget_all()
+    st.removed = removed
+
+
 async def follow_leader(st: WorkerState, stop: asyncio.Queue[signal.Signals]) -> None:
     """Follow the leader's changes until it is gone (then ask for a stop)."""
     failures = 0
     while True:
         try:
-            answer = await st.leader.get_json(
-                CHANGES_PATH, {"since": st.generation}, timeout=CHANGES_HOLD + 30
-            )
+            query = {"since": st.generation, "removed": str(st.removed)}
+            answer = await st.leader.get_json(CHANGES_PATH, query, timeout=CHANGES_HOLD + 30)
         except LeaderGoneError as e:
             failures += 1
             if failures >= LEADER_LOST_AFTER or os.getppid() != st.parent:
@@ -423,6 +449,7 @@ async def follow_leader(st: WorkerState, stop: asyncio.Queue[signal.Signals]) ->
             await asyncio.sleep(0.2 * 2**failures)
             continue
         failures = 0
+        _forget_removed(st, answer)
         try:
             if answer.get("content") != st.content:
                 await _reload(st, answer.get("content"))
