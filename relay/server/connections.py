@@ -558,13 +558,20 @@ class ConnectionGuard:
         return aborted
 
 
+LISTEN_BACKLOG = 4096
+"""Connections a listening socket queues before they are accepted (the kernel caps it at
+``net.core.somaxconn``). aiohttp's 128 overflows when hundreds of clients connect at once:
+TCP clients then wait a second to retry, and a connect to a Unix socket (a worker
+forwarding to its leader) fails at once."""
+
+
 class GuardedSite(web.SockSite):
     """``web.SockSite`` whose connections go through a :class:`ConnectionGuard`."""
 
     __slots__ = ("_guard",)
 
     def __init__(self, runner: web.BaseRunner, sock: socket.socket, guard: ConnectionGuard) -> None:
-        super().__init__(runner, sock)
+        super().__init__(runner, sock, backlog=LISTEN_BACKLOG)
         self._guard = guard
 
     async def start(self) -> None:

@@ -63,7 +63,12 @@ from relay.errors import ConfigError, DataDirLockedError, MetadataRejectedError,
 from relay.server.app import make_app
 from relay.server.blobs import BODY_BYTES
 from relay.server.compose import apply_settings
-from relay.server.connections import ConnectionGuard, ConnectionLimits, GuardedSite
+from relay.server.connections import (
+    LISTEN_BACKLOG,
+    ConnectionGuard,
+    ConnectionLimits,
+    GuardedSite,
+)
 from relay.server.internal import CHANGES, from_workers, leader_socket
 from relay.server.state import METRICS, STATE
 from relay.server.supervisor import WorkerPool
@@ -870,7 +875,7 @@ class Service:
                 f"cannot make {path}: {e.strerror}",
                 "give the directory to the user the relay runs as",
             ) from None
-        private = web.SockSite(runner, unix)
+        private = web.SockSite(runner, unix, backlog=LISTEN_BACKLOG)
         await private.start()
         app[CHANGES].addresses = [
             (int(sock.family), *sock.getsockname()[:2]) for sock in sockets if sock not in admin
