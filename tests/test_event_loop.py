@@ -12,7 +12,6 @@ import uvloop
 
 from relay.config import load_config
 from relay.server.run import loop_factory
-from relay.transfer.bandwidth import BandwidthLimiter
 from tests.support import free_port, start_relay_process, stop_process
 
 SIZE = 300_007
@@ -34,30 +33,6 @@ def test_an_unknown_loop_is_refused():
     with pytest.raises(Exception, match="relay.event_loop") as e:
         _config("trio")
     assert "uvloop, asyncio" in str(e.value)
-
-
-def test_the_bandwidth_limiter_paces_on_uvloop():
-    # uvloop's call_at of a time already past gives a handle without when(); the
-    # limiter's timer must not depend on it.
-    async def paced() -> list[int]:
-        limiter = BandwidthLimiter(256 * 1024, 0, max_chunk=4096)
-        loop = asyncio.get_running_loop()
-        stop = loop.time() + 0.5
-        got = [0] * 20
-
-        async def stream(i: int) -> None:
-            while loop.time() < stop:
-                await limiter.acquire(f"agent-{i}", 4096)
-                got[i] += 4096
-
-        await asyncio.gather(*(stream(i) for i in range(20)))
-        assert limiter.queued == 0
-        return got
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        got = runner.run(paced())
-    assert all(n > 0 for n in got)
-    assert sum(got) < 256 * 1024 * 0.5 * 1.05 + 20 * 4096 + 2 * 256 * 1024
 
 
 def _loaded(pid: int, library: str) -> bool:

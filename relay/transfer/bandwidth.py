@@ -98,9 +98,6 @@ class BandwidthLimiter:
         self._timer_at = 0.0  # when _timer fires (uvloop's call_at returns a plain Handle
         # without ``when()`` for a time already past)
         self._timer_loop: asyncio.AbstractEventLoop | None = None  # the loop of _timer
-        # When _timer fires: kept here, since uvloop arms a time already past as a plain
-        # Handle, which has no when().
-        self._timer_at = 0.0
         self._streams: dict[str, int] = {}
         self.active_streams = 0
         self.throttled_seconds = 0.0
