@@ -40,7 +40,7 @@ async def test_checkin_answers_a_token_that_proves_only_its_id(relay):
     assert agent_key(proven) == "agent:host-1"
     for headers in (
         {"Relay-Agent-Id": "host-2", "Relay-Agent-Token": token},  # another id
-        {"Relay-Agent-Id": "host-1", "Relay-Agent-Token": token[:-1] + "x"},  # forged
+        {"Relay-Agent-Id": "host-1", "Relay-Agent-Token": _forged(token)},
         {"Relay-Agent-Id": "host-1"},  # no token
         {
             "Relay-Agent-Id": "host-1",  # expired
@@ -118,3 +118,8 @@ async def test_past_its_budget_the_agent_gets_the_503(busy_server):
     resp = await asyncio.to_thread(fetcher.request, "GET", str(busy_server.make_url("/x")))
     assert resp.status == 503
     assert len(busy_server.seen) == 1
+
+
+def _forged(token: str) -> str:
+    """``token`` with its last character changed (never to the same one)."""
+    return token[:-1] + ("y" if token.endswith("x") else "x")
