@@ -216,9 +216,12 @@ http {{
         shutil.rmtree(conf_dir, ignore_errors=True)
 
 
-def wait_http(url: str, ok=(200,), timeout: float = 30) -> None:
+def wait_http(url: str, ok=(200,), timeout: float = 30, proc=None) -> None:
+    """Wait until ``url`` answers a status in ``ok``; fail at once if ``proc`` exits."""
     deadline = time.time() + timeout
     while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{url}: the server exited ({proc.returncode}) before answering")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status in ok:
@@ -299,7 +302,8 @@ def relay_process(
         stderr=(out := log.open("ab") if log else None) or subprocess.DEVNULL,
     )
     try:
-        wait_http(f"http://127.0.0.1:{port}/readyz")
+        # A loaded 2-core machine can take a while to start a relay and sync it.
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120, proc=proc)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
