@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from yarl import URL
 
 from relay.metrics import RelayMetrics
 from relay.server.forward import Leader, LeaderGoneError, forward
@@ -106,6 +107,17 @@ async def test_requests_and_bodies_go_through_with_the_clients_address(through_w
         "body": 5000,
         "agent": "a1",
     }
+
+
+async def test_the_leader_routes_the_request_target_the_worker_routed(through_worker):
+    # "//x/echo/a" is a path to the worker; joined as a URL it would reach the leader as
+    # "/echo/a" (host "x"): a transfer path the worker had not gated nor paced.
+    url, _, _ = through_worker
+    async with aiohttp.ClientSession() as s:
+        async with s.get(URL(f"{url}//x/echo/a")) as r:
+            assert r.status == 404  # the leader has no route for "//x/echo/a"
+        async with s.get(URL(f"{url}/echo//x?a=1")) as r:
+            assert (await r.json())["path"] == "/echo//x?a=1"
 
 
 async def test_bodies_304_and_head_come_back_as_the_leader_answered(through_worker):

@@ -52,7 +52,8 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _NOT_COPIED_BACK = frozenset({*_HOP_BY_HOP, "content-length", "date", "server"})
-_BASE = URL("http://leader")
+_HOST = "leader"
+_BASE = URL(f"http://{_HOST}")
 
 
 class LeaderGoneError(Exception):
@@ -120,7 +121,11 @@ async def forward(
         (k, v) for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP
     )
     headers[CLIENT_ADDRESS_HEADER] = request.remote or ""
-    url = _BASE.join(URL(request.raw_path, encoded=True))
+    # The request target as the client sent it: the leader must route the path this
+    # process routed. (Joined as a URL, "//host/targets/..." would lose "//host" and
+    # reach the leader as a transfer this process neither gated nor paced.)
+    path, _, query = request.raw_path.partition("?")
+    url = URL.build(scheme="http", host=_HOST, path=path, query_string=query, encoded=True)
     retry = request.method in ("GET", "HEAD") and not request.body_exists
     try:
         answer = await _send(request, leader, url, headers, retry=retry)
