@@ -153,11 +153,15 @@ async def open_share(config: Config, slot: int, slots: int) -> EgressShare | Non
     """
     if slots <= 1:
         return None
-    await asyncio.to_thread(make_run_dir, config)
+    return await asyncio.to_thread(_open_share, config, slot, slots)
+
+
+def _open_share(config: Config, slot: int, slots: int) -> EgressShare:
+    make_run_dir(config)
     path = egress_file(config)
     if slot == 0:  # the leader starts before its workers: a new file, no earlier run's records
-        await asyncio.to_thread(path.unlink, missing_ok=True)
-    return await asyncio.to_thread(EgressShare, path, slot, slots)
+        path.unlink(missing_ok=True)
+    return EgressShare(path, slot, slots)
 
 
 def _log_overrides(policy: PolicyStore, config: Config) -> None:

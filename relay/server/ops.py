@@ -34,7 +34,6 @@ from relay.server.state import METRICS, STATE
 logger = logging.getLogger(__name__)
 
 WORKER_SCRAPE_TIMEOUT = 2.0  # seconds: a worker slower than this is left out of a scrape
-WORKER_METRICS_PATH = METRICS_PATH
 
 
 async def healthz(_request: web.Request) -> web.Response:
@@ -120,7 +119,7 @@ async def scrape_worker(path: Path, timeout: float = WORKER_SCRAPE_TIMEOUT) -> l
         aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
         ) as session,
-        session.get(f"http://worker{WORKER_METRICS_PATH}") as response,
+        session.get(f"http://worker{METRICS_PATH}") as response,
     ):
         response.raise_for_status()
         text = await response.text()
