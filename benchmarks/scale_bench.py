@@ -55,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +308,8 @@ class Phase:
     seconds: float = 0.0
     gc_full: int = 0  # full (generation 2) garbage collections
     gc_worst: float = 0.0  # the longest of them
+    tracked: int = 0  # objects the cyclic collector tracks at the end (frozen ones aside)
+    tracked_types: dict[str, int] = field(default_factory=dict)  # the most numerous of them
 
 
 def where(frame: FrameType) -> str:
@@ -394,6 +397,11 @@ class Ticker:
         finally:
             phase.seconds = time.perf_counter() - started
             self.phase = None
+            # What a full collection walks (outside the phase: counting them holds the loop).
+            tracked = gc.get_objects()
+            phase.tracked = len(tracked)
+            phase.tracked_types = dict(Counter(type(o).__name__ for o in tracked).most_common(6))
+            del tracked
 
 
 def rss() -> int:
@@ -520,6 +528,8 @@ async def measured_relay(
             "seconds": p.seconds,
             "gc_full": p.gc_full,
             "gc_worst_ms": p.gc_worst * 1000,
+            "tracked": p.tracked,
+            "tracked_types": p.tracked_types,
         }
         for p in merge_phases(ticker.phases)
     }
@@ -540,6 +550,7 @@ def merge_phases(phases: list[Phase]) -> list[Phase]:
         m.seconds += p.seconds
         m.gc_full += p.gc_full
         m.gc_worst = max(m.gc_worst, p.gc_worst)
+        m.tracked, m.tracked_types = p.tracked, p.tracked_types  # the last one's
     return list(merged.values())
 
 

@@ -8,6 +8,7 @@ across a kill), on the registry and a real state store where it is the writer's
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import re
 import signal
@@ -17,8 +18,9 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from relay.core.fleet import LastOffer
+from relay.core.fleet import FleetState, LastOffer
 from relay.core.policy import Action
+from relay.core.protocol import Event, ReportEvent
 from relay.errors import StateUnavailableError
 from relay.fleet.registry import Registry
 from relay.storage.kv import KV
@@ -285,3 +287,93 @@ async def test_the_status_page_lists_agents_a_page_at_a_time(tmp_path, aiohttp_s
         assert shown == ["lazy", "new"]
         status, _, text = await agents_on("/ui/?after=bad%20id")
         assert status == 400 and "after:" in text
+
+
+# -- what the garbage collector sees, and records as views ---------------------------
+
+
+async def test_the_collector_does_not_track_agents_once_it_has_seen_them(tmp_path):
+    """Every agent is held as values the cyclic collector stops tracking after one pass.
+
+    Its full passes then cost nothing per agent; a value that holds a list, a dict or
+    an object (tracked forever) would make each pass walk every agent again.
+    """
+    kv = KV(tmp_path / "state")
+    registry = Registry(kv, max_agents=1000, idle_expiry=0)
+    now = time.time()
+    for i in range(50):
+        record = registry.checkin(
+            f"a{i}",
+            group="lab" if i % 2 else "default",
+            address="10.0.0.1",
+            installed=installed(),
+            defer_days=7 * (i % 2),
+            now=now,
+        )
+        registry.set_offers(
+            record,
+            {"app": LastOffer(Action.INSTALL, "1.1.0", "1" * 64, at="2026-03-01T12:00:00Z")},
+            {"app@1.1.0": now},
+        )
+        registry.report(
+            f"a{i}",
+            [ReportEvent("app", "1.0.0", "1.1.0", Event.FAILED, reason="install_failed")],
+            address="10.0.0.1",
+        )
+        await registry.save(record)
+    summary = await registry.summary()  # keeps every agent's report rows
+    assert summary.agents == 50 and summary.states[FleetState.FAILED] == 50
+    # A pass lets go of one level of new tuples (an agent's offers nest three deep).
+    for _ in range(4):
+        gc.collect()
+    values = list(registry._agents.values())
+    kept = list(registry._kept.values())
+    assert len(values) == 50 and len(kept) == 50
+    assert not [v for v in values if gc.is_tracked(v)]
+    assert not [k for k in kept if gc.is_tracked(k)]
+    await registry.close()
+    kv.close()
+
+
+async def test_records_are_views_of_the_newest_values(tmp_path):
+    kv = KV(tmp_path / "state")
+    registry = Registry(kv, max_agents=2, idle_expiry=0)
+    t = time.time()
+    await _seen(registry, "a", "lab", t)
+    first, second = registry.get("a"), registry.get("a")
+    first.defer_days = 7
+    second.offered = {"app": LastOffer(Action.INSTALL, "1.1.0", "1" * 64)}
+    # Neither change is lost: each one replaced the newest values.
+    assert registry.get("a").defer_days == 7 and first.offered == second.offered
+    assert first.offer_of("app").version == "1.1.0"
+    before = first.rev
+    registry.checkin("a", group="pilot", address="10.0.0.2", installed=[], defer_days=7, now=t)
+    assert first.group == "pilot" and first.address == "10.0.0.2" and first.rev > before
+    assert registry.group_counts() == {"pilot": 1}
+
+    # Evicted: a record keeps its last values and no longer writes into the registry.
+    await _seen(registry, "b", "lab", t + 1)
+    await _seen(registry, "c", "lab", t + 2)
+    assert registry.get("a") is None
+    first.defer_days = 14
+    assert first.defer_days == 14 and registry.get("a") is None and len(registry) == 2
+    await registry.close()
+    kv.close()
+
+
+async def test_the_rows_kept_for_an_agent_are_not_those_of_an_earlier_one_of_its_id(tmp_path):
+    """Revisions are unique across records: an agent dropped and seen again is counted anew."""
+    kv = KV(tmp_path / "state")
+    registry = Registry(kv, max_agents=1, idle_expiry=0)
+    t = time.time()
+    await _seen(registry, "a", "lab", t)
+    registry.report(
+        "a", [ReportEvent("app", "1.0.0", "1.1.0", Event.FAILED)], address="10.0.0.1", now=t
+    )
+    assert registry.summary_sync().states[FleetState.FAILED] == 1
+    await _seen(registry, "b", "lab", t + 1)  # a is evicted
+    await _seen(registry, "a", "lab", t + 2)  # and comes back, without its failure
+    rows = registry.rows()
+    assert [(r.agent_id, r.state) for r in rows] == [("a", FleetState.UNKNOWN)]
+    await registry.close()
+    kv.close()

@@ -33,10 +33,10 @@ Rules:
 * It keeps each agent's newest :data:`EVENTS_KEPT` report events (newest first),
   what it was last offered per product (:class:`relay.core.fleet.LastOffer`),
   and its installed versions, updated by check-ins and by ``installed`` reports
-  as they arrive. Records are compact: slots, tuples, interned names; offers,
-  events and kept rows are tuples of strings and numbers, which the cyclic
-  garbage collector stops tracking (one tracked object per agent: its full
-  passes stay short at 50,000 agents).
+  as they arrive. Each agent is held as one tuple of strings, numbers and
+  tuples (interned names), which the cyclic garbage collector stops tracking
+  after its first pass: its full passes do not walk the agents, so they stay
+  short however many there are. :class:`AgentRecord` is a view made on reading.
 * States are derived on reading (:func:`relay.core.fleet.derive_state`), never
   stored: they depend on the time (an on-demand deadline passes). The report rows
   of an agent are kept until its record changes or one of its on-demand
@@ -50,6 +50,7 @@ import bisect
 import contextlib
 import datetime as dt
 import gc
+import itertools
 import logging
 import math
 import sys
@@ -58,7 +59,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from relay.core.fleet import (
     FleetState,
@@ -204,30 +205,150 @@ def _row(f: _Row) -> ReportRow:
     return ReportRow(f[0], f[1], f[2], f[3], f[4], FleetState(f[5]), *f[6:])
 
 
-class AgentRecord:
-    """What the relay knows of one agent.
+_Values = tuple[
+    str,  # agent_id
+    str,  # group
+    str,  # address
+    float,  # first_seen
+    float,  # last_seen
+    int,  # defer_days
+    int,  # failures
+    tuple[Installed, ...],  # installed
+    tuple[tuple[str, float], ...],  # first offered: ("product@version", time)
+    tuple[tuple[str, _Offer], ...],  # offered: (product, offer)
+    tuple[_Event, ...],  # events, newest first
+    int,  # revision
+]
+"""One agent's record as the registry holds it: a tuple of strings, numbers and tuples."""
+# Where each value is in a _Values tuple.
+_ID: Final = 0
+_GROUP: Final = 1
+_ADDRESS: Final = 2
+_FIRST_SEEN: Final = 3
+_LAST_SEEN: Final = 4
+_DEFER_DAYS: Final = 5
+_FAILURES: Final = 6
+_INSTALLED: Final = 7
+_FIRST_OFFERED: Final = 8
+_OFFERED: Final = 9
+_EVENTS: Final = 10
+_REV: Final = 11
+_REVISIONS = itertools.count(1)  # unique across records: kept rows are matched by it
 
-    Compact: slots, tuples of interned strings and numbers. Every change
-    replaces a value (never mutates one in place) and moves :attr:`rev`, so the
-    report rows kept for the record are recomputed and a thread reading it sees
-    whole values. The list and dict properties are the JSON forms (copies).
+
+def _first_offered_items(times: Mapping[str, float]) -> tuple[tuple[str, float], ...]:
+    return tuple((_s(k), float(v)) for k, v in times.items())
+
+
+def _offer_items(
+    offers: Mapping[str, Mapping[str, Any] | LastOffer],
+) -> tuple[tuple[str, _Offer], ...]:
+    return tuple((_s(p), o) for p, raw in offers.items() if (o := _offer(raw)) is not None)
+
+
+def _event_items(events: Iterable[Mapping[str, Any] | ReportEvent]) -> tuple[_Event, ...]:
+    return tuple(e for raw in events if (e := _event(raw)) is not None)[:EVENTS_KEPT]
+
+
+def _version_in(v: _Values, product: str) -> str | None:
+    for p, version, _sha in v[_INSTALLED]:
+        if p == product:
+            return version
+    return None
+
+
+def _offer_in(v: _Values, product: str) -> LastOffer | None:
+    for p, offer in v[_OFFERED]:
+        if p == product:
+            return _last_offer(offer)
+    return None
+
+
+def _to_dict(v: _Values) -> dict[str, Any]:
+    """The JSON form of a record (what is stored)."""
+    return {
+        "agent_id": v[_ID],
+        "group": v[_GROUP],
+        "address": v[_ADDRESS],
+        "first_seen": v[_FIRST_SEEN],
+        "last_seen": v[_LAST_SEEN],
+        "installed": [{"product": p, "version": n, "sha256": s} for p, n, s in v[_INSTALLED]],
+        "first_offered": dict(v[_FIRST_OFFERED]),
+        "defer_days": v[_DEFER_DAYS],
+        "last_outcome": _event_dict(v[_EVENTS][0] if v[_EVENTS] else None),
+        "failures": v[_FAILURES],
+        "events": [d for e in v[_EVENTS] if (d := _event_dict(e)) is not None],
+        "offered": {p: _last_offer(o).to_dict() for p, o in v[_OFFERED]},
+    }
+
+
+def _rows_change_at(v: _Values) -> float:
+    """When the derived states may change without a new write: the next deadline."""
+    deadlines = [
+        when.timestamp() for _p, offer in v[_OFFERED] if (when := parse_time(offer[4])) is not None
+    ]
+    return min(deadlines, default=math.inf)
+
+
+def _report_rows(v: _Values, now: dt.datetime) -> list[ReportRow]:
+    """One report row per product the agent has, was offered or reported on."""
+    events = v[_EVENTS]
+    newest: dict[str, _Event] = {}
+    for event in events:
+        newest.setdefault(event[0], event)
+    products = {p for p, _v, _s in v[_INSTALLED]}
+    products |= {p for p, _o in v[_OFFERED]} | {p for p in newest if p}
+    latest = events[0] if events else None
+    if latest is not None and not latest[0] and latest[3] == Event.FAILED:
+        products.add("")
+    last_seen = rfc3339(v[_LAST_SEEN]) if v[_LAST_SEEN] else ""
+    out = []
+    for product in sorted(products):
+        installed = _version_in(v, product)
+        offer = _offer_in(v, product)
+        last = newest.get(product)
+        standing = derive_state(
+            installed=installed,
+            offer=offer,
+            last_event=_event_dict(last),
+            defer_days=v[_DEFER_DAYS],
+            now=now,
+        )
+        out.append(
+            ReportRow(
+                agent_id=v[_ID],
+                group=v[_GROUP],
+                product=product,
+                installed_version=installed or "",
+                offered_version=offer.version if offer is not None else "",
+                state=standing.state,
+                reason=standing.reason,
+                message=standing.message,
+                last_event=last[3] if last else "",
+                last_event_at=last[8] if last else "",
+                last_seen=last_seen or "",
+                address=v[_ADDRESS],
+            )
+        )
+    return out
+
+
+class AgentRecord:
+    """What the relay knows of one agent: a view of the values the registry holds.
+
+    The registry keeps each agent as one tuple of strings, numbers and tuples
+    (:data:`_Values`), which the cyclic garbage collector stops tracking after
+    its first pass: its full passes do not walk the agents, however many. A
+    record is made on reading (:meth:`Registry.get`, :meth:`Registry.page`);
+    it reads the registry's newest values, and each change replaces them (never
+    mutates a value in place) with a new revision, so a thread reading a record
+    sees either the old values or the new ones, and the report rows kept for an
+    agent are recomputed after any change. A record not (or no longer) in a
+    registry holds its values itself. The list and dict properties are the JSON
+    forms (copies).
     """
 
-    __slots__ = (
-        "_events",
-        "_first_offered",
-        "_installed",
-        "_offered",
-        "_rows",
-        "address",
-        "agent_id",
-        "defer_days",
-        "failures",
-        "first_seen",
-        "group",
-        "last_seen",
-        "rev",
-    )
+    __slots__ = ("_home", "_kept", "_v")
 
     def __init__(
         self,
@@ -244,94 +365,156 @@ class AgentRecord:
         offered: Mapping[str, Mapping[str, Any] | LastOffer] | None = None,
         events: Iterable[Mapping[str, Any] | ReportEvent] = (),
     ) -> None:
-        self.agent_id = agent_id
-        self.group = _s(group)
-        self.address = _s(address)
-        self.first_seen = first_seen
-        self.last_seen = last_seen
-        self.defer_days = defer_days
-        self.failures = failures
-        self._installed: tuple[Installed, ...] = ()
-        self._first_offered: tuple[tuple[str, float], ...] = ()
-        self._offered: tuple[tuple[str, _Offer], ...] = ()
-        self._events: tuple[_Event, ...] = ()  # newest first
-        self.rev = 0
-        self.installed = installed
-        self.first_offered = first_offered or {}
-        self.offered = offered or {}
-        self.events = events
-        self.rev = 0
-        # (rev, computed at, valid until, rows, worst state)
-        self._rows: _KeptRows | None = None
+        self._home: Registry | None = None
+        self._kept: _KeptRows | None = None  # the rows of a record outside a registry
+        self._v: _Values = (
+            agent_id,
+            _s(group),
+            _s(address),
+            float(first_seen),
+            float(last_seen),
+            int(defer_days),
+            int(failures),
+            tuple(_installed_item(i) for i in installed),
+            _first_offered_items(first_offered or {}),
+            _offer_items(offered or {}),
+            _event_items(events),
+            next(_REVISIONS),
+        )
+
+    @classmethod
+    def _view(cls, home: Registry, values: _Values) -> AgentRecord:
+        record = cls.__new__(cls)
+        record._home = home  # noqa: SLF001 - a record of this class
+        record._kept = None  # noqa: SLF001
+        record._v = values  # noqa: SLF001
+        return record
+
+    def _current(self) -> _Values:
+        """The newest values: the registry's while it holds the agent, else the record's."""
+        home = self._home
+        if home is not None:
+            stored = home._agents.get(self._v[_ID])  # noqa: SLF001 - the registry's own records
+            if stored is not None:
+                self._v = stored
+        return self._v
+
+    def _update(self, changes: Mapping[int, object]) -> None:
+        """Replace some values (by index) and the revision; the registry holds the new ones."""
+        values: list[object] = list(self._current())
+        for index, value in changes.items():
+            values[index] = value
+        values[_REV] = next(_REVISIONS)
+        new: _Values = tuple(values)  # type: ignore[assignment]
+        self._v = new
+        home = self._home
+        if home is not None and new[_ID] in home._agents:  # noqa: SLF001
+            home._agents[new[_ID]] = new  # noqa: SLF001 - its place in eviction order stays
 
     def __repr__(self) -> str:
         return f"AgentRecord({self.agent_id!r}, group={self.group!r})"
+
+    # -- values ------------------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str:
+        """The agent's id (its ``Relay-Agent-Id``)."""
+        return self._v[_ID]
+
+    @property
+    def group(self) -> str:
+        """The group it checked in with (changed through :meth:`Registry.checkin`)."""
+        return self._current()[_GROUP]
+
+    @property
+    def address(self) -> str:
+        """The address it was last seen from."""
+        return self._current()[_ADDRESS]
+
+    @address.setter
+    def address(self, value: str) -> None:
+        self._update({_ADDRESS: _s(value)})
+
+    @property
+    def first_seen(self) -> float:
+        """When it first checked in (seconds since the epoch)."""
+        return self._current()[_FIRST_SEEN]
+
+    @property
+    def last_seen(self) -> float:
+        """When it was last seen (seconds since the epoch)."""
+        return self._current()[_LAST_SEEN]
+
+    @last_seen.setter
+    def last_seen(self, value: float) -> None:
+        self._update({_LAST_SEEN: float(value)})
+
+    @property
+    def defer_days(self) -> int:
+        """The deferral it chose (days)."""
+        return self._current()[_DEFER_DAYS]
+
+    @defer_days.setter
+    def defer_days(self, value: int) -> None:
+        self._update({_DEFER_DAYS: int(value)})
+
+    @property
+    def failures(self) -> int:
+        """Failures it reported."""
+        return self._current()[_FAILURES]
+
+    @property
+    def rev(self) -> int:
+        """The revision of its values (unique: it moves on every change)."""
+        return self._current()[_REV]
 
     # -- JSON forms ------------------------------------------------------------
 
     @property
     def installed(self) -> list[dict[str, str]]:
         """Installed products (``product``, ``version``, ``sha256``)."""
-        return [{"product": p, "version": v, "sha256": s} for p, v, s in self._installed]
+        return [{"product": p, "version": v, "sha256": s} for p, v, s in self.installed_versions()]
 
     @installed.setter
     def installed(self, items: Iterable[Mapping[str, Any]]) -> None:
-        self._installed = tuple(_installed_item(i) for i in items)
-        self.rev += 1
+        self._update({_INSTALLED: tuple(_installed_item(i) for i in items)})
 
     @property
     def first_offered(self) -> dict[str, float]:
         """``"product@version"`` -> when it was first offered (seconds since the epoch)."""
-        return dict(self._first_offered)
+        return dict(self.first_offered_items())
 
     @first_offered.setter
     def first_offered(self, times: Mapping[str, float]) -> None:
-        self._first_offered = tuple((_s(k), float(v)) for k, v in times.items())
-        self.rev += 1
+        self._update({_FIRST_OFFERED: _first_offered_items(times)})
 
     @property
     def offered(self) -> dict[str, dict[str, Any]]:
         """Product -> what the relay last offered (:meth:`LastOffer.to_dict`)."""
-        return {p: _last_offer(o).to_dict() for p, o in self._offered}
+        return {p: _last_offer(o).to_dict() for p, o in self._current()[_OFFERED]}
 
     @offered.setter
     def offered(self, offers: Mapping[str, Mapping[str, Any] | LastOffer]) -> None:
-        self._offered = tuple(
-            (_s(p), o) for p, raw in offers.items() if (o := _offer(raw)) is not None
-        )
-        self.rev += 1
+        self._update({_OFFERED: _offer_items(offers)})
 
     @property
     def events(self) -> list[dict[str, Any]]:
         """The newest report events, newest first."""
-        return [d for e in self._events if (d := _event_dict(e)) is not None]
+        return [d for e in self._current()[_EVENTS] if (d := _event_dict(e)) is not None]
 
     @events.setter
     def events(self, events: Iterable[Mapping[str, Any] | ReportEvent]) -> None:
-        self._events = tuple(e for raw in events if (e := _event(raw)) is not None)[:EVENTS_KEPT]
-        self.rev += 1
+        self._update({_EVENTS: _event_items(events)})
 
     @property
     def last_outcome(self) -> dict[str, Any] | None:
         """The newest report event."""
-        return _event_dict(self._events[0] if self._events else None)
+        events = self._current()[_EVENTS]
+        return _event_dict(events[0] if events else None)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form (what is stored)."""
-        return {
-            "agent_id": self.agent_id,
-            "group": self.group,
-            "address": self.address,
-            "first_seen": self.first_seen,
-            "last_seen": self.last_seen,
-            "installed": self.installed,
-            "first_offered": self.first_offered,
-            "defer_days": self.defer_days,
-            "last_outcome": self.last_outcome,
-            "failures": self.failures,
-            "events": self.events,
-            "offered": self.offered,
-        }
+        return _to_dict(self._current())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AgentRecord:
@@ -362,99 +545,52 @@ class AgentRecord:
 
     def version_of(self, product: str) -> str | None:
         """The installed version of ``product``, if any."""
-        for p, version, _sha in self._installed:
-            if p == product:
-                return version
-        return None
+        return _version_in(self._current(), product)
 
     def installed_versions(self) -> tuple[Installed, ...]:
         """Installed products as ``(product, version, sha256)``."""
-        return self._installed
+        return self._current()[_INSTALLED]
 
     def first_offered_items(self) -> tuple[tuple[str, float], ...]:
         """``("product@version", time)`` pairs."""
-        return self._first_offered
+        return self._current()[_FIRST_OFFERED]
 
     def offer_of(self, product: str) -> LastOffer | None:
         """What the relay last offered for ``product`` (``None``: never, or unreadable)."""
-        for p, offer in self._offered:
-            if p == product:
-                return _last_offer(offer)
-        return None
+        return _offer_in(self._current(), product)
 
     def rows_change_at(self) -> float:
         """When the derived states may change without a new write: the next deadline."""
-        deadlines = [
-            when.timestamp()
-            for _p, offer in self._offered
-            if (when := parse_time(offer[4])) is not None
-        ]
-        return min(deadlines, default=math.inf)
+        return _rows_change_at(self._current())
 
     def rows(self, now: dt.datetime) -> list[ReportRow]:
         """One report row per product the agent has, was offered or reported on."""
-        newest: dict[str, _Event] = {}
-        for event in self._events:
-            newest.setdefault(event[0], event)
-        products = {p for p, _v, _s in self._installed}
-        products |= {p for p, _o in self._offered} | {p for p in newest if p}
-        latest = self._events[0] if self._events else None
-        if latest is not None and not latest[0] and latest[3] == Event.FAILED:
-            products.add("")
-        last_seen = rfc3339(self.last_seen) if self.last_seen else ""
-        out = []
-        for product in sorted(products):
-            installed = self.version_of(product)
-            offer = self.offer_of(product)
-            last = newest.get(product)
-            standing = derive_state(
-                installed=installed,
-                offer=offer,
-                last_event=_event_dict(last),
-                defer_days=self.defer_days,
-                now=now,
-            )
-            out.append(
-                ReportRow(
-                    agent_id=self.agent_id,
-                    group=self.group,
-                    product=product,
-                    installed_version=installed or "",
-                    offered_version=offer.version if offer is not None else "",
-                    state=standing.state,
-                    reason=standing.reason,
-                    message=standing.message,
-                    last_event=last[3] if last else "",
-                    last_event_at=last[8] if last else "",
-                    last_seen=last_seen or "",
-                    address=self.address,
-                )
-            )
-        return out
+        return _report_rows(self._current(), now)
 
     def cached_rows(self, now: dt.datetime) -> tuple[list[ReportRow], FleetState]:
         """:meth:`rows` and their worst state, kept until the record changes or a deadline passes.
 
-        Safe from a thread while the loop changes the record (the record's
-        revision is read first: a change meanwhile makes the kept rows stale).
+        Safe from a thread while the loop changes the record: the rows are
+        computed from one version of the values and kept under its revision.
         """
+        v = self._current()
         at = now.timestamp()
-        kept = self._rows
-        rev = self.rev
-        if kept is None or kept[0] != rev or not kept[1] <= at < kept[2]:
-            rows = self.rows(now)
+        home = self._home
+        kept = home._kept.get(v[_ID]) if home is not None else self._kept  # noqa: SLF001
+        if kept is None or kept[0] != v[_REV] or not kept[1] <= at < kept[2]:
+            rows = _report_rows(v, now)
             worst = worst_state(rows)
             packed = tuple(_pack_row(r) for r in rows)
-            self._rows = (rev, at, self.rows_change_at(), packed, _s(worst.value))
+            kept = (v[_REV], at, _rows_change_at(v), packed, _s(worst.value))
+            if home is None:
+                self._kept = kept
+            elif v[_ID] in home._agents:  # noqa: SLF001 - not for an agent dropped meanwhile
+                home._kept[v[_ID]] = kept  # noqa: SLF001
             return rows, worst
         return [_row(f) for f in kept[3]], FleetState(kept[4])
 
     def worst_state(self, now: dt.datetime) -> FleetState:
         """The worst state of the agent's products (kept as :meth:`cached_rows`)."""
-        kept = self._rows
-        at = now.timestamp()
-        if kept is not None and kept[0] == self.rev and kept[1] <= at < kept[2]:
-            return FleetState(kept[4])
         return self.cached_rows(now)[1]
 
     # -- changes ---------------------------------------------------------------
@@ -464,17 +600,18 @@ class AgentRecord:
         stored = _event(event)
         if stored is None:
             return
-        self._events = (stored, *self._events[: EVENTS_KEPT - 1])
+        v = self._current()
+        changes: dict[int, object] = {_EVENTS: (stored, *v[_EVENTS][: EVENTS_KEPT - 1])}
         if event.event is Event.FAILED:
-            self.failures += 1
+            changes[_FAILURES] = v[_FAILURES] + 1
         elif event.event is Event.INSTALLED and event.product and event.to_version:
-            offer = self.offer_of(event.product)
+            offer = _offer_in(v, event.product)
             sha = offer.sha256 if offer is not None and offer.version == event.to_version else ""
-            kept = tuple(i for i in self._installed if i[0] != event.product)
-            self._installed = (*kept, (_s(event.product), _s(event.to_version), _s(sha)))
+            kept = tuple(i for i in v[_INSTALLED] if i[0] != event.product)
+            changes[_INSTALLED] = (*kept, (_s(event.product), _s(event.to_version), _s(sha)))
         elif event.event is Event.UNINSTALLED and event.product:
-            self._installed = tuple(i for i in self._installed if i[0] != event.product)
-        self.rev += 1
+            changes[_INSTALLED] = tuple(i for i in v[_INSTALLED] if i[0] != event.product)
+        self._update(changes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -520,13 +657,14 @@ class Registry:
         self.idle_expiry = idle_expiry
         self.flush_interval = flush_interval
         self.on_evicted: Callable[[str], None] | None = None
-        # Least recently seen first: the next to evict.
-        self._agents: OrderedDict[str, AgentRecord] = OrderedDict()
+        # Least recently seen first: the next to evict. Tuples only (see AgentRecord).
+        self._agents: OrderedDict[str, _Values] = OrderedDict()
+        self._kept: dict[str, _KeptRows] = {}  # report rows by agent (written by threads)
         self._ids: list[str] = []  # every id, sorted (pages of the agent list)
         self._groups: Counter[str] = Counter()
         self._changes = 0  # moves on every change (the summary is kept until it does)
         # The next batch of the writer.
-        self._dirty: dict[str, AgentRecord] = {}
+        self._dirty: set[str] = set()
         self._urgent: set[str] = set()  # dirty ids whose next save waits for the commit
         self._evicted: set[str] = set()  # ids whose stored records the next batch deletes
         self._commit: asyncio.Future[None] | None = None  # the next batch's commit
@@ -545,11 +683,11 @@ class Registry:
 
         The newest ``max_agents`` by last seen are kept (the others are evicted
         and deleted with the first batch). The cyclic garbage collector is
-        paused while the records are built (each of its full passes would walk
-        them all, holding the interpreter: ~0.2 s at 50,000 agents), and the
-        loaded records then move to its permanent generation (:func:`gc.freeze`:
-        they live as long as the relay; reference counting still frees a
-        record replaced or evicted, they hold no cycles).
+        paused while the records are built, and what the relay built up to
+        here (its modules, the loaded records) then moves to the collector's
+        permanent generation (:func:`gc.freeze`): it lives as long as the
+        relay, and full passes need not walk it (reference counting still
+        frees a record replaced or evicted).
 
         Raises:
             StateUnavailableError: the database cannot be read.
@@ -571,40 +709,40 @@ class Registry:
 
     def _load_sync(
         self, now: float
-    ) -> tuple[
-        tuple[OrderedDict[str, AgentRecord], list[str], Counter[str]], list[tuple[str, str]]
-    ]:
-        records = []
+    ) -> tuple[tuple[OrderedDict[str, _Values], list[str], Counter[str]], list[tuple[str, str]]]:
+        records: list[_Values] = []
         for _key, value in self._kv.items_sync(_PREFIX):
             if isinstance(value, dict):
                 with contextlib.suppress(AttributeError, TypeError, ValueError):
-                    records.append(AgentRecord.from_dict(value))
-        records.sort(key=lambda r: r.last_seen)
+                    records.append(AgentRecord.from_dict(value)._v)  # noqa: SLF001
+        records.sort(key=lambda v: v[_LAST_SEEN])
         over = max(len(records) - self.max_agents, 0)
-        evicted = [(r.agent_id, "cap") for r in records[:over]]
+        evicted = [(v[_ID], "cap") for v in records[:over]]
         records = records[over:]
         if self.idle_expiry:
-            fresh = bisect.bisect_left(records, now - self.idle_expiry, key=lambda r: r.last_seen)
-            evicted += [(r.agent_id, "idle") for r in records[:fresh]]
+            fresh = bisect.bisect_left(records, now - self.idle_expiry, key=lambda v: v[_LAST_SEEN])
+            evicted += [(v[_ID], "idle") for v in records[:fresh]]
             records = records[fresh:]
-        agents = OrderedDict((r.agent_id, r) for r in records)
-        return (agents, sorted(agents), Counter(r.group for r in records)), evicted
+        agents = OrderedDict((v[_ID], v) for v in records)
+        return (agents, sorted(agents), Counter(v[_GROUP] for v in records)), evicted
 
     # -- membership ------------------------------------------------------------
 
     def _add(self, record: AgentRecord) -> None:
-        self._agents[record.agent_id] = record
-        bisect.insort(self._ids, record.agent_id)
-        self._groups[record.group] += 1
-        self._evicted.discard(record.agent_id)
+        values = record._v  # noqa: SLF001 - the registry's own records
+        agent_id = values[_ID]
+        self._agents[agent_id] = values
+        record._home = self  # noqa: SLF001
+        bisect.insort(self._ids, agent_id)
+        self._groups[values[_GROUP]] += 1
+        self._evicted.discard(agent_id)
 
     def _set_group(self, record: AgentRecord, group: str) -> None:
         if record.group == group:
             return
         self._uncount(record.group)
         self._groups[group] += 1
-        record.group = _s(group)
-        record.rev += 1
+        record._update({_GROUP: _s(group)})  # noqa: SLF001
 
     def _uncount(self, group: str) -> None:
         self._groups[group] -= 1
@@ -624,7 +762,7 @@ class Registry:
             oldest = next(iter(self._agents.values()))
             if len(self._agents) > self.max_agents:
                 reason = "cap"
-            elif self.idle_expiry and oldest.last_seen < now - self.idle_expiry:
+            elif self.idle_expiry and oldest[_LAST_SEEN] < now - self.idle_expiry:
                 reason = "idle"
             else:
                 return
@@ -632,26 +770,27 @@ class Registry:
             if self.on_evicted is not None:
                 self.on_evicted(reason)
 
-    def _drop(self, record: AgentRecord) -> None:
-        agent_id = record.agent_id
+    def _drop(self, values: _Values) -> None:
+        agent_id = values[_ID]
         del self._agents[agent_id]
+        self._kept.pop(agent_id, None)
         at = bisect.bisect_left(self._ids, agent_id)
         if at < len(self._ids) and self._ids[at] == agent_id:
             del self._ids[at]
-        self._uncount(record.group)
-        self._dirty.pop(agent_id, None)
+        self._uncount(values[_GROUP])
+        self._dirty.discard(agent_id)
         self._urgent.discard(agent_id)
         self._evicted.add(agent_id)
         self._changes += 1
 
     def get(self, agent_id: str) -> AgentRecord | None:
         """The record of ``agent_id``."""
-        return self._agents.get(agent_id)
+        values = self._agents.get(agent_id)
+        return None if values is None else AgentRecord._view(self, values)  # noqa: SLF001
 
     def all(self) -> list[AgentRecord]:
         """Every record, sorted by id (walks every record: from a thread, or in tests)."""
-        agents = self._agents
-        return [r for i in list(self._ids) if (r := agents.get(i)) is not None]
+        return list(self._snapshot())
 
     def page(self, after: str | None, limit: int) -> list[AgentRecord]:
         """At most ``limit`` records by id, the first after ``after`` (``None``: from the start).
@@ -661,7 +800,7 @@ class Registry:
         ids = self._ids
         start = bisect.bisect_right(ids, after) if after is not None else 0
         agents = self._agents
-        return [agents[i] for i in ids[start : start + limit]]
+        return [AgentRecord._view(self, agents[i]) for i in ids[start : start + limit]]  # noqa: SLF001
 
     def groups(self) -> set[str]:
         """The groups agents checked in with (O(groups): a counter kept on every change)."""
@@ -677,7 +816,7 @@ class Registry:
     # -- changes ---------------------------------------------------------------
 
     def _changed(self, record: AgentRecord, *, substance: bool) -> None:
-        self._dirty[record.agent_id] = record
+        self._dirty.add(record.agent_id)
         if substance:
             self._urgent.add(record.agent_id)
         self._changes += 1
@@ -694,23 +833,22 @@ class Registry:
     ) -> AgentRecord:
         """Update the in-memory record of a check-in (call :meth:`save` after)."""
         now = time.time() if now is None else now
-        record = self._agents.get(agent_id)
+        record = self.get(agent_id)
         substance = record is None
         if record is None:
             record = AgentRecord(agent_id, group=group, first_seen=now)
         elif record.group != group:
             self._set_group(record, group)
             substance = True
+        changes: dict[int, object] = {_ADDRESS: _s(address), _LAST_SEEN: now}
         items = tuple(_installed_item(i) for i in installed)
         if items != record.installed_versions():
-            record.installed = installed
+            changes[_INSTALLED] = items
             substance = True
         if record.defer_days != defer_days:
-            record.defer_days = defer_days
+            changes[_DEFER_DAYS] = defer_days
             substance = True
-        record.address = _s(address)
-        record.last_seen = now
-        record.rev += 1
+        record._update(changes)  # noqa: SLF001
         self._touch(record, now)
         self._changed(record, substance=substance)
         return record
@@ -726,15 +864,16 @@ class Registry:
         A change in what is offered (not only when) or a new first-offer time is
         substance: the next :meth:`save` waits for its commit.
         """
-        before = _offer_substance(record._offered)  # noqa: SLF001 - the registry owns records
-        record.offered = offered
-        substance = _offer_substance(record._offered) != before  # noqa: SLF001
+        before = _offer_substance(record._current()[_OFFERED])  # noqa: SLF001
+        changes: dict[int, object] = {_OFFERED: _offer_items(offered)}
+        substance = _offer_substance(changes[_OFFERED]) != before  # type: ignore[arg-type]
         if first_offered:
             times = record.first_offered
             new = {k: v for k, v in first_offered.items() if k not in times}
             if new:
-                record.first_offered = {**times, **new}
+                changes[_FIRST_OFFERED] = _first_offered_items({**times, **new})
                 substance = True
+        record._update(changes)  # noqa: SLF001
         self._changed(record, substance=substance)
 
     def report(
@@ -747,13 +886,10 @@ class Registry:
     ) -> AgentRecord:
         """Update the in-memory record with report events (call :meth:`save` after)."""
         now = time.time() if now is None else now
-        record = self._agents.get(agent_id) or AgentRecord(
-            agent_id, first_seen=now, address=address
-        )
+        record = self.get(agent_id) or AgentRecord(agent_id, first_seen=now, address=address)
         for event in events:
             record.add_event(event)
         record.last_seen = now
-        record.rev += 1
         self._touch(record, now)
         self._changed(record, substance=True)
         return record
@@ -773,7 +909,7 @@ class Registry:
         if agent_id not in self._agents:
             self._touch(record, time.time())
             self._urgent.add(agent_id)
-        self._dirty[agent_id] = record
+        self._dirty.add(agent_id)
         wait = agent_id in self._urgent or self._failing or bool(self._kv.damaged)
         self._urgent.discard(agent_id)
         self._start()
@@ -841,24 +977,24 @@ class Registry:
             await self._write_batch()  # a failed batch is retried with the next save
 
     async def _write_batch(self) -> None:
-        dirty, self._dirty = self._dirty, {}
+        dirty, self._dirty = self._dirty, set()
         gone, self._evicted = self._evicted, set()
         commit, self._commit = self._commit, None
         if self._kv.damaged and commit is None:
             return  # nothing can be written and nobody waits to hear it
+        agents = self._agents
+        values = [v for i in dirty if (v := agents.get(i)) is not None]  # as they are now
         try:
             if dirty or gone:
-                await asyncio.to_thread(self._write_sync, list(dirty.values()), sorted(gone))
+                await asyncio.to_thread(self._write_sync, values, sorted(gone))
         except Exception as error:  # the writer goes on; the records wait for the next batch
             e = error if isinstance(error, StateUnavailableError) else None
             if e is None:
                 logger.exception("agent records: unexpected failure of a batch")
                 e = StateUnavailableError(f"agent records not saved: {error!r}")
             self._failing = True
-            if not self._kv.damaged:  # kept for the next batch (unless newer or gone)
-                for agent_id, record in dirty.items():
-                    if agent_id in self._agents:
-                        self._dirty.setdefault(agent_id, record)
+            if not self._kv.damaged:  # kept for the next batch (unless gone)
+                self._dirty |= {i for i in dirty if i in self._agents}
                 self._evicted |= {g for g in gone if g not in self._agents}
             if commit is not None:
                 commit.set_exception(e)
@@ -874,9 +1010,9 @@ class Registry:
         if commit is not None:
             commit.set_result(None)
 
-    def _write_sync(self, records: list[AgentRecord], gone: list[str]) -> None:
+    def _write_sync(self, records: list[_Values], gone: list[str]) -> None:
         self._kv.write_many_sync(
-            {_PREFIX + r.agent_id: r.to_dict() for r in records},
+            {_PREFIX + v[_ID]: _to_dict(v) for v in records},
             [_PREFIX + g for g in gone],
         )
 
@@ -886,9 +1022,9 @@ class Registry:
         """Every record by id; safe from a thread (the id list is copied at once)."""
         agents = self._agents
         for agent_id in list(self._ids):
-            record = agents.get(agent_id)
-            if record is not None:
-                yield record
+            values = agents.get(agent_id)
+            if values is not None:
+                yield AgentRecord._view(self, values)  # noqa: SLF001
 
     def rows_sync(
         self, now: dt.datetime | None = None, *, after: str | None = None
@@ -906,7 +1042,11 @@ class Registry:
         if after is not None:
             start = bisect.bisect_right(self._ids, after)
             agents = self._agents
-            records = (r for i in self._ids[start:] if (r := agents.get(i)) is not None)
+            records = (
+                AgentRecord._view(self, v)  # noqa: SLF001
+                for i in self._ids[start:]
+                if (v := agents.get(i)) is not None
+            )
         for record in records:
             yield from record.cached_rows(now)[0]
 
@@ -935,17 +1075,20 @@ class Registry:
                 return kept
             states = dict.fromkeys(FleetState, 0)
             installed: Counter[tuple[str, str]] = Counter()
-            rows: list[ReportRow] = []
             agents = 0
-            for record in self._snapshot():
-                record_rows, worst = record.cached_rows(now)
-                states[worst] += 1
-                rows.extend(record_rows)
-                installed.update((p, v) for p, v, _s in record.installed_versions())
-                agents += 1
-            self._summary = FleetSummary(
-                at, agents, states, tuple(version_table(rows)), installed, changes
-            )
+
+            def every_row() -> Iterator[ReportRow]:
+                # One agent's rows at a time (not the whole report in memory at once).
+                nonlocal agents
+                for record in self._snapshot():
+                    record_rows, worst = record.cached_rows(now)
+                    states[worst] += 1
+                    installed.update((p, v) for p, v, _s in record.installed_versions())
+                    agents += 1
+                    yield from record_rows
+
+            versions = tuple(version_table(every_row()))
+            self._summary = FleetSummary(at, agents, states, versions, installed, changes)
             return self._summary
 
     async def summary(self) -> FleetSummary:

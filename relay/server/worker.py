@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -551,6 +552,9 @@ async def run_worker(socket_path: Path, slot: int, verbose: int = 0) -> None:
             own_sock = await asyncio.to_thread(private_socket, worker_socket(config, slot))
             sockets.append(own_sock)
             await web.SockSite(own_runner, own_sock).start()
+            # What start-up built lives as long as the worker: full collections skip it.
+            gc.collect()
+            gc.freeze()
             _announce_listening()
             follower = asyncio.create_task(follow_leader(st, queue))
             sig = await queue.get()
