@@ -27,8 +27,10 @@ origin. Each run, on a fresh repository and data directory:
 
 A quiet second (**idle**) comes first: the ticker's own lateness on this machine. Each
 phase reports its worst stall, how many ticks were later than 50 ms, its full (generation
-2) garbage collections and the longest of them (``gc.callbacks``), and where the loop's
-thread was while the loop was late past 50 ms (a thread samples its stack every 10 ms).
+2) garbage collections and the longest of them (``gc.callbacks``), the objects the
+collector tracks once it ends (what a full collection walks; frozen ones aside), and where
+the loop's thread was while the loop was late past 50 ms (a thread samples its stack every
+10 ms).
 Phases 1-7 run in a fresh process per run (memory and collector start from nothing), on
 the event loop the relay's configuration names (``relay.event_loop``; asyncio in
 checkouts from before that setting).
@@ -623,8 +625,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "stalls": {
             name: {
-                k: over(lambda r, n=name, k=k: r["stalls"][n][k])
-                for k in ("worst_ms", "over_50ms", "seconds", "gc_full", "gc_worst_ms")
+                k: over(lambda r, n=name, k=k: r["stalls"][n].get(k, 0))  # tracked: newer
+                for k in ("worst_ms", "over_50ms", "seconds", "gc_full", "gc_worst_ms", "tracked")
             }
             for name in PHASES
         },
@@ -679,13 +681,13 @@ def report(results: dict[str, Any]) -> None:
     print(f"median (min–max) over {len(results['runs'])} runs")
     print(
         f"{'phase':<10}{'worst stall ms':>24}{'ticks > 50 ms':>16}{'seconds':>20}"
-        f"{'full GCs':>14}{'longest GC ms':>24}"
+        f"{'full GCs':>14}{'longest GC ms':>24}{'tracked after':>22}"
     )
     for name, st in s["stalls"].items():
         print(
             f"{name:<10}{spread(st['worst_ms'], '.1f'):>24}{spread(st['over_50ms'], '.0f'):>16}"
             f"{spread(st['seconds'], '.1f'):>20}{spread(st['gc_full'], '.0f'):>14}"
-            f"{spread(st['gc_worst_ms'], '.1f'):>24}"
+            f"{spread(st['gc_worst_ms'], '.1f'):>24}{spread(st['tracked'], '.0f'):>22}"
         )
     print("where the loop's thread was during stalls past 50 ms (sampled; ms per run):")
     for name, found in s["stalled_in"].items():
