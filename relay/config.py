@@ -429,6 +429,11 @@ class LimitsSettings:
         "duration from a request's first byte to the end of its headers (else 408)",
         default=10.0,
     )
+    body_timeout: float = setting(
+        _duration(positive=True),
+        "duration from the end of a request's headers to the end of its body (else 408)",
+        default=30.0,
+    )
     idle_timeout: float = setting(
         _duration(positive=True),
         "duration a keep-alive connection may wait for its next request",

@@ -262,7 +262,7 @@ class RelayMetrics:
             r,
             "relay_connections_closed",
             "Client connections refused or closed by a limit, by reason (over_capacity, "
-            "evicted, header_timeout, head_too_large, slow_reader).",
+            "evicted, header_timeout, head_too_large, slow_reader, body_timeout).",
             "reason",
         )
         self.accept_errors = _counter(

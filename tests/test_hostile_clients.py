@@ -385,3 +385,52 @@ async def test_delta_requests_for_arbitrary_pairs(tmp_path, repo, aiohttp_server
         # No pair was queued: nothing was computed, nothing is on disk.
         assert not any(k.startswith("relay_delta_patches_total") for k in metrics)
         assert not any((relay.data_dir / "deltas").rglob("*.*"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_slow_bodies(tmp_path, repo, aiohttp_server, workers):
+    """A request head, then a body that trickles: 408 at ``limits.body_timeout``, then closed.
+
+    With one process, and with a worker that forwards the body to its leader.
+    """
+    async with relay_process(
+        tmp_path, repo, aiohttp_server, limits__body_timeout="2s", relay__workers=workers
+    ) as relay:
+        rss = await warm(relay)
+        answered_after = []
+        closed_after = []
+
+        async def attacker(n: int) -> None:
+            reader, writer = await raw(relay.port)
+            started = time.monotonic()
+            path = "/v1/checkin" if n % 2 else "/v1/reports"
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: 1000\r\n\r\n{{".encode()
+            )
+            first = asyncio.create_task(reader.read(1024))
+            with contextlib.suppress(OSError):
+                while not first.done() and time.monotonic() - started < 15:
+                    writer.write(b" ")  # one byte of the body, now and then
+                    await writer.drain()
+                    await asyncio.wait([first], timeout=0.5)
+            head = await first
+            answered_after.append((time.monotonic() - started, head))
+            with contextlib.suppress(OSError):
+                while await asyncio.wait_for(reader.read(1024), 20):
+                    pass
+            closed_after.append(time.monotonic() - started)
+            writer.close()
+
+        attack = [asyncio.create_task(attacker(n)) for n in range(100)]
+        await asyncio.sleep(0.5)
+        await Agent(relay).served()  # handlers and connections are not all taken
+        await asyncio.wait_for(asyncio.gather(*attack), 40)
+        assert len(answered_after) == 100
+        # Cut at the deadline (2 s), answered 408; the connections then closed by the relay.
+        late = [(took, head[:40]) for took, head in answered_after if took > 6]
+        assert not late, late[:3]
+        assert all(head.startswith(b"HTTP/1.1 408") for _took, head in answered_after)
+        assert all(took < 30 for took in closed_after)
+        metrics = await check_bounds(relay, rss)
+        assert closed(metrics, "body_timeout") >= 100

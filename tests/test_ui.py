@@ -3,6 +3,7 @@ without an admin token (the browser tests drive the same pages in Chromium)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import aiohttp
@@ -170,3 +171,20 @@ def test_sessions_expire_and_stay_bounded():
     assert len(sessions) == 3 and sessions.get(ids[0]) is None and sessions.get(ids[-1]) is not None
     sessions.close(ids[-1])
     assert sessions.get(ids[-1]) is None
+
+
+async def test_a_sign_in_form_that_never_ends_gets_408(tmp_path, aiohttp_server):
+    fleet = await start_fleet(tmp_path, aiohttp_server, **{"limits.body_timeout": "0.5s"})
+    url = fleet.relay.make_url("/ui/login")
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    writer.write(
+        b"POST /ui/login HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\ntoken="
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.read(1024), 10)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 408") and b"Connection: close" in head
+    async with client() as s:  # the relay goes on: a whole form signs in
+        status, headers, _ = await sign_in(s, fleet)
+        assert status == 303 and headers["Location"] == "/ui/"

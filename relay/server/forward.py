@@ -15,6 +15,8 @@ Rules:
   closed is sent once more on a new one.
 * Transfers (``pace`` given) are paced here, by the worker's limiter: the leader
   neither gates nor paces what a worker forwards.
+* An answer the leader ends with ``Connection: close`` (a body that came too late)
+  ends the client's connection too.
 """
 
 from __future__ import annotations
@@ -139,6 +141,8 @@ async def forward(
                 resp.headers.add(key, value)
         if answer.content_length is not None:
             resp.content_length = answer.content_length
+        if "close" in answer.headers.get("Connection", "").lower():
+            resp.force_close()  # the leader closes after this answer (a body too late): so here
         await resp.prepare(request)
         if request.method != "HEAD":
             await _copy_body(request, answer, resp, pace)

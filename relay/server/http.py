@@ -6,15 +6,22 @@ Rules:
   an overload is ``503`` with ``Retry-After``; never a 500.
 * A body larger than :data:`MAX_BODY` is refused (``413``) from its
   ``Content-Length`` before it is read, and while it is read.
+* A body must arrive within ``limits.body_timeout`` of the end of the request's
+  head, else ``408`` and the connection is closed (:func:`body_deadline`): a client
+  that announces a body and stops sending holds neither a handler nor a
+  connection for longer (the connection guard's eviction spares a connection
+  with a request in progress).
 * Requests are counted by a handler wrapper (:func:`counted`), cheaper than a
   middleware on the hot paths.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -29,11 +36,13 @@ from relay.core.rfc9110 import Decision, decide
 from relay.core.tokens import verify_token
 from relay.errors import BodyError, StateDamagedError, StateUnavailableError
 from relay.metrics import RelayMetrics
-from relay.server.state import AGENT_SECRET, METRICS
+from relay.server.state import AGENT_SECRET, METRICS, STATE
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 256 * 1024
+BODY_TIMEOUT = 30.0
+"""Seconds a body may take where no relay state says (``limits.body_timeout``)."""
 STATE_RETRY_AFTER = 30  # seconds: a full disk is not fixed in a moment
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -93,6 +102,36 @@ def unavailable(
     )
 
 
+class BodyTimeoutError(Exception):
+    """The body did not arrive in time (:func:`body_deadline`)."""
+
+
+@contextlib.asynccontextmanager
+async def body_deadline(request: web.Request) -> AsyncIterator[None]:
+    """Read the body of ``request`` within ``limits.body_timeout`` (read on each request).
+
+    Raises:
+        BodyTimeoutError: the deadline passed (counted as
+            ``relay_connections_closed_total{reason="body_timeout"}``); answer
+            :func:`body_timed_out`.
+    """
+    state = request.app.get(STATE)
+    timeout = state.config.limits.body_timeout if state is not None else BODY_TIMEOUT
+    try:
+        async with asyncio.timeout(timeout):
+            yield
+    except TimeoutError:
+        metrics = request.app.get(METRICS)
+        if metrics is not None:
+            metrics.connections_closed.labels("body_timeout").inc()
+        raise BodyTimeoutError(f"body: not received within {timeout:g} s") from None
+
+
+def body_timed_out(error: BodyTimeoutError) -> web.Response:
+    """The ``408`` for a body late past its deadline; the connection is closed after it."""
+    return web.json_response({"error": str(error)}, status=408, headers={"Connection": "close"})
+
+
 async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
     """Read a bounded JSON object body, or return the error response."""
     if request.content_length is not None and request.content_length > MAX_BODY:
@@ -101,10 +140,16 @@ async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
     if ctype not in ("application/json", "application/octet-stream", ""):
         return web.json_response({"error": "body: expected application/json"}, status=415)
     raw = bytearray()
-    async for chunk in request.content.iter_chunked(64 * 1024):
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            return web.json_response({"error": f"body: larger than {MAX_BODY} bytes"}, status=413)
+    try:
+        async with body_deadline(request):
+            async for chunk in request.content.iter_chunked(64 * 1024):
+                raw += chunk
+                if len(raw) > MAX_BODY:
+                    return web.json_response(
+                        {"error": f"body: larger than {MAX_BODY} bytes"}, status=413
+                    )
+    except BodyTimeoutError as e:
+        return body_timed_out(e)
     try:
         return parse_json_object(bytes(raw))
     except BodyError as e:

@@ -35,7 +35,7 @@ from relay.errors import BodyError
 from relay.fleet.groups import known_groups
 from relay.server.admin import change_approval, sign_in
 from relay.server.fleet import csv_response, parse_filter, parse_page, report_page
-from relay.server.http import add_counted
+from relay.server.http import BodyTimeoutError, add_counted, body_deadline
 from relay.server.state import STATE, RelayState
 
 SESSION_COOKIE = "relay_session"
@@ -231,6 +231,21 @@ def _signed_in(request: web.Request) -> Session | None:
     return _ui_on(request).get(request.cookies.get(SESSION_COOKIE))
 
 
+async def _form(request: web.Request) -> Mapping[str, object]:
+    """The posted form, read within ``limits.body_timeout``.
+
+    Raises:
+        web.HTTPRequestTimeout: the body did not arrive in time (the connection is closed).
+    """
+    try:
+        async with body_deadline(request):
+            return await request.post()
+    except BodyTimeoutError as e:
+        raise web.HTTPRequestTimeout(
+            text=f"{e}\n", headers={**_HEADERS, "Connection": "close"}
+        ) from None
+
+
 async def _change_form(request: web.Request) -> tuple[Session, Mapping[str, str]]:
     """The form of a change, after the session and CSRF checks.
 
@@ -238,7 +253,7 @@ async def _change_form(request: web.Request) -> tuple[Session, Mapping[str, str]
         web.HTTPForbidden: not signed in, or a missing or wrong CSRF token.
     """
     session = _signed_in(request)
-    form = await request.post()
+    form = await _form(request)
     given = form.get("csrf")
     if (
         session is None
@@ -274,7 +289,7 @@ def _login_page(error: str = "", status: int = 200) -> web.Response:
 async def login(request: web.Request) -> web.StreamResponse:
     """``POST /ui/login``: check the admin token, start a session, go to the status page."""
     sessions = _ui_on(request)
-    form = await request.post()
+    form = await _form(request)
     given = form.get("token")
     if not sign_in(request, given if isinstance(given, str) else None):
         return _login_page("Wrong token.", status=401)
