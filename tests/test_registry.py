@@ -12,6 +12,7 @@ import gc
 import hashlib
 import re
 import signal
+import threading
 import time
 from collections import Counter
 
@@ -375,5 +376,106 @@ async def test_the_rows_kept_for_an_agent_are_not_those_of_an_earlier_one_of_its
     await _seen(registry, "a", "lab", t + 2)  # and comes back, without its failure
     rows = registry.rows()
     assert [(r.agent_id, r.state) for r in rows] == [("a", FleetState.UNKNOWN)]
+    await registry.close()
+    kv.close()
+
+
+# -- views of an evicted agent, and the batch being written (review of 2efd134) ------
+
+
+async def test_a_view_of_an_evicted_agent_does_not_write_into_the_agent_seen_again(tmp_path):
+    """An agent evicted then seen again is a new record: an old view reads and writes its own."""
+    kv = KV(tmp_path / "state")
+    registry = Registry(kv, max_agents=1, idle_expiry=0)
+    t = time.time()
+    await _seen(registry, "a", "lab", t)
+    old = registry.get("a")
+    await _seen(registry, "b", "lab", t + 1)  # a is evicted
+    await _seen(registry, "a", "pilot", t + 2)  # and seen again (b is evicted)
+    old.add_event(ReportEvent("app", "1.0.0", "1.1.0", Event.FAILED))
+    old.defer_days = 30
+    again = registry.get("a")
+    assert (again.failures, again.defer_days, again.events) == (0, 0, [])
+    assert again.first_seen == t + 2 and again.group == "pilot"
+    assert old.group == "lab" and old.failures == 1  # the old view keeps its own values
+    assert [r.state for r in registry.rows()] == [FleetState.UNKNOWN]
+    await registry.close()
+    assert kv.get_sync("agent:a")["failures"] == 0
+    kv.close()
+
+
+async def test_saving_a_view_of_an_evicted_agent_does_not_bring_it_back(tmp_path):
+    kv = KV(tmp_path / "state")
+    registry = Registry(kv, max_agents=1, idle_expiry=0)
+    evicted = Counter()
+    registry.on_evicted = lambda reason: evicted.update([reason])
+    t = time.time()
+    await _seen(registry, "a", "lab", t)
+    old = registry.get("a")
+    await _seen(registry, "b", "pilot", t + 1)  # a is evicted (its stored record deleted)
+    offer = LastOffer(Action.INSTALL, "1.1.0", "1" * 64, at="2026-03-01T12:00:00Z")
+    registry.set_offers(old, {"app": offer}, {"app@1.1.0": t})
+    await registry.save(old)
+    # b, seen last, is still there; a is not back (nor counted, listed or stored).
+    assert [r.agent_id for r in registry.page(None, 10)] == ["b"]
+    assert registry.get("a") is None and registry.group_counts() == {"pilot": 1}
+    assert evicted == {"cap": 1}
+    assert not registry._dirty - {"b"} and not registry._urgent
+    await registry.close()
+    assert sorted(k for k, _v in kv.items_sync("agent:")) == ["agent:b"]
+    kv.close()
+
+
+class BlockingKV(KV):
+    """A real store whose writes can be held (a slow disk), to act while a batch is written."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def write_many_sync(self, values, deletes):
+        if self.hold:
+            self.entered.set()
+            self.release.wait(10)
+        super().write_many_sync(values, deletes)
+
+
+async def test_close_waits_for_the_batch_being_written(tmp_path):
+    """flush/close: the batch already being written is pending too (the store closes after)."""
+    kv = BlockingKV(tmp_path / "state")
+    registry = Registry(kv, flush_interval=0.01, idle_expiry=0)
+    t = time.time()
+    await _seen(registry, "a", "lab", t)
+    kv.hold = True
+    await _seen(registry, "a", "lab", t + 5)  # only last_seen: written with the next batch
+    assert await asyncio.to_thread(kv.entered.wait, 10)
+    closing = asyncio.create_task(registry.close())
+    await asyncio.sleep(0.2)
+    done_early = closing.done()
+    kv.release.set()
+    await closing
+    assert not done_early, "close() returned while the batch was still being written"
+    assert kv.get_sync("agent:a")["last_seen"] == t + 5
+    kv.close()
+
+
+async def test_a_change_made_while_a_batch_is_written_goes_into_the_next(tmp_path):
+    kv = BlockingKV(tmp_path / "state")
+    registry = Registry(kv, flush_interval=3600, idle_expiry=0)
+    t = time.time()
+    await _seen(registry, "a", "lab", t)
+    kv.hold = True
+    first = asyncio.create_task(_seen(registry, "a", "lab", t + 1, version="1.1.0"))
+    assert await asyncio.to_thread(kv.entered.wait, 10)
+    kv.hold = False
+    second = asyncio.create_task(_seen(registry, "a", "lab", t + 2, version="1.2.0"))
+    await asyncio.sleep(0.05)
+    assert not second.done()  # waits for the next batch, not the one being written
+    kv.release.set()
+    await asyncio.gather(first, second)
+    stored = kv.get_sync("agent:a")
+    assert stored["installed"][0]["version"] == "1.2.0" and stored["last_seen"] == t + 2
     await registry.close()
     kv.close()

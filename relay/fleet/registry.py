@@ -218,6 +218,7 @@ _Values = tuple[
     tuple[tuple[str, _Offer], ...],  # offered: (product, offer)
     tuple[_Event, ...],  # events, newest first
     int,  # revision
+    int,  # born: its first revision (tells an agent seen again from the one evicted)
 ]
 """One agent's record as the registry holds it: a tuple of strings, numbers and tuples."""
 # Where each value is in a _Values tuple.
@@ -233,6 +234,7 @@ _FIRST_OFFERED: Final = 8
 _OFFERED: Final = 9
 _EVENTS: Final = 10
 _REV: Final = 11
+_BORN: Final = 12
 _REVISIONS = itertools.count(1)  # unique across records: kept rows are matched by it
 
 
@@ -367,6 +369,7 @@ class AgentRecord:
     ) -> None:
         self._home: Registry | None = None
         self._kept: _KeptRows | None = None  # the rows of a record outside a registry
+        rev = next(_REVISIONS)
         self._v: _Values = (
             agent_id,
             _s(group),
@@ -379,7 +382,8 @@ class AgentRecord:
             _first_offered_items(first_offered or {}),
             _offer_items(offered or {}),
             _event_items(events),
-            next(_REVISIONS),
+            rev,
+            rev,
         )
 
     @classmethod
@@ -390,13 +394,23 @@ class AgentRecord:
         record._v = values  # noqa: SLF001
         return record
 
+    def _stored(self) -> _Values | None:
+        """The registry's values of this record, while it holds them (``None``: evicted).
+
+        An agent evicted then seen again is another record (another ``born``): a
+        view of the evicted one neither reads nor writes it.
+        """
+        home = self._home
+        if home is None:
+            return None
+        stored = home._agents.get(self._v[_ID])  # noqa: SLF001 - the registry's own records
+        return stored if stored is not None and stored[_BORN] == self._v[_BORN] else None
+
     def _current(self) -> _Values:
         """The newest values: the registry's while it holds the agent, else the record's."""
-        home = self._home
-        if home is not None:
-            stored = home._agents.get(self._v[_ID])  # noqa: SLF001 - the registry's own records
-            if stored is not None:
-                self._v = stored
+        stored = self._stored()
+        if stored is not None:
+            self._v = stored
         return self._v
 
     def _update(self, changes: Mapping[int, object]) -> None:
@@ -406,9 +420,10 @@ class AgentRecord:
             values[index] = value
         values[_REV] = next(_REVISIONS)
         new: _Values = tuple(values)  # type: ignore[assignment]
+        held = self._stored() is not None
         self._v = new
         home = self._home
-        if home is not None and new[_ID] in home._agents:  # noqa: SLF001
+        if held and home is not None:
             home._agents[new[_ID]] = new  # noqa: SLF001 - its place in eviction order stays
 
     def __repr__(self) -> str:
@@ -584,8 +599,10 @@ class AgentRecord:
             kept = (v[_REV], at, _rows_change_at(v), packed, _s(worst.value))
             if home is None:
                 self._kept = kept
-            elif v[_ID] in home._agents:  # noqa: SLF001 - not for an agent dropped meanwhile
+            elif self._stored() is not None:  # not for an agent dropped meanwhile
                 home._kept[v[_ID]] = kept  # noqa: SLF001
+                if v[_ID] not in home._agents:  # noqa: SLF001 - dropped by the loop meanwhile
+                    home._kept.pop(v[_ID], None)  # noqa: SLF001
             return rows, worst
         return [_row(f) for f in kept[3]], FleetState(kept[4])
 
@@ -668,6 +685,7 @@ class Registry:
         self._urgent: set[str] = set()  # dirty ids whose next save waits for the commit
         self._evicted: set[str] = set()  # ids whose stored records the next batch deletes
         self._commit: asyncio.Future[None] | None = None  # the next batch's commit
+        self._writing: asyncio.Future[None] | None = None  # the batch being written (done after)
         self._wake: asyncio.Event | None = None
         self._hurry: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -816,6 +834,8 @@ class Registry:
     # -- changes ---------------------------------------------------------------
 
     def _changed(self, record: AgentRecord, *, substance: bool) -> None:
+        if record._home is self and record._stored() is None:  # noqa: SLF001
+            return  # evicted: its changes are not the registry's
         self._dirty.add(record.agent_id)
         if substance:
             self._urgent.add(record.agent_id)
@@ -904,11 +924,17 @@ class Registry:
 
         Raises:
             StateUnavailableError: it could not be saved (its batch failed).
+
+        A record of an agent evicted since it was read is not saved (nor brought back).
         """
         agent_id = record.agent_id
-        if agent_id not in self._agents:
-            self._touch(record, time.time())
-            self._urgent.add(agent_id)
+        home = record._home  # noqa: SLF001
+        if home is None:  # a record made outside the registry: it joins it
+            if agent_id not in self._agents:
+                self._touch(record, time.time())
+                self._urgent.add(agent_id)
+        elif home is not self or record._stored() is None:  # noqa: SLF001
+            return  # evicted: never brought back by an old view (nothing of it is written)
         self._dirty.add(agent_id)
         wait = agent_id in self._urgent or self._failing or bool(self._kv.damaged)
         self._urgent.discard(agent_id)
@@ -924,6 +950,8 @@ class Registry:
         Raises:
             StateUnavailableError: the batch failed.
         """
+        if not (self._dirty or self._evicted) and self._writing is not None:
+            await asyncio.shield(self._writing)  # the batch being written is pending too
         if not (self._dirty or self._evicted):
             return
         self._start()
@@ -982,6 +1010,17 @@ class Registry:
         commit, self._commit = self._commit, None
         if self._kv.damaged and commit is None:
             return  # nothing can be written and nobody waits to hear it
+        writing = asyncio.get_running_loop().create_future()
+        self._writing = writing
+        try:
+            await self._write_taken(dirty, gone, commit)
+        finally:
+            self._writing = None
+            writing.set_result(None)
+
+    async def _write_taken(
+        self, dirty: set[str], gone: set[str], commit: asyncio.Future[None] | None
+    ) -> None:
         agents = self._agents
         values = [v for i in dirty if (v := agents.get(i)) is not None]  # as they are now
         try:
