@@ -52,6 +52,22 @@ async def test_checkin_answers_a_token_that_proves_only_its_id(relay):
         assert agent_key(_request(relay, headers)).startswith("addr:"), headers
 
 
+@pytest.mark.parametrize(
+    "token",
+    ["1.\u00b2\u00b3.abc", "1.0.x", "1..", "\u00e9." * 40, "1.99999999999999999999.A"],
+)
+async def test_a_malformed_token_counts_as_no_token_on_every_route(relay, token):
+    headers = {"Relay-Agent-Id": "host-1", "Relay-Agent-Token": token}
+    status, body = await _post(relay, "/v1/checkin", {"agent_id": "host-1"}, headers)
+    assert status == 200, body
+    status, _ = await _post(relay, "/v1/reports", {"agent_id": "host-1", "events": []}, headers)
+    assert status == 202  # from the address of its check-in
+    async with aiohttp.ClientSession() as s:
+        for path in ("/v1/events?since=x", "/targets/none"):
+            async with s.get(relay.make_url(path), headers=headers) as r:
+                assert r.status < 500, (path, r.status)
+
+
 async def test_a_token_for_another_id_cannot_check_in(relay):
     _, body = await _post(relay, "/v1/checkin", {"agent_id": "host-1"})
     headers = {"Relay-Agent-Id": "host-1", "Relay-Agent-Token": body["agent_token"]}

@@ -21,6 +21,16 @@ def test_a_token_proves_its_own_id_until_it_expires():
     assert not verify_token(SECRET, "host-1", token, NOW + TOKEN_LIFETIME)
 
 
+def _same_bits(last: str) -> str:
+    """Another base64 character that decodes to the same bytes in a token's last place.
+
+    A SHA-256 MAC is 43 characters unpadded: the last one carries 4 bits and 2 spare
+    ones, which a lenient decoder ignores.
+    """
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    return alphabet[alphabet.index(last) ^ 1]
+
+
 @pytest.mark.parametrize(
     ("agent_id", "token_of"),
     [
@@ -32,6 +42,10 @@ def test_a_token_proves_its_own_id_until_it_expires():
         ("host-1", lambda _t: "1..."),
         ("host-1", lambda _t: "1.99999999999.!!!!"),
         ("host-1", lambda t: t + "A" * 200),  # too long
+        ("host-1", lambda t: t.replace(".", ".0", 1)),  # the expiry with a leading zero
+        ("host-1", lambda t: t + "="),  # padded
+        ("host-1", lambda t: t[:-1] + _same_bits(t[-1])),  # the MAC's spare bits set
+        ("host-1", lambda _t: "1.\u00b2\u00b3.abc"),  # digits, but not ASCII ones
     ],
 )
 def test_anything_else_is_not_valid(agent_id, token_of):

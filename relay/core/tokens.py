@@ -10,14 +10,14 @@ Rules:
 
 * A token is valid only for the id it was issued to, until its expiry, under the
   secret that made it; anything else (malformed, expired, another id, another
-  secret) is simply not valid, and the request counts as its client address.
+  secret, or another spelling of a valid one) is simply not valid, and the request
+  counts as its client address.
 * Values in, values out: no I/O (the secret is read by :mod:`relay.storage.secret`).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 
@@ -52,13 +52,18 @@ def verify_token(secret: bytes, agent_id: str, token: str, now: float) -> bool:
         return False
     version, _, rest = token.partition(".")
     expires_text, _, mac_text = rest.partition(".")
-    if version != TOKEN_VERSION or not expires_text.isdigit() or not mac_text.isascii():
+    # Only the form issue_token writes: ASCII digits without a leading zero, the MAC in
+    # unpadded URL-safe base64 (a spelling that decodes to the same bytes is refused).
+    if (
+        version != TOKEN_VERSION
+        or not expires_text.isascii()
+        or not expires_text.isdigit()
+        or expires_text.startswith("0")
+        or not mac_text.isascii()
+    ):
         return False
     expires = int(expires_text)
     if expires <= now:
         return False
-    try:
-        given = base64.urlsafe_b64decode(mac_text + "=" * (-len(mac_text) % 4))
-    except (binascii.Error, ValueError):
-        return False
-    return hmac.compare_digest(given, _mac(secret, agent_id, expires))
+    expected = base64.urlsafe_b64encode(_mac(secret, agent_id, expires)).rstrip(b"=")
+    return hmac.compare_digest(mac_text.encode(), expected)
