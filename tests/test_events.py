@@ -52,11 +52,11 @@ async def checkin(session, relay, agent_id, group="default"):
         return await r.json()
 
 
-async def events(session, relay, agent_id, since):
+async def events(session, relay, agent_id, since, client="agent"):
     async with session.get(
         f"{relay.url}/v1/events",
-        params={"since": since},
-        headers={"Relay-Agent-Id": agent_id},
+        params={"since": since, "client": client},
+        headers={"Relay-Agent-Id": agent_id} if agent_id else {},
     ) as r:
         return r.status, (await r.json() if r.status == 200 else None)
 
@@ -177,6 +177,23 @@ async def test_a_wave_is_spread_over_the_splay(relay, repo):
     assert delays == [i * 10_000 // count for i in range(count)]
 
 
+async def test_child_relays_are_woken_first_and_do_not_widen_the_agents_spread(relay):
+    async with aiohttp.ClientSession() as s:
+        since = (await checkin(s, relay, "a0"))["generation"]
+        agents = [asyncio.create_task(events(s, relay, f"a{i}", since)) for i in range(4)]
+        children = [
+            asyncio.create_task(events(s, relay, "", since, client="relay")) for _ in range(2)
+        ]
+        await held(relay, 6)
+        await put_group(s, relay, "default", {"on_new_content": False})
+        relays = [body["delay_ms"] for _status, body in await asyncio.gather(*children)]
+        delays = sorted(body["delay_ms"] for _status, body in await asyncio.gather(*agents))
+        async with s.get(f"{relay.url}/v1/events", params={"client": "browser"}) as r:
+            assert r.status == 400 and "client" in (await r.json())["error"]
+    assert relays == [0, 0]
+    assert delays == [0, 2500, 5000, 7500]  # four agents over 10 s, as if alone
+
+
 async def test_group_settings_admin_api_and_cli(relay, capsys, monkeypatch):
     async with aiohttp.ClientSession() as s:
         window = [{"days": ["sat"], "start": "02:00", "window": "2h"}]
@@ -244,3 +261,15 @@ async def test_keys_an_admin_did_not_set_follow_the_configured_defaults(relay):
         policy.set_group_defaults(GroupSettings(poll_seconds=1200))
         assert policy.group_settings("pilot").poll_seconds == 60  # set by the admin: kept
         assert policy.group_settings("default").poll_seconds == 1200
+
+
+async def test_a_child_relay_waits_on_its_parent_as_a_relay(serve_relay):
+    parent = await serve_relay(name="parent")
+    await serve_relay([parent.url], name="child")
+    hub = parent.app[EVENTS]
+    for _ in range(500):  # bounded: the child's follower holds the parent's events
+        if any(c.wave.relays for c in hub._channels.values()):
+            break
+        await asyncio.sleep(0.01)
+    assert [c.wave.relays for c in hub._channels.values()] == [1]
+    assert hub.waiting == 1

@@ -13,8 +13,11 @@ Rules (docs/PROTOCOL.md, "Events"):
 * The agents of one wave get delays spread evenly over ``events.splay``, in the
   order they wake (:func:`relay.core.events.splay_delay_ms`).
 * A child relay holds the same long poll on its parent through its upstream
-  (:func:`follow_upstream`) and syncs as soon as it answers; when the parent offers
-  no events, or they fail, the sync loop's own interval is the fallback.
+  (:func:`follow_upstream`, with ``client=relay``) and syncs as soon as it answers;
+  when the parent offers no events, or they fail, the sync loop's own interval is the
+  fallback. Child relays are not splayed (``delay_ms`` 0) and do not count in their
+  wave's spread: each spreads its own agents, so a tree adds one splay, not one per
+  level.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class _Wave:
 
     event: asyncio.Event = field(default_factory=asyncio.Event)
     waiting: int = 0  # waiters blocked on ``event`` now
+    relays: int = 0  # of them, child relays (never splayed)
     count: int = 0  # waiters when the change happened (the splay's divisor)
     taken: int = 0  # waiters woken so far (the next one's place)
     closing: bool = False  # woken because the relay stops: answer 204
@@ -137,7 +141,7 @@ class EventHub:
     @staticmethod
     def _wake(channel: _Channel, *, closing: bool = False) -> None:
         wave = channel.wave
-        wave.count = wave.waiting
+        wave.count = wave.waiting - wave.relays
         wave.closing = closing
         channel.wave = _Wave()
         wave.event.set()
@@ -148,8 +152,14 @@ class EventHub:
         for channel in self._channels.values():
             self._wake(channel, closing=True)
 
-    async def wait(self, group: str, since: str) -> Answer | None:
+    async def wait(self, group: str, since: str, *, relay: bool = False) -> Answer | None:
         """Wait until the generation of ``group`` differs from ``since``, for at most the hold.
+
+        Args:
+            group: the waiter's agent group.
+            since: the generation it knows.
+            relay: the waiter is a child relay: answered without delay, and not
+                counted in the spread of the agents it wakes with.
 
         Returns:
             The answer, or ``None`` at the end of the hold (or when closing).
@@ -165,6 +175,7 @@ class EventHub:
         while not reasons:
             wave = channel.wave
             wave.waiting += 1
+            wave.relays += relay
             try:
                 async with asyncio.timeout_at(deadline):
                     await wave.event.wait()
@@ -172,10 +183,12 @@ class EventHub:
                 return None
             finally:
                 wave.waiting -= 1
+                wave.relays -= relay
             if wave.closing:
                 return None
-            index, count = wave.taken, wave.count
-            wave.taken += 1
+            if not relay:
+                index, count = wave.taken, wave.count
+                wave.taken += 1
             reasons = channel.generation.reasons_since(since)
         return Answer(channel.generation, reasons, splay_delay_ms(index, count, self.splay))
 
@@ -197,14 +210,18 @@ def group_of(registry: Registry, agent_id: str) -> str:
 
 
 async def events(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/events?since=<generation>``: answer when the agent's group changes."""
-    since = request.query.get("since", "")
+    """``GET /v1/events?since=<generation>[&client=relay]``: answer when the group changes."""
+    query = request.query
+    since = query.get("since", "")
     if len(since) > MAX_SINCE:
         return bad_request(f"since: longer than {MAX_SINCE} characters")
+    client = query.get("client", "agent")
+    if client not in ("agent", "relay"):
+        return bad_request('client: "agent" or "relay"')
     # Read-only: an agent without a token may still name itself to learn its group.
     claimed = verified_agent(request) or request.headers.get(AGENT_ID_HEADER) or ""
     group = group_of(request.app[STATE].registry, claimed)
-    answer = await request.app[EVENTS].wait(group, since)
+    answer = await request.app[EVENTS].wait(group, since, relay=client == "relay")
     if answer is None:
         return web.Response(status=204)
     return web.Response(
@@ -246,7 +263,7 @@ async def follow_upstream(
     since = ""
     retry = FIRST_RETRY
     while True:
-        path = f"v1/events?{urlencode({'since': since})}"
+        path = f"v1/events?{urlencode({'since': since, 'client': 'relay'})}"
         try:
             body = await upstream.long_poll(path, hold=hold, max_length=MAX_ANSWER)
             answer = json.loads(body) if body is not None else None
