@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.expected_conditions import staleness_of
@@ -65,6 +66,25 @@ def driver(tmp_path_factory):
     drv.quit()
 
 
+def _replaced(page):
+    """``staleness_of(page)``, also when Chromium answers that the node left the document.
+
+    While the next page replaces this one, ChromeDriver may answer "Node with given id
+    does not belong to the document" instead of a stale-element error: the same fact.
+    """
+    stale = staleness_of(page)
+
+    def check(driver) -> bool:
+        try:
+            return stale(driver)
+        except WebDriverException as e:
+            if "does not belong to the document" in str(e):
+                return True
+            raise
+
+    return check
+
+
 class Browser:
     """The module's browser, driven from a thread so the in-process relay keeps serving."""
 
@@ -86,7 +106,7 @@ class Browser:
         page = self.d.find_element(By.TAG_NAME, "html")
         element.click()
         if navigate:  # wait until the next page replaced this one
-            WebDriverWait(self.d, 10).until(staleness_of(page))
+            WebDriverWait(self.d, 10).until(_replaced(page))
 
     async def click(self, css: str, *, navigate: bool = True) -> None:
         await self.do(
