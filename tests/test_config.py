@@ -449,6 +449,7 @@ def test_unreadable_config_file_names_the_path(tmp_path, make, reason):
         ("RELAY_UPSTREAM__RETRIES", "three", "upstream.retries", "expected an integer"),
         ("RELAY_UPSTREAM__URLS", "http://a.example/,ftp://b", "upstream.urls", "item 1"),
         ("RELAY_RELAY__LISTEN", "8080", "relay.listen", "expected HOST:PORT"),
+        ("RELAY_RELAY__LISTEN", "0.0.0.0:\u00b2", "relay.listen", "expected HOST:PORT"),
         ("RELAY_DELTA__MAX_RATIO", "nan", "delta.max_ratio", "more than 0 and at most 1"),
         ("RELAY_POLICY__INSTALL_UNDEFINED", "firmware", "policy.install_undefined",
          "unknown kind 'firmware'"),

@@ -13,10 +13,14 @@ import random
 
 import aiohttp
 import pytest
+import urllib3
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from relay.agent.updater import retry_after
 from relay.core.protocol import parse_checkin, parse_json_object, parse_reports
+from relay.core.semver import Version
+from relay.core.tokens import SECRET_BYTES, verify_token
 from relay.errors import BodyError
 from relay.publisher.repository import Repository
 from tests.support import relay_config, start_relay, write_root
@@ -59,6 +63,38 @@ def test_checkin_bodies_parse_or_name_the_bad_field(body):
 @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
 def test_report_bodies_parse_or_name_the_bad_field(body):
     _only_body_errors(parse_reports, body)
+
+
+# Text a header or a version field may hold: digits of other scripts and superscripts
+# (str.isdigit() takes them, int() does not always), signs, dots, spaces, newlines.
+HEADER_TEXT = st.text(
+    st.sampled_from("0123456789.-+_=/ \n\u00b2\u00b3\u00b9\u0663\u0966\uff11aAzZ"), max_size=60
+) | st.text(max_size=60)
+
+
+@given(HEADER_TEXT, HEADER_TEXT)
+@settings(max_examples=500)
+def test_agent_tokens_of_any_text_are_refused_without_an_error(agent_id, token):
+    assert verify_token(bytes(SECRET_BYTES), agent_id, token, 0.0) is False
+    assert verify_token(bytes(SECRET_BYTES), agent_id, f"1.{token}", 0.0) is False
+
+
+@given(HEADER_TEXT)
+@settings(max_examples=300)
+def test_the_agent_reads_any_retry_after_of_a_relay_without_an_error(value):
+    answer = urllib3.HTTPResponse(body=b"", headers={"Retry-After": value}, status=503)
+    wait = retry_after(answer)
+    assert wait is None or (value.strip().isascii() and wait == float(value))
+
+
+@given(HEADER_TEXT)
+@settings(max_examples=500)
+def test_versions_of_any_text_parse_or_raise_a_value_error(text):
+    try:
+        version = Version.parse(text)
+    except ValueError:
+        return
+    assert text.isascii() and str(version) == text
 
 
 @pytest.mark.parametrize(

@@ -332,6 +332,7 @@ def test_windows(window, when, inside):
         ("24:00", "18:00", (), "HH:MM"),
         ("08:60", "18:00", (), "HH:MM"),
         ("08:0", "18:00", (), "HH:MM"),
+        ("\u00b9\u00b2:00", "18:00", (), "HH:MM"),  # digits, but not ASCII ones
         ("08:00", "18:00", ("monday",), "unknown day"),
     ],
 )

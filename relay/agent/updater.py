@@ -259,8 +259,8 @@ def retry_after(resp: urllib3.BaseHTTPResponse) -> float | None:
 
     ``None`` for any other answer (the date form is not used by relays).
     """
-    value = resp.headers.get("Retry-After", "")
-    if resp.status != 503 or not value.strip().isdigit():
+    value = resp.headers.get("Retry-After", "").strip()
+    if resp.status != 503 or not value.isascii() or not value.isdigit():
         return None
     return float(value)
 

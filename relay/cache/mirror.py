@@ -159,7 +159,7 @@ class MetadataDir:
 
 def _version_of(name: str) -> int:
     head = name.split(".", 1)[0]
-    return int(head) if head.isdigit() else -1
+    return int(head) if head.isascii() and head.isdigit() else -1
 
 
 def newest_root_session(

@@ -84,8 +84,9 @@ class CountingOrigin:
         data = await asyncio.to_thread(path.read_bytes)
         self.requests[request.match_info["tail"].split("/", 1)[0]] += 1
         rng = request.headers.get("Range", "")
-        if rng.startswith("bytes=") and rng.endswith("-") and rng[6:-1].isdigit():
-            start = int(rng[6:-1])
+        first = rng[6:-1]
+        if rng.startswith("bytes=") and rng.endswith("-") and first.isascii() and first.isdigit():
+            start = int(first)
             body = data[start:]
             self.bytes_sent += len(body)
             return web.Response(

@@ -580,7 +580,9 @@ class Window:
 
 def _minutes(text: str) -> int:
     hours, sep, minutes = text.partition(":")
-    if not sep or len(minutes) != 2 or not hours.isdigit() or not minutes.isdigit():
+    if not sep or len(minutes) != 2 or not (hours + minutes).isascii():
+        raise ValueError(f"{text!r} is not HH:MM")
+    if not hours.isdigit() or not minutes.isdigit():
         raise ValueError(f"{text!r} is not HH:MM")
     h, m = int(hours), int(minutes)
     if not (0 <= h < 24 and 0 <= m < 60):

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 _SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*)(?:\.(?:0|[1-9]\d*|\d*[a-zA-Z-][0-9a-zA-Z-]*))*))?"
-    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$"
+    r"(?:\+([0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*))?$",
+    re.ASCII,  # digits are 0-9 (without it, \d takes any script's digits)
 )
 
 
@@ -35,7 +36,7 @@ class Version:
         Raises:
             ValueError: ``text`` is not a SemVer 2.0.0 version.
         """
-        match = _SEMVER.match(text)
+        match = _SEMVER.fullmatch(text)  # not "$", which takes a trailing newline
         if match is None:
             raise ValueError(f"{text!r} is not a SemVer 2.0 version (e.g. 1.4.2 or 2.0.0-rc.1)")
         major, minor, patch, pre, build = match.groups()

@@ -369,7 +369,7 @@ class Repository:
         versions = []
         for f in self.metadata_dir.glob("*.root.json"):
             head = f.name.split(".", 1)[0]
-            if head.isdigit():
+            if head.isascii() and head.isdigit():
                 versions.append(int(head))
         return sorted(versions)
 

@@ -210,7 +210,7 @@ async def changes(request: web.Request) -> web.Response:
             "content": hub.content,
             "settings": hub.settings,
             "removed": hub.removed,
-            "gone": hub.removed_since(int(seen)) if seen.isdigit() else None,
+            "gone": hub.removed_since(int(seen)) if seen.isascii() and seen.isdigit() else None,
         }
     )
 

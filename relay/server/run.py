@@ -310,7 +310,7 @@ def split_listen(config: Config, key: str = "relay.listen") -> tuple[str, int]:
     """
     listen = _listen_value(config, key)
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not port.isascii() or not port.isdigit():
         raise ConfigError(key, listen, config.source_of(key), "expected HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means all
 
