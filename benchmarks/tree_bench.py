@@ -536,8 +536,11 @@ def summarize(runs: list[dict]) -> dict:
         out[f"branch{b}_last_s"] = over(lambda r, b=b: r["completion_by_branch"][b][-1])
     for phase in ("settle", "update"):
         for q in ("p50", "p90", "p99", "max"):
-            out[f"checkin_{phase}_{q}_ms"] = over(lambda r, p=phase, q=q: r[f"checkin_ms_{p}"][q])
-            out[f"probe_{phase}_{q}_ms"] = over(lambda r, p=phase, q=q: r[f"probe_ms_{p}"][q])
+            for key in ("checkin", "probe"):
+                # Over the runs that sampled the phase (a short update may see no probe).
+                values = [r[f"{key}_ms_{phase}"][q] for r in runs if q in r[f"{key}_ms_{phase}"]]
+                if values:
+                    out[f"{key}_{phase}_{q}_ms"] = summary(values)
     for i, name in enumerate(_names()):
         out[f"{name}/cpu_s_after_publish"] = over(
             lambda r, i=i: r["relays"][i]["cpu_s_after_publish"]
@@ -640,7 +643,10 @@ def report(results: dict) -> None:
     for who, key in (("agents", "checkin"), ("probe", "probe")):
         for phase, when in (("settle", "before the publish"), ("update", "after the publish")):
             cells = " / ".join(
-                f"{s[f'{key}_{phase}_{q}_ms']['median']:,.0f}" for q in ("p50", "p90", "p99", "max")
+                f"{s[f'{key}_{phase}_{q}_ms']['median']:,.0f}"
+                if f"{key}_{phase}_{q}_ms" in s
+                else "—"
+                for q in ("p50", "p90", "p99", "max")
             )
             row(f"check-in latency, {who}, {when}: p50 / p90 / p99 / max, ms (medians)", cells)
     for i, name in enumerate(_names()):
