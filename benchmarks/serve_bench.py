@@ -12,10 +12,12 @@ machine's load does not always favour the same tree), then nginx (2 workers). Ra
 are taken within a run, then the median and the spread (min–max) over the runs are reported.
 
 Run:  python benchmarks/serve_bench.py [--seconds 10] [--runs 3] [--relay-tree DIR ...]
-            [--event-loop asyncio|uvloop ...] [--workers N ...] [--access-log]
+            [--event-loop asyncio|uvloop ...] [--workers N ...] [--access-log] [--case C ...]
 Each relay tree is measured with each --event-loop (relay.event_loop) and each --workers
 (relay.workers; 1, one process, unless given) in the same run. Server CPU counts a
-process and its children (nginx's workers, the relay's worker processes).
+process and its children (nginx's workers, the relay's worker processes). ``--case``
+measures only the cases named (``1MiB``, ``64MiB``, ``4KiB``; all by default): the ratios
+of the cases left out are not reported.
 """
 
 from __future__ import annotations
@@ -49,6 +51,18 @@ from relay.publisher.repository import Repository  # noqa: E402
 CONNECTIONS = 64
 MIB = 1024 * 1024
 CASES = ("1MiB", "64MiB", "4KiB")
+# Ratios within a run: (key, case, figure, anchor server). CPU per unit sent is steadier
+# than rates on a shared machine.
+RATIOS = (
+    ("1MiB_vs_nginx1", "1MiB", "bytes_per_s", "nginx1"),
+    ("1MiB_vs_nginx2", "1MiB", "bytes_per_s", "nginx2"),
+    ("64MiB_cpu_vs_nginx1", "64MiB", "cpu_ms_per_mb", "nginx1"),
+    ("4KiB_rps_vs_nginx1", "4KiB", "rps", "nginx1"),
+    ("4KiB_rps_vs_nginx2", "4KiB", "rps", "nginx2"),
+    ("1MiB_cpu_vs_nginx1", "1MiB", "cpu_ms_per_mb", "nginx1"),
+    ("4KiB_cpu_vs_nginx1", "4KiB", "cpu_ms_per_mb", "nginx1"),
+    ("4KiB_cpu_vs_nginx2", "4KiB", "cpu_ms_per_mb", "nginx2"),
+)
 
 
 def build_repo(path: Path) -> tuple[Repository, dict[str, str]]:
@@ -100,11 +114,12 @@ def one_run(
     trees: list[Tree],
     seconds: int,
     env: dict[str, str],
+    cases: tuple[str, ...] = CASES,
 ) -> dict:
     run: dict = {"load_start": loadavg()}
     n1, n2 = free_port(), free_port()
     with nginx(repo.public_dir, n1, workers=1) as ng1:
-        for name in CASES:
+        for name in cases:
             run[f"nginx1/{name}"] = measure(f"http://127.0.0.1:{n1}", paths[name], ng1.pid, seconds)
         for tree in trees:
             rp = free_port()
@@ -114,28 +129,22 @@ def one_run(
                 f"http://127.0.0.1:{n1}/", root, data, rp, env=env, tree=tree
             ) as relay:
                 # Warm: every blob cached (prefetch) and every file in the page cache.
-                for path in paths.values():
+                for path in (paths[name] for name in cases):
                     wrk(f"http://127.0.0.1:{rp}{path}", 4, 1)
-                for name in CASES:
+                for name in cases:
                     run[f"{tree.label}/{name}"] = measure(
                         f"http://127.0.0.1:{rp}", paths[name], relay.pid, seconds
                     )
     with nginx(repo.public_dir, n2, workers=2) as ng2:
-        for name in CASES:
+        for name in cases:
             run[f"nginx2/{name}"] = measure(f"http://127.0.0.1:{n2}", paths[name], ng2.pid, seconds)
     run["load_end"] = loadavg()
     for tree in trees:
         r = {k.split("/", 1)[1]: v for k, v in run.items() if k.startswith(tree.label + "/")}
         run[f"ratios/{tree.label}"] = {
-            "1MiB_vs_nginx1": r["1MiB"]["bytes_per_s"] / run["nginx1/1MiB"]["bytes_per_s"],
-            "1MiB_vs_nginx2": r["1MiB"]["bytes_per_s"] / run["nginx2/1MiB"]["bytes_per_s"],
-            "64MiB_cpu_vs_nginx1": r["64MiB"]["cpu_ms_per_mb"]
-            / run["nginx1/64MiB"]["cpu_ms_per_mb"],
-            "4KiB_rps_vs_nginx1": r["4KiB"]["rps"] / run["nginx1/4KiB"]["rps"],
-            "4KiB_rps_vs_nginx2": r["4KiB"]["rps"] / run["nginx2/4KiB"]["rps"],
-            # CPU per unit sent: steadier than rates on a shared machine.
-            "1MiB_cpu_vs_nginx1": r["1MiB"]["cpu_ms_per_mb"] / run["nginx1/1MiB"]["cpu_ms_per_mb"],
-            "4KiB_cpu_vs_nginx1": r["4KiB"]["cpu_ms_per_mb"] / run["nginx1/4KiB"]["cpu_ms_per_mb"],
+            key: r[case][figure] / run[f"{anchor}/{case}"][figure]
+            for key, case, figure, anchor in RATIOS
+            if case in cases
         }
     return run
 
@@ -163,8 +172,15 @@ def main() -> None:
         action="store_true",
         help="relays write their access log (to /dev/null), as by default; off otherwise",
     )
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=CASES,
+        help="measure only this case (repeatable; default: every case)",
+    )
     add_run_options(parser)
     args = parser.parse_args()
+    cases = tuple(c for c in CASES if c in (args.case or CASES))
     env = {"RELAY_RELAY__ACCESS_LOG": "true"} if args.access_log else {}
     trees = trees_of(args)
     WORK.mkdir(exist_ok=True)
@@ -174,7 +190,7 @@ def main() -> None:
     runs = []
     for i in range(args.runs):
         order = trees if i % 2 == 0 else trees[::-1]
-        runs.append(one_run(repo, root, paths, order, args.seconds, env))
+        runs.append(one_run(repo, root, paths, order, args.seconds, env, cases))
         print(
             f"run {i + 1}/{args.runs} done, load average {runs[-1]['load_start']} -> {runs[-1]['load_end']}"
         )
@@ -183,6 +199,7 @@ def main() -> None:
         "trees": [t.describe() for t in trees],
         "seconds": args.seconds,
         "access_log": args.access_log,
+        "cases": list(cases),
         "runs": runs,
         "summary": summarize(runs),
     }
@@ -203,7 +220,8 @@ def report(results: dict, trees: list[Tree]) -> None:
     )
     print(f"{'case':<24}{'req/s':>22}{'MB/s':>22}{'CPU ms/MB':>24}{'p99 ms':>22}")
     servers = ["nginx1", *(t.label for t in trees), "nginx2"]
-    for name in CASES:
+    cases = results.get("cases", CASES)
+    for name in cases:
         for server in servers:
             r = s[f"{server}/{name}"]
             print(
@@ -212,20 +230,22 @@ def report(results: dict, trees: list[Tree]) -> None:
                 f"{spread(r['cpu_ms_per_mb'], '.3f'):>24}{spread(r['p99_ms'], '.1f'):>22}"
             )
     print()
+    lines = {
+        "1MiB_vs_nginx1": "a. 1 MiB throughput relay/nginx1: {}x (floor 0.8)",
+        "1MiB_vs_nginx2": "   1 MiB throughput relay/nginx2: {}x",
+        "64MiB_cpu_vs_nginx1": "   64 MiB CPU per MB relay/nginx1: {}x (ceiling 2)",
+        "4KiB_rps_vs_nginx1": "b. 4 KiB metadata req/s relay/nginx1: {}x (floor 0.25)",
+        "4KiB_rps_vs_nginx2": "   4 KiB metadata req/s relay/nginx2: {}x",
+        "1MiB_cpu_vs_nginx1": "   1 MiB CPU per MB relay/nginx1: {}x",
+        "4KiB_cpu_vs_nginx1": "   4 KiB CPU per request relay/nginx1: {}x",
+        "4KiB_cpu_vs_nginx2": "   4 KiB CPU per request relay/nginx2: {}x",
+    }
     for tree in trees:
         r = s[f"ratios/{tree.label}"]
         print(f"{tree.label}:")
-        print(f"  a. 1 MiB throughput relay/nginx1: {spread(r['1MiB_vs_nginx1'])}x (floor 0.8)")
-        print(f"     1 MiB throughput relay/nginx2: {spread(r['1MiB_vs_nginx2'])}x")
-        print(
-            f"     64 MiB CPU per MB relay/nginx1: {spread(r['64MiB_cpu_vs_nginx1'])}x (ceiling 2)"
-        )
-        print(
-            f"  b. 4 KiB metadata req/s relay/nginx1: {spread(r['4KiB_rps_vs_nginx1'])}x (floor 0.25)"
-        )
-        print(f"     4 KiB metadata req/s relay/nginx2: {spread(r['4KiB_rps_vs_nginx2'])}x")
-        print(f"     1 MiB CPU per MB relay/nginx1: {spread(r['1MiB_cpu_vs_nginx1'])}x")
-        print(f"     4 KiB CPU per request relay/nginx1: {spread(r['4KiB_cpu_vs_nginx1'])}x")
+        for key, line in lines.items():
+            if key in r:
+                print("  " + line.format(spread(r[key])))
 
 
 if __name__ == "__main__":

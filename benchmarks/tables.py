@@ -39,6 +39,8 @@ def serve(results: dict) -> None:
     print("|---|---|---:|---:|---:|---:|")
     names = {"1MiB": "1 MiB blob", "64MiB": "64 MiB blob", "4KiB": "4 KiB metadata"}
     for case, label in names.items():
+        if f"nginx1/{case}" not in s:  # not measured (serve_bench --case)
+            continue
         for server in ["nginx1", *trees, "nginx2"]:
             r = s[f"{server}/{case}"]
             shown = {"nginx1": "nginx, 1 worker", "nginx2": "nginx, 2 workers"}.get(
@@ -59,9 +61,10 @@ def serve(results: dict) -> None:
         "4KiB_rps_vs_nginx2": "4 KiB metadata req/s / nginx 2 workers",
         "1MiB_cpu_vs_nginx1": "1 MiB server CPU per MB / nginx 1 worker",
         "4KiB_cpu_vs_nginx1": "4 KiB server CPU per request / nginx 1 worker",
+        "4KiB_cpu_vs_nginx2": "4 KiB server CPU per request / nginx 2 workers",
     }
     for key, label in rows.items():
-        if key not in s[f"ratios/{trees[0]}"]:  # saved by an older version of the script
+        if key not in s[f"ratios/{trees[0]}"]:  # not measured, or an older version of the script
             continue
         cells = " | ".join(f"{spread(s[f'ratios/{t}'][key])}x" for t in trees)
         print(f"| {label} | {cells} |")

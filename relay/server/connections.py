@@ -52,7 +52,7 @@ from enum import Enum, StrEnum, auto
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.web_request import BaseRequest
 
 from relay.config import Config
 from relay.metrics import RelayMetrics
@@ -60,6 +60,8 @@ from relay.server.state import METRICS
 
 logger = logging.getLogger(__name__)
 
+ServerHandler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+"""What a ``web.Server`` calls for each request (the application's ``_handle``, wrapped)."""
 CLIENT_GONE = 499
 """The status logged for a request whose client left or was cut off (as nginx logs it)."""
 _HEAD_END = b"\r\n\r\n"
@@ -237,16 +239,21 @@ class GuardedConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Time and measure a request's head, then hand the bytes to aiohttp."""
-        if self._state is _State.REFUSED:
-            return
-        if self._state is _State.WAITING:
-            self._state = _State.HEAD
+        state = self._state
+        if state is _State.WAITING:
+            end = data.find(_HEAD_END)
+            if 0 <= end <= self._guard.limits.max_request_head - len(_HEAD_END):
+                # The whole head in one read (the common case): nothing to time.
+                self._state = _State.REQUEST
+                self.inner.data_received(data)
+                return
+            state = self._state = _State.HEAD
             self._head_bytes = 0
             self._tail = b""
             self._timer = self._guard.loop.call_later(
                 self._guard.limits.header_timeout, self._head_timeout
             )
-        if self._state is _State.HEAD:
+        if state is _State.HEAD:
             scan = self._tail + data
             end = scan.find(_HEAD_END)
             used = len(data) if end < 0 else end + len(_HEAD_END) - len(self._tail)
@@ -259,6 +266,8 @@ class GuardedConnection(asyncio.Protocol):
             else:
                 self._state = _State.REQUEST
                 self._cancel_timer()
+        elif state is _State.REFUSED:
+            return
         self.inner.data_received(data)
 
     def eof_received(self) -> None:
@@ -347,9 +356,9 @@ class GuardedConnection(asyncio.Protocol):
 class ConnectionGuard:
     """Applies :class:`ConnectionLimits` to every connection of one application.
 
-    Build it before ``web.AppRunner`` (it adds a middleware and start/stop hooks to
-    ``app``), pass :meth:`ConnectionLimits.handler_args` to the runner, and listen
-    with :class:`GuardedSite`.
+    Build it before ``web.AppRunner`` (it adds start/stop hooks to ``app``), pass
+    :meth:`ConnectionLimits.handler_args` to the runner, and listen with
+    :class:`GuardedSite` (which wraps the runner's request handler: :meth:`install`).
     """
 
     def __init__(self, app: web.Application, limits: ConnectionLimits) -> None:
@@ -368,8 +377,8 @@ class ConnectionGuard:
         self._previous_handler: (
             Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None
         ) = None
+        self._server: web.Server | None = None
         self.metrics.bind(self.metrics.connections, lambda: float(len(self.connections)))
-        app.middlewares.append(self._middleware())
         app.on_startup.append(self._start)
         app.on_cleanup.append(self._stop)
 
@@ -432,16 +441,28 @@ class ConnectionGuard:
         """Count a connection closed or refused for ``reason``."""
         self.metrics.connections_closed.labels(reason.value).inc()
 
-    def _middleware(self) -> Middleware:
+    def install(self, server: web.Server) -> None:
+        """Track the requests of ``server``'s guarded connections (once per server).
+
+        Its request handler is wrapped, not the application's: no middleware runs on
+        every request for the guard's sake. :class:`GuardedSite` calls it as it starts.
+        """
+        if self._server is server:
+            return
+        self._server = server
+        server.request_handler = self.track(server.request_handler)
+
+    def track(self, handler: ServerHandler) -> ServerHandler:
+        """Wrap ``handler`` to follow the requests of guarded connections.
+
+        A request in progress is never evicted and is watched for slow reading; a
+        client gone mid-answer is logged as :data:`CLIENT_GONE`, not traced.
+        """
         connections = self.connections
 
-        @web.middleware
-        async def track(
-            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-        ) -> web.StreamResponse:
-            transport = request.transport
-            conn = None if transport is None else connections.get(transport)
-            if conn is None:
+        async def tracked(request: BaseRequest) -> web.StreamResponse:
+            conn = connections.get(request.transport)  # type: ignore[arg-type]
+            if conn is None:  # not a guarded connection (the leader's private socket)
                 return await handler(request)
             conn.request_started()
             try:
@@ -454,7 +475,7 @@ class ConnectionGuard:
             finally:
                 conn.request_ended()
 
-        return track
+        return tracked
 
     # -- start, stop, watchdog ---------------------------------------------------
 
@@ -580,6 +601,7 @@ class GuardedSite(web.SockSite):
         server = self._runner.server
         if server is None:
             raise RuntimeError("the runner is not set up")
+        self._guard.install(server)
         self._server = await asyncio.get_running_loop().create_server(
             self._guard.protocol_factory(server),
             sock=self._sock,

@@ -13,6 +13,8 @@ Rules:
   with a request in progress).
 * Requests are counted by a handler wrapper (:func:`counted`), cheaper than a
   middleware on the hot paths.
+* A ``200`` of bytes held in memory can be a :class:`PreparedResponse`: its head
+  is serialized once per content, and goes out with the body in one write.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from email.utils import formatdate
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.web_request import BaseRequest
 
 from relay.core.protocol import (
     AGENT_ID_HEADER,
@@ -56,6 +62,98 @@ VIA_WORKER = web.RequestKey("via_worker", bool)
 def via_worker(request: web.Request) -> bool:
     """Whether a worker process forwarded ``request`` (it gates and paces the transfer)."""
     return bool(request.get(VIA_WORKER, False))
+
+
+def header_lines(headers: Iterable[tuple[str, str]]) -> bytes:
+    """``Name: value`` lines ending in CRLF, as a response head holds them.
+
+    Raises:
+        ValueError: a name or value holds a line break (it would split the head).
+    """
+    out = []
+    for name, value in headers:
+        line = f"{name}: {value}\r\n"
+        if line.count("\n") != 1 or "\r" in line[:-2]:
+            raise ValueError(f"header {name!r}: a line break in a header")
+        out.append(line)
+    return "".join(out).encode("latin-1")
+
+
+_STATUS_11 = b"HTTP/1.1 200 OK\r\n"
+_STATUS_10 = b"HTTP/1.0 200 OK\r\n"
+_SERVER = f"Server: {SERVER_SOFTWARE}\r\n".encode()
+_KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"
+_CLOSE = b"Connection: close\r\n\r\n"
+_date_line: tuple[int, bytes] = (0, b"")
+
+
+def date_line() -> bytes:
+    """The ``Date`` header line of the current second (formatted once a second)."""
+    global _date_line  # noqa: PLW0603 - one value per process, replaced once a second
+    now = int(time.time())
+    if _date_line[0] != now:
+        _date_line = (now, f"Date: {formatdate(now, usegmt=True)}\r\n".encode())
+    return _date_line[1]
+
+
+class PreparedResponse(web.StreamResponse):
+    """``200 OK`` with a body held in memory, its head serialized once per content.
+
+    The status line, ``Date``, ``Server`` and ``Connection`` are added per request by
+    the rules of aiohttp's ``Response``: ``Connection: close`` when an HTTP/1.1
+    connection is not kept alive, ``Connection: keep-alive`` when an HTTP/1.0 one is;
+    ``HEAD`` gets the head alone (with the body's ``Content-Length``). Head and body
+    go out in one write. No ``on_response_prepare`` signal is sent: for paths whose
+    applications have none.
+
+    Args:
+        fields: the header lines (:func:`header_lines`), ``Content-Length`` included.
+        body: the body.
+    """
+
+    def __init__(self, fields: bytes, body: bytes) -> None:
+        super().__init__()
+        self._fields = fields
+        self.payload = body
+        self._wire = b""
+
+    @property
+    def sent(self) -> int:
+        """The body bytes this response sends (none for ``HEAD``); known once prepared."""
+        if not self._wire or self._must_be_empty_body:
+            return 0
+        return len(self.payload)
+
+    async def _start(self, request: BaseRequest) -> AbstractStreamWriter:
+        # StreamResponse.prepare decided _must_be_empty_body (HEAD) before this.
+        self._req = request
+        writer = self._payload_writer = request.writer
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = self._keep_alive = request.keep_alive
+        version = request.version
+        if version == HttpVersion11:
+            status, end = _STATUS_11, b"\r\n" if keep_alive else _CLOSE
+        elif version == HttpVersion10:
+            status, end = _STATUS_10, _KEEP_ALIVE if keep_alive else b"\r\n"
+        else:  # what aiohttp's parser lets through: HTTP/1.x, answered as 1.x
+            status = f"HTTP/{version.major}.{version.minor} 200 OK\r\n".encode()
+            end = b"\r\n"
+        head = b"".join((status, self._fields, date_line(), _SERVER, end))
+        self._wire = head if self._must_be_empty_body else head + self.payload
+        return writer
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        """Send head and body in one write (``data`` must be empty).
+
+        Raises:
+            ValueError: ``data`` is not empty: the body is the one given.
+        """
+        if data:
+            raise ValueError("a PreparedResponse sends the body it was given")
+        if self._eof_sent:
+            return
+        await super().write_eof(self._wire)
 
 
 def verified_agent(request: web.Request) -> str | None:
@@ -169,7 +267,7 @@ async def parse_body(
         return bad_request(str(e))
 
 
-def decide_for(request: web.Request, *, length: int, etag: str, last_modified: float) -> Decision:
+def decide_for(request: BaseRequest, *, length: int, etag: str, last_modified: float) -> Decision:
     """Run the RFC 9110 decision (preconditions, Range, If-Range) for ``request``."""
     h = request.headers
     return decide(

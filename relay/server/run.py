@@ -69,7 +69,9 @@ from relay.server.connections import (
     ConnectionLimits,
     GuardedSite,
 )
+from relay.server.http import PreparedResponse
 from relay.server.internal import CHANGES, from_workers, leader_socket
+from relay.server.metadata import METADATA_HEADERS, install_fast_path
 from relay.server.state import METRICS, STATE
 from relay.server.supervisor import WorkerPool
 from relay.storage.fsio import ensure_directory
@@ -224,8 +226,11 @@ def body_bytes(request: BaseRequest, response: web.StreamResponse) -> int:
     """The body bytes sent for ``response`` (headers not counted).
 
     Blob and delta bodies count what was written or sent with ``sendfile``
-    (:data:`relay.server.blobs.BODY_BYTES`); other responses hold their body.
+    (:data:`relay.server.blobs.BODY_BYTES`); a :class:`PreparedResponse` knows what it
+    sent; other responses hold their body.
     """
+    if isinstance(response, PreparedResponse):  # metadata: the body unless HEAD
+        return response.sent
     if not isinstance(response, web.Response):  # streamed: blobs and deltas count theirs
         sent: int | None = response.get(BODY_BYTES)
         if sent is not None:
@@ -835,6 +840,15 @@ class Service:
         private: web.SockSite | None = None
         try:
             await runner.setup()
+            state = app[STATE]
+            if runner.server is not None:
+                install_fast_path(
+                    runner.server,
+                    state.mirror.metadata_file,
+                    app[METADATA_HEADERS],
+                    state.metrics,
+                    state.started,
+                )
             for sock in sockets:
                 await GuardedSite(runner, sock, guard).start()
             for sock in sockets:

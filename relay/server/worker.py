@@ -80,7 +80,12 @@ from relay.server.internal import (
     SETTINGS_PATH,
     worker_socket,
 )
-from relay.server.metadata import METADATA_HEADERS, MetadataHeaders, metadata_response
+from relay.server.metadata import (
+    METADATA_HEADERS,
+    MetadataHeaders,
+    install_fast_path,
+    metadata_response,
+)
 from relay.server.ops import worker_metrics
 from relay.server.run import (
     ACCESS_LOGGER,
@@ -256,9 +261,8 @@ async def metadata(request: web.Request) -> web.StreamResponse:
     data = st.metadata.metadata_file(name)
     if data is None:
         return await forward(request, st.leader, st.metrics)
-    return _count(
-        request, "metadata", metadata_response(request, name, data, st.metrics, st.started)
-    )
+    entry = request.app[METADATA_HEADERS].entry(name, data)
+    return _count(request, "metadata", metadata_response(request, entry, st.metrics, st.started))
 
 
 async def target(request: web.Request) -> web.StreamResponse:
@@ -544,6 +548,14 @@ async def run_worker(socket_path: Path, slot: int, verbose: int = 0) -> None:
         sockets: list[socket.socket] = []
         try:
             await runner.setup()
+            if runner.server is not None:
+                install_fast_path(
+                    runner.server,
+                    st.metadata.metadata_file,
+                    app[METADATA_HEADERS],
+                    st.metrics,
+                    st.started,
+                )
             await own_runner.setup()
             for family, host, port in settings["addresses"]:
                 sockets.append(bind_shared(int(family), str(host), int(port)))
