@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
+import logging
+import os
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,8 +26,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
-from relay.server.http import header_lines
+from relay.server.http import PreparedResponse, header_lines
+from relay.server.run import AccessHandler, AccessLogger
 from tests.support import free_port, start_relay_process, stop_process
 
 CONNECTIONS = 6  # per check, so that both processes answer some (relay.workers = 2)
@@ -311,3 +316,57 @@ def test_header_lines_refuse_a_line_break():
         header_lines([("X", "a\r\nInjected: 1")])
     with pytest.raises(ValueError, match="line break"):
         header_lines([("X", "a\nb")])
+
+
+@pytest.mark.parametrize("json_lines", [False, True], ids=["text", "json"])
+async def test_access_lines_straight_to_the_handler_or_as_records(json_lines):
+    """Lines skip the log record while the access handler is alone; a filter gets records."""
+    body = b'{"signed":{}}'
+    fields = header_lines([("Content-Type", "application/json"), ("Content-Length", "13")])
+
+    async def handler(_request: web.Request) -> web.StreamResponse:
+        return PreparedResponse(fields, body)
+
+    app = web.Application()
+    app.router.add_get("/metadata/x.json", handler)
+    stream = io.StringIO()
+    access = AccessHandler(json_lines=json_lines, pid=True)
+    access.setStream(stream)
+    logger = logging.getLogger(f"tests.access.{json_lines}")
+    logger.handlers[:] = [access]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    seen: list[logging.LogRecord] = []
+    runner = web.AppRunner(app, access_log_class=AccessLogger, access_log=logger)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for method in ("GET", "HEAD"):
+                async with s.request(method, f"http://127.0.0.1:{port}/metadata/x.json") as r:
+                    assert (r.status, await r.read()) == (200, body if method == "GET" else b"")
+            logger.addFilter(lambda record: seen.append(record) or True)
+            async with s.get(f"http://127.0.0.1:{port}/metadata/x.json") as r:
+                assert await r.read() == body
+    finally:
+        await runner.cleanup()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3  # noqa: PLR2004 - GET, HEAD, then GET through a record
+    assert len(seen) == 1
+    if json_lines:
+        records = [json.loads(line) for line in lines]
+        assert [(r["method"], r["status"], r["bytes"]) for r in records] == [
+            ("GET", 200, len(body)),
+            ("HEAD", 200, 0),
+            ("GET", 200, len(body)),
+        ]
+        assert {r["pid"] for r in records} == {os.getpid()}
+        assert records[0]["message"].startswith("127.0.0.1 - - [")
+    else:
+        assert [line.split('" ', 1)[1].split(" ")[:2] for line in lines] == [
+            ["200", str(len(body))],
+            ["200", "-"],
+            ["200", str(len(body))],
+        ]
+        assert '"HEAD /metadata/x.json HTTP/1.1"' in lines[1]

@@ -123,20 +123,86 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         """Return the record as a JSON line."""
-        out: dict[str, Any] = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if self._pid:
-            out["pid"] = record.process
         extra = getattr(record, "fields", None)
-        if isinstance(extra, dict):
-            out.update(extra)
+        out = json_object(
+            record.created,
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            record.process if self._pid else None,
+            extra if isinstance(extra, dict) else None,
+        )
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, separators=(",", ":"))
+
+
+def json_object(
+    created: float,
+    level: str,
+    name: str,
+    message: str,
+    pid: int | None,
+    fields: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """What a JSON log line holds: time, level, logger, message, the process's ID, fields."""
+    out: dict[str, Any] = {
+        "time": round(created, 3),
+        "level": level,
+        "logger": name,
+        "message": message,
+    }
+    if pid is not None:
+        out["pid"] = pid
+    if fields:
+        out.update(fields)
+    return out
+
+
+class AccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The access log's handler (stderr): JSON objects or bare lines.
+
+    :class:`AccessLogger` hands it each line already formatted (:meth:`write_line`)
+    when it is the access logger's only handler and nothing filters: no log record
+    is made per request. Records from elsewhere are formatted as usual.
+
+    Args:
+        json_lines: JSON objects (``relay.log_format = "json"``), else bare lines.
+        pid: JSON lines carry the writing process's ID.
+    """
+
+    def __init__(self, *, json_lines: bool, pid: bool) -> None:
+        super().__init__()
+        self.json_lines = json_lines
+        self.pid = os.getpid() if pid else None
+        self.setFormatter(
+            JsonFormatter(pid=pid) if json_lines else logging.Formatter("%(message)s")
+        )
+
+    def alone_on(self, logger: logging.Logger) -> bool:
+        """Whether a line of ``logger`` may skip the log record (this handler alone gets it).
+
+        ``logger``'s only handler, nothing filters, nothing propagates.
+        """
+        return (
+            logger.handlers == [self]
+            and not logger.filters
+            and not self.filters
+            and not logger.propagate
+            and not logger.disabled
+            and self.level <= logging.INFO
+        )
+
+    def write_line(self, line: str) -> None:
+        """Write one formatted line, as ``emit`` writes a record's."""
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.write(line + self.terminator)
+                self.flush()
+            except RecursionError:
+                raise
+            except Exception:  # as StreamHandler.emit: reported on stderr, never raised
+                self.handleError(logging.makeLogRecord({"msg": line}))
 
 
 class _ClientFaultFilter(logging.Filter):
@@ -179,13 +245,11 @@ def setup_logging(log_format: str, level: int, *, pid: bool = False) -> None:
     Log Format line each, so log tools parse them; in JSON mode as JSON objects.
     """
     handler = logging.StreamHandler()
-    access_handler = logging.StreamHandler()
+    access_handler = AccessHandler(json_lines=log_format == "json", pid=pid)
     if log_format == "json":
         handler.setFormatter(JsonFormatter(pid=pid))
-        access_handler.setFormatter(JsonFormatter(pid=pid))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        access_handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -261,7 +325,9 @@ class AccessLogger(AbstractAccessLogger):
     the body bytes actually sent (``-`` for none), as Apache's ``combined``. The
     record also carries the fields one by one, which :class:`JsonFormatter` writes
     out: the handler :func:`setup_logging` installs picks text or JSON, so a reload
-    switches the format without touching the connections' loggers.
+    switches the format without touching the connections' loggers. When that
+    handler (:class:`AccessHandler`) is the only one and nothing filters, the line
+    goes to it directly, without a log record.
     """
 
     def log(self, request: BaseRequest, response: web.StreamResponse, duration: float) -> None:
@@ -279,12 +345,19 @@ class AccessLogger(AbstractAccessLogger):
         version = request.version
         user_agent = headers.get("User-Agent", "-")
         remote = request.remote
-        started = _clf_time(int(time.time() - duration))
+        now = time.time()
+        started = _clf_time(int(now - duration))
         line = f"{method} {path} HTTP/{version.major}.{version.minor}"
         message = (
             f'{remote or "-"} - {agent} [{started}] "{_escape(line)}" {status} {size or "-"} '
             f'"{_escape(headers.get("Referer", "-"))}" "{_escape(user_agent)}"'
         )
+        handlers = logger.handlers
+        sole = handlers[0] if len(handlers) == 1 else None
+        direct = sole if isinstance(sole, AccessHandler) and sole.alone_on(logger) else None
+        if direct is not None and not direct.json_lines:
+            direct.write_line(message)
+            return
         fields = {
             "remote": remote,
             "method": method,
@@ -295,6 +368,10 @@ class AccessLogger(AbstractAccessLogger):
             "agent": agent,
             "user_agent": user_agent,
         }
+        if direct is not None:  # the handler setup_logging installed, alone: no record
+            out = json_object(now, "info", logger.name, message, direct.pid, fields)
+            direct.write_line(json.dumps(out, separators=(",", ":")))
+            return
         # The record is made here, its message already formatted: logger.info would look
         # up the caller's frame and %-format the line, a large share of a small request.
         logger.handle(
