@@ -28,8 +28,9 @@ origin. Each run, on a fresh repository and data directory:
 A quiet second (**idle**) comes first: the ticker's own lateness on this machine. Each
 phase reports its worst stall, how many ticks were later than 50 ms, its full (generation
 2) garbage collections and the longest of them (``gc.callbacks``), the objects the
-collector tracks once it ends (what a full collection walks; frozen ones aside), and where
-the loop's thread was while the loop was late past 50 ms (a thread samples its stack every
+collector tracks once it ends (what a full collection walks; frozen ones aside), the relay
+process's CPU time (every thread; per check-in in the two check-in phases), and where the
+loop's thread was while the loop was late past 50 ms (a thread samples its stack every
 10 ms).
 Phases 1-7 run in a fresh process per run (memory and collector start from nothing), on
 the event loop the relay's configuration names (``relay.event_loop``; asyncio in
@@ -50,6 +51,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import random
 import shutil
 import statistics
@@ -311,6 +313,7 @@ class Phase:
     gc_full: int = 0  # full (generation 2) garbage collections
     gc_worst: float = 0.0  # the longest of them
     tracked: int = 0  # objects the cyclic collector tracks at the end (frozen ones aside)
+    cpu: float = 0.0  # CPU seconds of the relay's process (every thread) during the phase
     tracked_types: dict[str, int] = field(default_factory=dict)  # the most numerous of them
 
 
@@ -393,11 +396,12 @@ class Ticker:
         phase = Phase(name)
         self.phases.append(phase)
         self.phase = phase
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             yield phase
         finally:
             phase.seconds = time.perf_counter() - started
+            phase.cpu = time.process_time() - cpu
             self.phase = None
             # What a full collection walks (outside the phase: counting them holds the loop).
             tracked = gc.get_objects()
@@ -531,6 +535,7 @@ async def measured_relay(
             "gc_full": p.gc_full,
             "gc_worst_ms": p.gc_worst * 1000,
             "tracked": p.tracked,
+            "cpu_s": p.cpu,
             "tracked_types": p.tracked_types,
         }
         for p in merge_phases(ticker.phases)
@@ -553,6 +558,7 @@ def merge_phases(phases: list[Phase]) -> list[Phase]:
         m.gc_full += p.gc_full
         m.gc_worst = max(m.gc_worst, p.gc_worst)
         m.tracked, m.tracked_types = p.tracked, p.tracked_types  # the last one's
+        m.cpu += p.cpu
     return list(merged.values())
 
 
@@ -634,6 +640,14 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             kind: {k: over(lambda r, kind=kind, k=k: r[kind][k]) for k in LATENCY}
             for kind in ("populate", "checkin")
         },
+        **{
+            f"{kind}_cpu_us": over(
+                lambda r, kind=kind: (
+                    r["stalls"][kind].get("cpu_s", math.nan) * 1e6 / r["registered"]
+                )
+            )
+            for kind in ("populate", "checkin")
+        },
         "rss_per_agent": over(lambda r: r["rss_per_agent"]),
         "metrics_worst_seconds": over(lambda r: r["metrics"]["worst_seconds"]),
         "listing_seconds": over(lambda r: r["listing"]["seconds"]),
@@ -698,7 +712,8 @@ def report(results: dict[str, Any]) -> None:
         print(
             f"check-in, {label}, {results['concurrency']} at once: "
             + ", ".join(f"{k.removesuffix('_ms')} {spread(c[k], '.1f')} ms" for k in LATENCY[:4])
-            + f"; {spread(c['per_second'], '.0f')} per s"
+            + f"; {spread(c['per_second'], '.0f')} per s; relay CPU "
+            + f"{spread(s[f'{kind}_cpu_us'], '.0f')} µs per check-in"
         )
     print(f"RSS per registered agent: {spread(s['rss_per_agent'], '.0f')} B")
     print(f"/metrics, slowest of {SCRAPES} scrapes: {spread(s['metrics_worst_seconds'], '.3f')} s")

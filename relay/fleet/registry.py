@@ -755,13 +755,6 @@ class Registry:
         self._groups[values[_GROUP]] += 1
         self._evicted.discard(agent_id)
 
-    def _set_group(self, record: AgentRecord, group: str) -> None:
-        if record.group == group:
-            return
-        self._uncount(record.group)
-        self._groups[group] += 1
-        record._update({_GROUP: _s(group)})  # noqa: SLF001
-
     def _uncount(self, group: str) -> None:
         self._groups[group] -= 1
         if self._groups[group] <= 0:
@@ -857,15 +850,18 @@ class Registry:
         substance = record is None
         if record is None:
             record = AgentRecord(agent_id, group=group, first_seen=now)
-        elif record.group != group:
-            self._set_group(record, group)
-            substance = True
+        v = record._current()  # noqa: SLF001 - read once: one new tuple for the whole change
         changes: dict[int, object] = {_ADDRESS: _s(address), _LAST_SEEN: now}
+        if v[_GROUP] != group:  # a known agent moved (a new one has it already)
+            self._uncount(v[_GROUP])
+            self._groups[group] += 1
+            changes[_GROUP] = _s(group)
+            substance = True
         items = tuple(_installed_item(i) for i in installed)
-        if items != record.installed_versions():
+        if items != v[_INSTALLED]:
             changes[_INSTALLED] = items
             substance = True
-        if record.defer_days != defer_days:
+        if v[_DEFER_DAYS] != defer_days:
             changes[_DEFER_DAYS] = defer_days
             substance = True
         record._update(changes)  # noqa: SLF001

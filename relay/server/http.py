@@ -230,6 +230,16 @@ def body_timed_out(error: BodyTimeoutError) -> web.Response:
     return web.json_response({"error": str(error)}, status=408, headers={"Connection": "close"})
 
 
+async def _read_at_most(request: web.Request, limit: int) -> bytes | None:
+    """The body of ``request``, or ``None`` once it is longer than ``limit``."""
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        raw += chunk
+        if len(raw) > limit:
+            return None
+    return bytes(raw)
+
+
 async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
     """Read a bounded JSON object body, or return the error response."""
     if request.content_length is not None and request.content_length > MAX_BODY:
@@ -237,19 +247,18 @@ async def read_json_body(request: web.Request) -> dict[str, Any] | web.Response:
     ctype = request.content_type
     if ctype not in ("application/json", "application/octet-stream", ""):
         return web.json_response({"error": "body: expected application/json"}, status=415)
-    raw = bytearray()
+    if request.content.is_eof():  # the whole body came with the head: nothing to wait for
+        raw = await _read_at_most(request, MAX_BODY)
+    else:
+        try:
+            async with body_deadline(request):
+                raw = await _read_at_most(request, MAX_BODY)
+        except BodyTimeoutError as e:
+            return body_timed_out(e)
+    if raw is None:
+        return web.json_response({"error": f"body: larger than {MAX_BODY} bytes"}, status=413)
     try:
-        async with body_deadline(request):
-            async for chunk in request.content.iter_chunked(64 * 1024):
-                raw += chunk
-                if len(raw) > MAX_BODY:
-                    return web.json_response(
-                        {"error": f"body: larger than {MAX_BODY} bytes"}, status=413
-                    )
-    except BodyTimeoutError as e:
-        return body_timed_out(e)
-    try:
-        return parse_json_object(bytes(raw))
+        return parse_json_object(raw)
     except BodyError as e:
         return bad_request(str(e))
 
