@@ -13,7 +13,10 @@ with a thin one of its own and enforces:
   files, fills and upstream connections keep descriptors;
 * a deadline for a request's head: from its first byte, the request line and
   headers must end (``CRLF CRLF``) within ``header_timeout``, else ``408`` and close;
-  they may total at most ``max_request_head`` bytes, else ``431`` and close;
+  they may total at most ``max_request_head`` bytes, else ``431`` and close. Empty
+  lines before a request line (which the parser skips) do not end a head, and the
+  rest of a body the handler left unread (aiohttp reads it out after the answer) is
+  not taken for the next request's head;
 * aiohttp's own parser limits: one line or header at most ``max_header_size``, at
   most ``max_headers`` headers (else aiohttp answers ``400``/``431``);
 * an idle keep-alive timeout (aiohttp's ``keepalive_timeout``), which also closes a
@@ -51,7 +54,7 @@ from dataclasses import dataclass
 from enum import Enum, StrEnum, auto
 from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.web_request import BaseRequest
 
 from relay.config import Config
@@ -65,6 +68,7 @@ ServerHandler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
 CLIENT_GONE = 499
 """The status logged for a request whose client left or was cut off (as nginx logs it)."""
 _HEAD_END = b"\r\n\r\n"
+_LINE_BREAKS = b"\r\n"
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _TCP_INFO_LEN = 152
 _ACKED = struct.Struct("=Q")  # tcpi_bytes_acked at offset 120 (Linux >= 4.1)
@@ -189,6 +193,7 @@ class _State(Enum):
     HEAD = 1  # the head of a request is arriving
     REQUEST = 2  # the head ended: a body, or the handler (until it returns)
     REFUSED = 3  # over the cap, every connection busy: never handed to aiohttp
+    UNREAD = 4  # the handler returned before the body ended: aiohttp reads the rest
 
 
 class GuardedConnection(asyncio.Protocol):
@@ -197,6 +202,7 @@ class GuardedConnection(asyncio.Protocol):
     __slots__ = (
         "_guard",
         "_head_bytes",
+        "_payload",
         "_state",
         "_tail",
         "_timer",
@@ -215,6 +221,7 @@ class GuardedConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._tail = b""
         self._timer: asyncio.TimerHandle | None = None
+        self._payload: StreamReader | None = None
         self.slow_since: float | None = None
         self.slow_acked = 0
         self.cut = False  # reset by the guard
@@ -240,8 +247,22 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         """Time and measure a request's head, then hand the bytes to aiohttp."""
         state = self._state
+        if state is _State.UNREAD:
+            self.inner.data_received(data)
+            payload = self._payload
+            if payload is None or payload.is_eof():  # the body ended: the next head starts
+                self._state = _State.WAITING
+                self._payload = None
+            return
         if state is _State.WAITING:
-            end = data.find(_HEAD_END)
+            scan = data
+            if data[:1] in (b"\r", b"\n"):
+                # Empty lines before a request line: the parser skips them, so does the guard.
+                scan = data.lstrip(_LINE_BREAKS)
+                if not scan:
+                    self.inner.data_received(data)
+                    return
+            end = scan.find(_HEAD_END)
             if 0 <= end <= self._guard.limits.max_request_head - len(_HEAD_END):
                 # The whole head in one read (the common case): nothing to time.
                 self._state = _State.REQUEST
@@ -253,10 +274,12 @@ class GuardedConnection(asyncio.Protocol):
             self._timer = self._guard.loop.call_later(
                 self._guard.limits.header_timeout, self._head_timeout
             )
+        else:
+            scan = data
         if state is _State.HEAD:
-            scan = self._tail + data
+            fresh, scan = scan, self._tail + scan
             end = scan.find(_HEAD_END)
-            used = len(data) if end < 0 else end + len(_HEAD_END) - len(self._tail)
+            used = len(fresh) if end < 0 else end + len(_HEAD_END) - len(self._tail)
             self._head_bytes += used
             if self._head_bytes > self._guard.limits.max_request_head:
                 self._close(Closed.HEAD_TOO_LARGE, "431 Request Header Fields Too Large")
@@ -299,9 +322,17 @@ class GuardedConnection(asyncio.Protocol):
         self.slow_since = None
         self._guard.busy(self)
 
-    def request_ended(self) -> None:
-        """The handler returned: the next byte starts the next request's head."""
-        self._state = _State.WAITING
+    def request_ended(self, payload: StreamReader) -> None:
+        """The handler returned: the next byte after the body starts the next request's head.
+
+        ``payload`` is the request's body: what the handler left unread of it, aiohttp
+        reads out before the next request, and it is no head.
+        """
+        if payload.is_eof():
+            self._state = _State.WAITING
+        else:
+            self._state = _State.UNREAD
+            self._payload = payload
         self.slow_since = None
         self._guard.idle(self)
 
@@ -473,7 +504,7 @@ class ConnectionGuard:
                 # The client left, or was cut off: nothing to answer, nothing to trace.
                 return web.Response(status=CLIENT_GONE)
             finally:
-                conn.request_ended()
+                conn.request_ended(request.content)
 
         return tracked
 
