@@ -415,15 +415,15 @@ class AgentRecord:
 
     def _update(self, changes: Mapping[int, object]) -> None:
         """Replace some values (by index) and the revision; the registry holds the new ones."""
-        values: list[object] = list(self._current())
+        stored = self._stored()  # one look-up: which values, and whether to write back
+        values: list[object] = list(self._v if stored is None else stored)
         for index, value in changes.items():
             values[index] = value
         values[_REV] = next(_REVISIONS)
         new: _Values = tuple(values)  # type: ignore[assignment]
-        held = self._stored() is not None
         self._v = new
         home = self._home
-        if held and home is not None:
+        if stored is not None and home is not None:
             home._agents[new[_ID]] = new  # noqa: SLF001 - its place in eviction order stays
 
     def __repr__(self) -> str:
@@ -846,11 +846,13 @@ class Registry:
     ) -> AgentRecord:
         """Update the in-memory record of a check-in (call :meth:`save` after)."""
         now = time.time() if now is None else now
-        record = self.get(agent_id)
-        substance = record is None
-        if record is None:
+        stored = self._agents.get(agent_id)
+        substance = stored is None
+        if stored is None:
             record = AgentRecord(agent_id, group=group, first_seen=now)
-        v = record._current()  # noqa: SLF001 - read once: one new tuple for the whole change
+        else:
+            record = AgentRecord._view(self, stored)  # noqa: SLF001
+        v = record._v  # noqa: SLF001 - read once: one new tuple for the whole change
         changes: dict[int, object] = {_ADDRESS: _s(address), _LAST_SEEN: now}
         if v[_GROUP] != group:  # a known agent moved (a new one has it already)
             self._uncount(v[_GROUP])
