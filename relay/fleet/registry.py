@@ -701,22 +701,17 @@ class Registry:
 
         The newest ``max_agents`` by last seen are kept (the others are evicted
         and deleted with the first batch). The cyclic garbage collector is
-        paused while the records are built, and what the relay built up to
-        here (its modules, the loaded records) then moves to the collector's
-        permanent generation (:func:`gc.freeze`): it lives as long as the
-        relay, and full passes need not walk it (reference counting still
-        frees a record replaced or evicted).
+        paused while the records are built (the relay freezes its start-up heap
+        once everything is built: :func:`relay.server.compose.freeze_start_up_heap`).
 
         Raises:
             StateUnavailableError: the database cannot be read.
         """
-        gc.collect()  # what the freeze below keeps: no garbage
         gc.disable()
         try:
             loaded, evicted = await asyncio.to_thread(self._load_sync, time.time())
         finally:
             gc.enable()
-        gc.freeze()
         agents, ids, groups = loaded
         self._agents, self._ids, self._groups = agents, ids, groups
         self._changes += 1

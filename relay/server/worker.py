@@ -37,7 +37,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import gc
 import logging
 import os
 import signal
@@ -65,6 +64,7 @@ from relay.server.blobs import admit, paced_slot, send_blob, send_patch
 from relay.server.compose import (
     AGENT_SECRET_FILE,
     apply_limits,
+    freeze_start_up_heap,
     make_limiters,
     open_share,
     read_trusted_root,
@@ -564,9 +564,7 @@ async def run_worker(socket_path: Path, slot: int, verbose: int = 0) -> None:
             own_sock = await asyncio.to_thread(private_socket, worker_socket(config, slot))
             sockets.append(own_sock)
             await web.SockSite(own_runner, own_sock).start()
-            # What start-up built lives as long as the worker: full collections skip it.
-            gc.collect()
-            gc.freeze()
+            freeze_start_up_heap()
             _announce_listening()
             follower = asyncio.create_task(follow_leader(st, queue))
             sig = await queue.get()
