@@ -12,6 +12,7 @@ it answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -58,24 +59,22 @@ class Served:
         return [r for r in records if r.get("logger") == "relay.access" and r["path"] == path]
 
 
-@pytest.fixture(params=[1, 2], ids=["one-process", "two-processes"])
-async def served(request, tmp_path, origin, root_file) -> AsyncIterator[Served]:
-    """``relay serve`` with ``relay.workers`` 1 or 2, synced with ``origin``."""
-    processes = request.param
+@contextlib.asynccontextmanager
+async def serving(
+    tmp_path: Path, origin: Any, root_file: Path, processes: int, env: dict[str, str]
+) -> AsyncIterator[Served]:
+    """``relay serve`` with ``relay.workers = processes`` (JSON logs), synced with ``origin``.
+
+    ``env`` adds ``RELAY_*`` variables. With a worker, it is listening once this yields.
+    """
     port = free_port()
     data_dir = tmp_path / "data"
     log = tmp_path / "relay.log"
     args = ["--upstream", origin.url, "--trusted-root", str(root_file)]
+    values = {"RELAY_RELAY__WORKERS": str(processes), "RELAY_RELAY__LOG_FORMAT": "json", **env}
     with log.open("wb") as stderr:
         proc = await start_relay_process(
-            [*args, "--data-dir", str(data_dir)],
-            port,
-            env={
-                "RELAY_RELAY__WORKERS": str(processes),
-                "RELAY_RELAY__LOG_FORMAT": "json",
-                "RELAY_RELAY__ACCESS_LOG": "true",
-            },
-            stderr=stderr,
+            [*args, "--data-dir", str(data_dir)], port, env=values, stderr=stderr
         )
     relay = Served(proc, port, data_dir, log, processes)
     try:
@@ -89,6 +88,14 @@ async def served(request, tmp_path, origin, root_file) -> AsyncIterator[Served]:
         yield relay
     finally:
         assert await stop_process(proc)
+
+
+@pytest.fixture(params=[1, 2], ids=["one-process", "two-processes"])
+async def served(request, tmp_path, origin, root_file) -> AsyncIterator[Served]:
+    """``relay serve`` with ``relay.workers`` 1 or 2 and its access log, synced with ``origin``."""
+    env = {"RELAY_RELAY__ACCESS_LOG": "true"}
+    async with serving(tmp_path, origin, root_file, request.param, env) as relay:
+        yield relay
 
 
 @dataclass

@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tests.support import free_port, start_relay_process, stop_process
-from tests.test_fast_metadata import Served, _metadata
+from tests.test_fast_metadata import Served, _metadata, serving
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,33 +24,11 @@ TS = b"/metadata/timestamp.json"
 @contextlib.asynccontextmanager
 async def relay(tmp_path, origin, root_file, processes: int, **env: str) -> AsyncIterator[Served]:
     """``relay serve`` synced with ``origin``; ``env``: config keys (``limits__header_timeout``)."""
-    port = free_port()
-    data_dir = tmp_path / "data"
-    log = tmp_path / "relay.log"
-    args = ["--upstream", origin.url, "--trusted-root", str(root_file)]
-    values = {
-        "RELAY_RELAY__WORKERS": str(processes),
-        "RELAY_RELAY__LOG_FORMAT": "json",
-        "RELAY_LIMITS__HEADER_TIMEOUT": f"{HEADER_TIMEOUT}s",
-    }
+    values = {"RELAY_LIMITS__HEADER_TIMEOUT": f"{HEADER_TIMEOUT}s"}
     values.update({f"RELAY_{k.upper()}": v for k, v in env.items()})
-    with log.open("wb") as stderr:
-        proc = await start_relay_process(
-            [*args, "--data-dir", str(data_dir)], port, env=values, stderr=stderr
-        )
-    served = Served(proc, port, data_dir, log, processes)
-    try:
-        if processes > 1:
-            for _ in range(600):
-                if "1 of 1 worker processes listening" in log.read_text():
-                    break
-                await asyncio.sleep(0.05)
-            else:
-                pytest.fail("the worker did not start")
+    async with serving(tmp_path, origin, root_file, processes, values) as served:
         yield served
-        assert "Traceback" not in log.read_text()
-    finally:
-        assert await stop_process(proc)
+        assert "Traceback" not in served.log.read_text()
 
 
 async def exchange(
